@@ -1,0 +1,1 @@
+"""lightning-mtl: multi-task learning for PyTorch Lightning."""
