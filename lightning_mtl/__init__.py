@@ -1,1 +1,8 @@
 """lightning-mtl: multi-task learning for PyTorch Lightning."""
+
+# from lightning_mtl.data import MultiTaskDataModule  # (re-enabled once data lands)
+from lightning_mtl.module import MultiTaskModule
+from lightning_mtl.task import Task
+
+__all__ = ["MultiTaskDataModule", "MultiTaskModule", "Task"]
+__version__ = "0.1.0"

@@ -1,0 +1,374 @@
+"""`MultiTaskModule`: a shared backbone, one head per task, trained with Lightning's `Trainer`."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Optional, Union
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from lightning_mtl.balancers import Balancer, resolve_balancer
+from lightning_mtl.task import Task
+
+Stage = Literal["train", "val", "test"]
+# One backbone input with the labels of the tasks it carries: `(x, {task: y})`.
+_Group = tuple[Any, dict[str, Tensor]]
+
+
+class MultiTaskModule(LightningModule):
+    """A shared backbone and one head per :class:`~lightning_mtl.Task`, as a ``LightningModule``.
+
+    Args:
+        backbone: shared network. It returns one tensor (fed to every head) or a dict
+            ``{task name: tensor}`` (one input per head, e.g. MMoE).
+        tasks: the task registry, a sequence of ``Task`` or a mapping ``{name: Task}``.
+        balancer: how the task losses are combined: a ``Balancer``, a registered name
+            (case-insensitive, e.g. ``"static"``) or ``None`` for static ``Task.weight`` weights.
+        optimizer: ``callable(params) -> Optimizer``; default ``Adam(lr=1e-3)``.
+        lr_scheduler: ``callable(optimizer) -> LRScheduler``; ``ReduceLROnPlateau`` monitors
+            ``val/loss``.
+        nonfinite_loss: ``"raise"`` (default) raises ``FloatingPointError`` naming the task and step
+            when a task loss is NaN or infinite, before backward touches any parameter; ``"skip"``
+            warns and skips that optimizer step instead.
+
+    Batches take either form (see the README): shared input ``(x, {task: y})`` or per-task inputs
+    ``{task: (x, y)}`` holding any subset of the tasks. Unlabelled samples (class target equal to the
+    loss's ``ignore_index``, default -100, or a NaN regression target) are left out of that task's
+    loss and metrics; a task with no labelled sample in a step contributes nothing to it.
+
+    Hyper-parameters: the constructor takes modules and callables, which do not belong in a
+    checkpoint's ``hyper_parameters`` (they break ``weights_only`` loading), so none are saved; the
+    ``lightning-mtl`` CLI saves the whole YAML config beside the logs instead. Restore with
+    ``MultiTaskModule.load_from_checkpoint(path, backbone=..., tasks=...)`` or ``fit(ckpt_path=...)``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tasks: Union[Sequence[Task], Mapping[str, Task]],
+        balancer: Union[Balancer, str, None] = None,
+        optimizer: Optional[OptimizerCallable] = None,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        nonfinite_loss: Literal["raise", "skip"] = "raise",
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+        if nonfinite_loss not in ("raise", "skip"):
+            raise ValueError(f"nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
+        self.tasks = _task_registry(tasks)
+        self.task_names = list(self.tasks)
+        self.backbone = backbone
+        self.heads = _module_dict({name: task.head for name, task in self.tasks.items()}, "heads")
+        self.losses = _module_dict(
+            {name: task.loss for name, task in self.tasks.items() if isinstance(task.loss, nn.Module)}, "losses"
+        )
+        self.balancer = resolve_balancer(balancer)
+        self.balancer.setup(self.task_names, [task.weight for task in self.tasks.values()])
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.nonfinite_loss = nonfinite_loss
+        # torchmetrics objects per stage; deep copies so train/val/test never share state.
+        for stage in ("train", "val", "test"):
+            metrics = {
+                name: _module_dict(copy.deepcopy(task.metrics), f"metrics of task {name!r}")
+                for name, task in self.tasks.items()
+            }
+            setattr(self, f"{stage}_metrics", nn.ModuleDict(metrics))
+        # Task losses averaged over each evaluation epoch, weighted by labelled samples, synced across ranks.
+        for stage in ("val", "test"):
+            setattr(self, f"{stage}_task_losses", nn.ModuleDict({name: MeanMetric() for name in self.tasks}))
+        self._seen_tasks: set[str] = set()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Any) -> dict[str, Tensor]:
+        """Run the backbone once and every head on its output: ``{task: prediction}``."""
+        features = self.backbone(x)
+        return {name: self._head(name, features) for name in self.task_names}
+
+    def _head(self, name: str, features: Union[Tensor, Mapping[str, Tensor]]) -> Tensor:
+        if isinstance(features, Mapping):
+            if name not in features:
+                raise KeyError(
+                    f"task {name!r}: the backbone returned a dict without this task (keys: {sorted(features)}); "
+                    "a backbone returning a dict must have one entry per task"
+                )
+            features = features[name]
+        try:
+            return self.heads[name](features)
+        except RuntimeError as error:
+            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+            raise RuntimeError(
+                f"task {name!r}: head {type(self.heads[name]).__name__} failed on the backbone output of shape "
+                f"{shape}: {error}. Check that the head's input width matches the backbone's output width."
+            ) from error
+
+    # ------------------------------------------------------------------ batches
+    def _groups(self, batch: Any) -> list[_Group]:
+        """Normalise both batch forms to a list of ``(x, {task: y})`` and check the task names."""
+        if isinstance(batch, Mapping):
+            groups = []
+            for name, item in batch.items():
+                if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                    raise TypeError(
+                        f"task {name!r}: a per-task batch must map each task to (x, y), got {type(item).__name__}"
+                    )
+                groups.append((item[0], {name: item[1]}))
+        elif isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Mapping):
+            groups = [(batch[0], dict(batch[1]))]
+        else:
+            raise TypeError(
+                "a multi-task batch is either (x, {task: y}) (one input labelled for several tasks) or "
+                f"{{task: (x, y)}} (one input per task); got {type(batch).__name__}"
+            )
+        for _, labels in groups:
+            for name in labels:
+                if name not in self.tasks:
+                    raise ValueError(
+                        f"the batch has data for task {name!r}, which the model does not have; "
+                        f"model tasks: {self.task_names}. Add a Task named {name!r} or drop it from the data."
+                    )
+        return groups
+
+    def _predictions(self, groups: list[_Group]) -> list[tuple[str, Tensor, Tensor]]:
+        """``(task, prediction, target)`` for every labelled task of the batch.
+
+        Per-task inputs of identical shape go through the backbone in one call (one concatenated batch).
+        """
+        inputs = [x for x, _ in groups]
+        if len(groups) > 1 and _stackable(inputs):
+            sizes = [x.shape[0] for x in inputs]
+            features = self.backbone(torch.cat(inputs))
+            chunks = _split_features(features, sizes)
+        else:
+            chunks = [self.backbone(x) for x in inputs]
+        out = []
+        for features, (_, labels) in zip(chunks, groups):
+            for name, target in labels.items():
+                out.append((name, self._head(name, features), target))
+        return out
+
+    def _loss(self, name: str, prediction: Tensor, target: Tensor) -> tuple[Optional[Tensor], Tensor, Tensor, int]:
+        """The task loss over its labelled samples (None if there are none) and the samples used."""
+        missing = _missing_labels(target, self.tasks[name].ignore_index)
+        if missing is not None:
+            keep = ~missing
+            prediction, target = prediction[keep], target[keep]
+        count = target.shape[0] if target.ndim else 1
+        if count == 0:
+            return None, prediction, target, 0
+        try:
+            loss = self.tasks[name].loss(prediction, target)
+        except (RuntimeError, ValueError, IndexError) as error:
+            raise type(error)(
+                f"task {name!r}: the loss failed on prediction of shape {tuple(prediction.shape)} and target of "
+                f"shape {tuple(target.shape)} ({target.dtype}): {error}"
+            ) from error
+        return loss, prediction, target, count
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
+        groups = self._groups(batch)
+        task_losses: dict[str, Tensor] = {}
+        counts: dict[str, int] = {}
+        for name, prediction, target in self._predictions(groups):
+            loss, prediction, target, count = self._loss(name, prediction, target)
+            self._seen_tasks.add(name)
+            if loss is None:
+                continue
+            task_losses[name] = loss
+            counts[name] = count
+            for metric_name, metric in self.train_metrics[name].items():
+                metric.update(prediction.detach(), target)
+        if not task_losses:
+            rank_zero_warn(f"step {self.global_step}: no task had a labelled sample; the step is skipped")
+            return None
+        some_loss = next(iter(task_losses.values()))
+        zero = some_loss.new_zeros(())
+        losses = torch.stack([task_losses.get(name, zero) for name in self.task_names])
+        present = torch.tensor([name in task_losses for name in self.task_names], device=losses.device)
+        if not self._all_finite(losses, batch_idx):
+            return None
+        total, _ = self.balancer(losses, present)
+
+        self.log("train/loss", total, prog_bar=True, batch_size=max(counts.values()))
+        for name, loss in task_losses.items():
+            self.log(f"train/{name}/loss", loss, prog_bar=True, batch_size=counts[name])
+            for metric_name, metric in self.train_metrics[name].items():
+                self.log(f"train/{name}/{metric_name}", metric, on_step=False, on_epoch=True)
+        return total
+
+    def _all_finite(self, losses: Tensor, batch_idx: int) -> bool:
+        """Raise (or, with ``nonfinite_loss="skip"``, warn and return False) on a NaN/inf task loss.
+
+        Under DDP the check is all-reduced so every rank raises or skips the same step.
+        """
+        nonfinite = ~torch.isfinite(losses.detach())
+        if self._trainer is not None and self.trainer.world_size > 1:
+            nonfinite = self.trainer.strategy.reduce(nonfinite.float(), reduce_op="sum") > 0
+        if not bool(nonfinite.any()):
+            return True
+        bad = [name for name, flag in zip(self.task_names, nonfinite.tolist()) if flag]
+        values = {name: float(losses[self.task_names.index(name)]) for name in bad}
+        message = (
+            f"non-finite loss for task(s) {bad} at global step {self.global_step} (batch {batch_idx}): {values}"
+        )
+        if self.nonfinite_loss == "skip":
+            rank_zero_warn(message + "; the step is skipped (nonfinite_loss='skip')")
+            return False
+        raise FloatingPointError(
+            message + ". No parameter was updated. Check the task's data, targets and learning rate, "
+            "or pass nonfinite_loss='skip' to skip such steps."
+        )
+
+    def _evaluation_step(self, batch: Any, stage: Stage) -> None:
+        task_losses = getattr(self, f"{stage}_task_losses")
+        for name, prediction, target in self._predictions(self._groups(batch)):
+            loss, prediction, target, count = self._loss(name, prediction, target)
+            if loss is None:
+                continue
+            task_losses[name].update(loss.detach(), weight=count)
+            self.log(f"{stage}/{name}/loss", task_losses[name], on_step=False, on_epoch=True)
+            for metric_name, metric in getattr(self, f"{stage}_metrics")[name].items():
+                metric.update(prediction, target)
+                self.log(f"{stage}/{name}/{metric_name}", metric, on_step=False, on_epoch=True)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluation_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """``{task: prediction}``: for a per-task batch, each task's head on its own input."""
+        if isinstance(batch, Mapping):
+            out = {}
+            for name, item in batch.items():
+                x = item[0] if isinstance(item, (tuple, list)) else item
+                out[name] = self._head(name, self.backbone(x))
+            return out
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x)
+
+    # ------------------------------------------------------------------ epoch ends
+    def _log_combined_loss(self, stage: Stage) -> None:
+        """``{stage}/loss``: the static-weighted sum of the epoch's task losses (tasks with data only)."""
+        total, found = 0.0, False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a task without data this epoch computes NaN; it is left out
+            for name, mean in getattr(self, f"{stage}_task_losses").items():
+                value = mean.compute()
+                if torch.isfinite(value):
+                    total, found = total + self.tasks[name].weight * value, True
+        if found:
+            self.log(f"{stage}/loss", total, prog_bar=stage == "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_combined_loss("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_combined_loss("test")
+
+    def on_fit_start(self) -> None:
+        data_tasks = getattr(self.trainer.datamodule, "task_names", None) if self.trainer.datamodule else None
+        if data_tasks:
+            unknown = [name for name in data_tasks if name not in self.tasks]
+            if unknown:
+                raise ValueError(
+                    f"the data has task(s) {unknown} that the model does not have; model tasks: {self.task_names}"
+                )
+            self._warn_missing(set(data_tasks), "the data module provides no training data")
+
+    def on_train_epoch_end(self) -> None:
+        if self.current_epoch == 0 or not self._seen_tasks:
+            self._warn_missing(self._seen_tasks, "no training batch of the epoch had labels")
+
+    def _warn_missing(self, provided: set[str], reason: str) -> None:
+        missing = [name for name in self.task_names if name not in provided]
+        if missing:
+            rank_zero_warn(f"task(s) {missing}: {reason} for them, so they are never trained")
+
+    # ------------------------------------------------------------------ optimizers
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
+        else:
+            optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
+
+
+def _task_registry(tasks: Union[Sequence[Task], Mapping[str, Task]]) -> dict[str, Task]:
+    if isinstance(tasks, Mapping):
+        items = list(tasks.items())
+        for key, task in items:
+            if isinstance(task, Task) and key != task.name:
+                raise ValueError(f"tasks[{key!r}] is a Task named {task.name!r}; the key and the name must match")
+        tasks = [task for _, task in items]
+    if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Sequence):
+        raise TypeError(f"tasks must be a sequence of Task or a mapping {{name: Task}}, got {type(tasks).__name__}")
+    if not tasks:
+        raise ValueError("tasks is empty: a MultiTaskModule needs at least one Task")
+    registry: dict[str, Task] = {}
+    for task in tasks:
+        if not isinstance(task, Task):
+            raise TypeError(f"every entry of tasks must be a Task, got {type(task).__name__}: {task!r}")
+        if task.name in registry:
+            raise ValueError(f"duplicate task name {task.name!r}: task names must be unique")
+        registry[task.name] = task
+    return registry
+
+
+def _module_dict(modules: Mapping[str, nn.Module], what: str) -> nn.ModuleDict:
+    for name in modules:
+        if hasattr(nn.ModuleDict, name):
+            raise ValueError(
+                f"{what}: the name {name!r} collides with an attribute of torch.nn.ModuleDict; rename it"
+            )
+    return nn.ModuleDict(modules)
+
+
+def _missing_labels(target: Tensor, ignore_index: int) -> Optional[Tensor]:
+    """Boolean mask of unlabelled samples, or None when every sample is labelled.
+
+    A sample is unlabelled when its regression target has a NaN, or all its class targets equal
+    ``ignore_index`` (dense targets with some ignored entries are left to the loss's own masking).
+    """
+    if not isinstance(target, Tensor) or target.ndim == 0:
+        return None
+    if target.is_floating_point():
+        missing = torch.isnan(target)
+    elif target.dtype == torch.bool:
+        return None
+    else:
+        missing = target == ignore_index
+    if not bool(missing.any()):
+        return None
+    if target.ndim == 1:
+        return missing
+    flat = missing.reshape(target.shape[0], -1)
+    return flat.any(dim=1) if target.is_floating_point() else flat.all(dim=1)
+
+
+def _stackable(inputs: list[Any]) -> bool:
+    first = inputs[0]
+    return isinstance(first, Tensor) and all(
+        isinstance(x, Tensor) and x.shape[1:] == first.shape[1:] and x.dtype == first.dtype and x.device == first.device
+        for x in inputs[1:]
+    )
+
+
+def _split_features(features: Union[Tensor, Mapping[str, Tensor]], sizes: list[int]) -> list[Any]:
+    if isinstance(features, Mapping):
+        parts = {name: torch.split(value, sizes) for name, value in features.items()}
+        return [{name: parts[name][i] for name in parts} for i in range(len(sizes))]
+    return list(torch.split(features, sizes))
