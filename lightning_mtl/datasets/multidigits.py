@@ -209,10 +209,14 @@ class MultiDigits(Dataset):
             parts["train"].append(members[n_test + n_val :])
         return {split: torch.from_numpy(np.sort(np.concatenate(parts[split]))) for split in _SPLITS}
 
-    def task_dataset(self, task: str, indices: Sequence[int] | Tensor | None = None) -> TensorDataset:
+    def task_dataset(
+        self, task: str, indices: Sequence[int] | Tensor | None = None
+    ) -> TensorDataset:
         """A per-task view with ``(x, y)`` items, optionally restricted to ``indices``."""
         if task not in self.targets:
-            raise ValueError(f"`task` must be one of this dataset's tasks {self.tasks}, got {task!r}.")
+            raise ValueError(
+                f"`task` must be one of this dataset's tasks {self.tasks}, got {task!r}."
+            )
         if indices is None:
             return TensorDataset(self.images, self.targets[task])
         index = torch.as_tensor(indices, dtype=torch.long)
@@ -259,7 +263,8 @@ def multidigits_per_task(
         extra = [task for task in size if task not in tasks]
         if missing or extra:
             raise ValueError(
-                f"`size` must give a size for exactly the tasks {tasks}; missing {missing}, extra {extra}."
+                f"`size` must give a size for exactly the tasks {tasks}; "
+                f"missing {missing}, extra {extra}."
             )
         sizes = dict(size)
     for task, task_size in sizes.items():
@@ -331,14 +336,23 @@ class MultiDigitsDataModule(LightningDataModule):
         self.datasets: dict[str, MultiDigits] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        splits = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("test",),
+        }
         for split in splits.get(stage, _SPLITS) if stage is not None else _SPLITS:
             self._dataset(split)
 
     def _dataset(self, split: str) -> MultiDigits:
         if split not in self.datasets:
             self.datasets[split] = MultiDigits(
-                split, size=self.sizes[split], seed=self.seed, tasks=self.tasks, split_seed=self.split_seed
+                split,
+                size=self.sizes[split],
+                seed=self.seed,
+                tasks=self.tasks,
+                split_seed=self.split_seed,
             )
         return self.datasets[split]
 

@@ -1,0 +1,57 @@
+"""Shared test helpers: a quiet CPU Trainer and a logger that records every logged value."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import pytest
+from lightning.pytorch.loggers import Logger
+
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+class RecordingLogger(Logger):
+    """Keeps ``(step, {key: value})`` for every ``log_metrics`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.history.append((step, dict(metrics)))
+
+    @property
+    def keys(self) -> set[str]:
+        return {key for _, metrics in self.history for key in metrics}
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=1,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+@pytest.fixture
+def recording_logger() -> RecordingLogger:
+    return RecordingLogger()

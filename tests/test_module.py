@@ -1,0 +1,367 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.regression import MeanSquaredError
+
+from conftest import RecordingLogger, quiet_trainer
+from lightning_mtl import MultiTaskModule, Task
+from lightning_mtl.balancers import Static
+
+
+class SharedInput(Dataset):
+    """Items ``(x, {"cls": class, "reg": value})``; a learnable pair of tasks."""
+
+    def __init__(self, n=128, seed=0, missing_cls=(), missing_reg=()):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 6, generator=g)
+        self.cls = (self.x[:, 0] > 0).long()
+        self.reg = self.x[:, 1] * 2.0
+        self.cls[list(missing_cls)] = -100
+        self.reg[list(missing_reg)] = float("nan")
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], {"cls": self.cls[i], "reg": self.reg[i]}
+
+
+def make_tasks(metrics=True, cls_weight=1.0, reg_weight=1.0):
+    torch.manual_seed(1)
+    return [
+        Task(
+            "cls",
+            nn.Linear(8, 2),
+            nn.CrossEntropyLoss(),
+            MulticlassAccuracy(2, average="micro") if metrics else None,
+            cls_weight,
+        ),
+        Task(
+            "reg",
+            nn.Sequential(nn.Linear(8, 1), nn.Flatten(0)),
+            nn.MSELoss(),
+            {"mse": MeanSquaredError()} if metrics else None,
+            reg_weight,
+        ),
+    ]
+
+
+def make_module(**kwargs):
+    torch.manual_seed(0)
+    kwargs.setdefault("tasks", make_tasks())
+    return MultiTaskModule(nn.Sequential(nn.Linear(6, 8), nn.Tanh()), **kwargs)
+
+
+def test_forward_returns_one_prediction_per_task():
+    module = make_module()
+    out = module(torch.randn(5, 6))
+    assert set(out) == {"cls", "reg"}
+    assert out["cls"].shape == (5, 2) and out["reg"].shape == (5,)
+
+
+def test_tasks_as_mapping_and_registry_order():
+    tasks = make_tasks()
+    module = make_module(tasks={"reg": tasks[1], "cls": tasks[0]})
+    assert module.task_names == ["reg", "cls"]
+    with pytest.raises(ValueError, match=r"tasks\['other'\] is a Task named 'cls'"):
+        make_module(tasks={"other": tasks[0]})
+
+
+def test_duplicate_task_names():
+    with pytest.raises(ValueError, match="duplicate task name 'cls'"):
+        make_module(tasks=[make_tasks()[0], make_tasks()[0]])
+
+
+def test_empty_tasks():
+    with pytest.raises(ValueError, match="tasks is empty"):
+        make_module(tasks=[])
+
+
+def test_task_name_colliding_with_module_dict_attribute():
+    with pytest.raises(ValueError, match="'keys' collides"):
+        make_module(tasks=[Task("keys", nn.Linear(8, 2), nn.CrossEntropyLoss())])
+
+
+def test_shared_and_per_task_batches_give_the_same_loss():
+    module = make_module(tasks=make_tasks(metrics=False))
+    data = SharedInput(16)
+    x, labels = data.x, {"cls": data.cls, "reg": data.reg}
+    shared = module.training_step((x, labels), 0)
+    per_task = module.training_step({"cls": (x, labels["cls"]), "reg": (x, labels["reg"])}, 0)
+    torch.testing.assert_close(shared, per_task)
+    out = module(x)
+    expected = nn.functional.cross_entropy(out["cls"], labels["cls"]) + nn.functional.mse_loss(out["reg"], labels["reg"])
+    torch.testing.assert_close(shared, expected)
+
+
+def test_per_task_batch_with_a_subset_of_tasks():
+    module = make_module(tasks=make_tasks(metrics=False))
+    x = torch.randn(4, 6)
+    y = torch.tensor([0, 1, 1, 0])
+    loss = module.training_step({"cls": (x, y)}, 0)
+    torch.testing.assert_close(loss, nn.functional.cross_entropy(module(x)["cls"], y))
+
+
+def test_per_task_inputs_of_different_shapes_run_separately():
+    backbone = nn.Sequential(nn.Flatten(), nn.LazyLinear(8))
+    tasks = make_tasks(metrics=False)
+    module = MultiTaskModule(backbone, tasks)
+    module(torch.randn(1, 6))  # materialise the lazy layer
+    with pytest.raises(RuntimeError):  # 12 features cannot go through the 6-wide layer
+        module.training_step({"cls": (torch.randn(3, 6), torch.tensor([0, 1, 0])), "reg": (torch.randn(2, 12), torch.randn(2))}, 0)
+
+
+def test_static_weights_are_applied():
+    module = make_module(tasks=make_tasks(metrics=False, cls_weight=0.25, reg_weight=3.0))
+    data = SharedInput(16)
+    loss = module.training_step((data.x, {"cls": data.cls, "reg": data.reg}), 0)
+    out = module(data.x)
+    expected = 0.25 * nn.functional.cross_entropy(out["cls"], data.cls) + 3.0 * nn.functional.mse_loss(out["reg"], data.reg)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_balancer_by_name_is_case_insensitive_and_unknown_names_list_the_valid_ones():
+    assert isinstance(make_module(balancer="STATIC").balancer, Static)
+    with pytest.raises(ValueError, match=r"unknown balancer 'nope'; valid names: \['static'"):
+        make_module(balancer="nope")
+
+
+def test_missing_labels_are_masked_from_loss():
+    module = make_module(tasks=make_tasks(metrics=False))
+    data = SharedInput(16, missing_cls=[0, 3, 5], missing_reg=[1, 2])
+    loss = module.training_step((data.x, {"cls": data.cls, "reg": data.reg}), 0)
+    out = module(data.x)
+    keep_cls = torch.ones(16, dtype=torch.bool)
+    keep_cls[[0, 3, 5]] = False
+    keep_reg = torch.ones(16, dtype=torch.bool)
+    keep_reg[[1, 2]] = False
+    expected = nn.functional.cross_entropy(out["cls"][keep_cls], data.cls[keep_cls]) + nn.functional.mse_loss(
+        out["reg"][keep_reg], data.reg[keep_reg]
+    )
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_custom_ignore_index_is_read_from_the_loss():
+    task = Task("cls", nn.Linear(8, 2), nn.CrossEntropyLoss(ignore_index=9))
+    module = make_module(tasks=[task])
+    x, y = torch.randn(4, 6), torch.tensor([0, 9, 1, 9])
+    loss = module.training_step((x, {"cls": y}), 0)
+    torch.testing.assert_close(loss, nn.functional.cross_entropy(module(x)["cls"][[0, 2]], y[[0, 2]]))
+
+
+def test_task_without_any_label_contributes_nothing():
+    module = make_module(tasks=make_tasks(metrics=False))
+    data = SharedInput(8, missing_reg=range(8))
+    loss = module.training_step((data.x, {"cls": data.cls, "reg": data.reg}), 0)
+    torch.testing.assert_close(loss, nn.functional.cross_entropy(module(data.x)["cls"], data.cls))
+    # the gradient of the regression head is exactly zero, not NaN
+    loss.backward()
+    assert module.heads["reg"][0].weight.grad is None or torch.count_nonzero(module.heads["reg"][0].weight.grad) == 0
+
+
+def test_training_on_partially_labelled_data_logs_finite_metrics(recording_logger):
+    module = make_module()
+    data = SharedInput(64, missing_cls=range(0, 64, 3), missing_reg=range(0, 64, 2))
+    trainer = quiet_trainer(logger=recording_logger, max_epochs=2, log_every_n_steps=1)
+    trainer.fit(module, DataLoader(data, batch_size=16), DataLoader(data, batch_size=16))
+    for _, metrics in recording_logger.history:
+        assert all(math.isfinite(v) for v in metrics.values()), metrics
+
+
+def test_logged_keys(recording_logger):
+    module = make_module()
+    trainer = quiet_trainer(logger=recording_logger, max_epochs=1, log_every_n_steps=1)
+    trainer.fit(module, DataLoader(SharedInput(64), batch_size=16), DataLoader(SharedInput(32, seed=1), batch_size=16))
+    # progress bar shows the combined and the per-task training loss
+    assert {"train/loss", "train/cls/loss", "train/reg/loss"} <= set(trainer.progress_bar_metrics)
+    trainer.test(module, DataLoader(SharedInput(32, seed=2), batch_size=16))
+    expected = {
+        "train/loss",
+        "train/cls/loss",
+        "train/reg/loss",
+        "train/cls/multiclass_accuracy",
+        "train/reg/mse",
+        "val/loss",
+        "val/cls/loss",
+        "val/reg/loss",
+        "val/cls/multiclass_accuracy",
+        "val/reg/mse",
+        "test/loss",
+        "test/cls/loss",
+        "test/reg/loss",
+        "test/cls/multiclass_accuracy",
+        "test/reg/mse",
+    }
+    assert expected <= recording_logger.keys, expected - recording_logger.keys
+
+
+def test_validation_metrics_cover_the_whole_split():
+    module = make_module()
+    val = SharedInput(50, seed=3)
+    trainer = quiet_trainer()
+    results = trainer.validate(module, DataLoader(val, batch_size=16), verbose=False)[0]
+    with torch.no_grad():
+        out = module(val.x)
+    accuracy = (out["cls"].argmax(1) == val.cls).float().mean()
+    mse = nn.functional.mse_loss(out["reg"], val.reg)
+    cross_entropy = nn.functional.cross_entropy(out["cls"], val.cls)
+    assert results["val/cls/multiclass_accuracy"] == pytest.approx(float(accuracy), abs=1e-6)
+    assert results["val/reg/mse"] == pytest.approx(float(mse), rel=1e-5)
+    # the epoch loss is the sample-weighted mean over uneven batches (16, 16, 16, 2)
+    assert results["val/cls/loss"] == pytest.approx(float(cross_entropy), rel=1e-5)
+    assert results["val/loss"] == pytest.approx(float(cross_entropy + mse), rel=1e-5)
+
+
+def test_predict_step_returns_every_task():
+    module = make_module()
+    predictions = quiet_trainer().predict(module, DataLoader(SharedInput(20), batch_size=8))
+    assert len(predictions) == 3
+    assert set(predictions[0]) == {"cls", "reg"} and predictions[0]["cls"].shape == (8, 2)
+    per_task = module.predict_step({"reg": (torch.randn(3, 6), torch.randn(3))}, 0)
+    assert set(per_task) == {"reg"} and per_task["reg"].shape == (3,)
+
+
+def test_training_learns_both_tasks():
+    module = make_module(optimizer=lambda params: torch.optim.Adam(params, lr=1e-2))
+    trainer = quiet_trainer(max_epochs=15)
+    trainer.fit(module, DataLoader(SharedInput(256), batch_size=32, shuffle=True))
+    results = trainer.validate(module, DataLoader(SharedInput(256, seed=5), batch_size=64), verbose=False)[0]
+    assert results["val/cls/multiclass_accuracy"] > 0.9
+    assert results["val/reg/mse"] < 0.5
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_data_for_an_unknown_task():
+    module = make_module()
+    with pytest.raises(ValueError, match=r"task 'depth', which the model does not have"):
+        module.training_step((torch.randn(2, 6), {"depth": torch.randn(2)}), 0)
+    with pytest.raises(ValueError, match=r"task 'depth', which the model does not have"):
+        module.training_step({"depth": (torch.randn(2, 6), torch.randn(2))}, 0)
+
+
+def test_task_the_data_never_provides_warns():
+    module = make_module()
+
+    class OnlyCls(SharedInput):
+        def __getitem__(self, i):
+            return self.x[i], {"cls": self.cls[i]}
+
+    with pytest.warns(UserWarning, match=r"task\(s\) \['reg'\]"):
+        quiet_trainer().fit(module, DataLoader(OnlyCls(32), batch_size=16))
+
+
+def test_batch_of_the_wrong_form():
+    with pytest.raises(TypeError, match=r"\(x, \{task: y\}\)"):
+        make_module().training_step(torch.randn(2, 6), 0)
+    with pytest.raises(TypeError, match=r"task 'cls': a per-task batch must map each task to \(x, y\)"):
+        make_module().training_step({"cls": torch.randn(2, 6)}, 0)
+
+
+def test_head_backbone_width_mismatch_names_the_task():
+    tasks = make_tasks(metrics=False)
+    tasks[1] = Task("reg", nn.Linear(5, 1), nn.MSELoss())
+    module = make_module(tasks=tasks)
+    with pytest.raises(RuntimeError, match=r"task 'reg': head Linear failed on the backbone output of shape \(4, 8\)"):
+        module(torch.randn(4, 6))
+
+
+def test_loss_failure_names_the_task():
+    tasks = make_tasks(metrics=False)
+    module = make_module(tasks=tasks)
+    with pytest.raises(RuntimeError, match=r"task 'cls': the loss failed"):
+        module.training_step((torch.randn(4, 6), {"cls": torch.randn(4, 3)}), 0)
+
+
+def test_backbone_dict_without_a_task():
+    class DictBackbone(nn.Module):
+        def forward(self, x):
+            return {"cls": x.new_zeros(x.shape[0], 8)}
+
+    module = MultiTaskModule(DictBackbone(), make_tasks(metrics=False))
+    with pytest.raises(KeyError, match=r"task 'reg': the backbone returned a dict without this task"):
+        module(torch.randn(2, 6))
+
+
+class NaNAfter(Dataset):
+    """Regression targets become NaN-producing (inf) from item ``bad`` on."""
+
+    def __init__(self, n=64, bad=32):
+        self.base = SharedInput(n)
+        self.bad = bad
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, labels = self.base[i]
+        if i >= self.bad:
+            labels = {"cls": labels["cls"], "reg": torch.tensor(float("inf"))}
+        return x, labels
+
+
+def test_nonfinite_loss_raises_naming_task_and_step_before_any_update():
+    module = make_module(tasks=make_tasks(metrics=False))
+    trainer = quiet_trainer(max_epochs=1)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss for task\(s\) \['reg'\] at global step 2 \(batch 2\)"):
+        trainer.fit(module, DataLoader(NaNAfter(64, bad=32), batch_size=16))
+    assert_parameters_after_good_steps(module, NaNAfter(64, bad=32), steps=2)
+
+
+def assert_parameters_after_good_steps(module, data, steps):
+    """The parameters equal those of a hand-written loop over the first ``steps`` batches only."""
+    reference = make_module(tasks=make_tasks(metrics=False))
+    optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3)
+    for batch in list(DataLoader(data, batch_size=16))[:steps]:
+        optimizer.zero_grad()
+        reference.training_step(batch, 0).backward()
+        optimizer.step()
+    for a, b in zip(module.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_nonfinite_loss_skip_mode_skips_the_step():
+    module = make_module(tasks=make_tasks(metrics=False), nonfinite_loss="skip")
+    trainer = quiet_trainer(max_epochs=1)
+    with pytest.warns(UserWarning, match=r"non-finite loss for task\(s\) \['reg'\].*skipped"):
+        trainer.fit(module, DataLoader(NaNAfter(64, bad=32), batch_size=16))
+    # 4 batches, the last 2 skipped: no parameter moved after the 2 good steps
+    assert_parameters_after_good_steps(module, NaNAfter(64, bad=32), steps=2)
+
+
+def test_bad_nonfinite_option():
+    with pytest.raises(ValueError, match="nonfinite_loss must be 'raise' or 'skip'"):
+        make_module(nonfinite_loss="ignore")
+
+
+def test_optimizer_and_scheduler_factories():
+    from functools import partial
+
+    module = make_module(
+        optimizer=partial(torch.optim.SGD, lr=0.1), lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1)
+    )
+    config = module.configure_optimizers()
+    assert isinstance(config["optimizer"], torch.optim.SGD) and config["optimizer"].param_groups[0]["lr"] == 0.1
+    assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+    default = make_module().configure_optimizers()
+    assert isinstance(default, torch.optim.Adam) and default.param_groups[0]["lr"] == 1e-3
+
+
+def test_checkpoint_round_trip(tmp_path):
+    module = make_module()
+    trainer = quiet_trainer(max_epochs=1, default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(SharedInput(32), batch_size=16))
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    restored = MultiTaskModule.load_from_checkpoint(
+        path, backbone=nn.Sequential(nn.Linear(6, 8), nn.Tanh()), tasks=make_tasks(), weights_only=True
+    )
+    x = torch.randn(3, 6)
+    for name in ("cls", "reg"):
+        torch.testing.assert_close(restored(x)[name], module(x)[name])
