@@ -1,0 +1,186 @@
+"""`MultiTaskLoader`: per-task datasets behind one DataLoader, yielding ``{task: batch}``.
+
+The loader wraps a single :class:`~torch.utils.data.DataLoader` whose dataset addresses every
+task's samples by ``(task, index)`` and whose ``batch_sampler`` is a
+:class:`~lightning_mtl.data.sampler.MultiTaskSampler`. Each step's samples are grouped by task and
+collated separately, so a batch is ``{task: collate_fn([item, ...])}`` holding only the tasks
+scheduled for that step, in task order. With the default ``collate_fn`` and ``(x, y)`` items that
+is ``{task: (x_batch, y_batch)}``.
+
+Why not a DataLoader subclass: Lightning injects a ``DistributedSampler`` into anything that is a
+``DataLoader`` and leaves other iterables alone. The sampler already shards every task across
+processes (see :mod:`lightning_mtl.data.sampler`), so the loader must stay untouched, whatever
+``Trainer(use_distributed_sampler=...)`` says.
+
+Lightning integration:
+
+* ``set_epoch``: each epoch Lightning calls ``set_epoch`` on ``loader.sampler`` (the
+  :class:`MultiTaskSampler`), which selects the epoch's schedule and permutations.
+* Resume: the loader is *stateful* in Lightning's sense (``state_dict``/``load_state_dict``), so the
+  fit loop stores ``{"epoch", "step", ...}`` in the checkpoint and restores it before the first
+  batch of a resumed run. ``step`` counts the batches handed to the consumer in the current epoch
+  (not the ones prefetched by workers). A restored loader skips that many steps in the sampler
+  without loading their data, and continues the interrupted epoch exactly. A state recorded at the
+  end of an epoch resumes at the start of the next.
+* Iteration is lazy: the epoch and the resume point are read when the first batch is requested,
+  which is after Lightning has called ``set_epoch`` and ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable, Optional
+
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from lightning_mtl.data.sampler import MultiTaskSampler
+
+
+class _TaskDataset(Dataset):
+    """All tasks' datasets, indexed by ``(task, index)``; an item is ``(task, dataset[index])``."""
+
+    def __init__(self, datasets: Mapping[str, Dataset]) -> None:
+        self.datasets = dict(datasets)
+
+    def __getitem__(self, key: tuple[str, int]) -> tuple[str, Any]:
+        task, index = key
+        return task, self.datasets[task][index]
+
+    def __len__(self) -> int:
+        return sum(len(dataset) for dataset in self.datasets.values())  # type: ignore[arg-type]
+
+
+class _CollateByTask:
+    """Collate ``[(task, item), ...]`` into ``{task: collate_fn([item, ...])}``, keeping task order."""
+
+    def __init__(self, collate_fn: Optional[Callable[[list[Any]], Any]] = None) -> None:
+        self.collate_fn = default_collate if collate_fn is None else collate_fn
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        groups: dict[str, list[Any]] = {}
+        for task, item in pairs:
+            groups.setdefault(task, []).append(item)
+        return {task: self.collate_fn(items) for task, items in groups.items()}
+
+
+class MultiTaskLoader:
+    """Iterable over ``{task: batch}`` steps scheduled by a :class:`MultiTaskSampler`.
+
+    Args:
+        datasets: one map-style dataset per task, with the sampler's tasks and sizes.
+        sampler: the step schedule; also exposed as :attr:`sampler` / :attr:`batch_sampler`.
+        collate_fn: collates one task's list of items (default:
+            :func:`~torch.utils.data.default_collate`).
+        num_workers, pin_memory, worker_init_fn, persistent_workers: passed to the inner
+            :class:`~torch.utils.data.DataLoader`.
+    """
+
+    def __init__(
+        self,
+        datasets: Mapping[str, Dataset],
+        sampler: MultiTaskSampler,
+        collate_fn: Optional[Callable[[list[Any]], Any]] = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        worker_init_fn: Optional[Callable[[int], None]] = None,
+        persistent_workers: bool = False,
+    ) -> None:
+        if list(datasets) != sampler.tasks:
+            raise ValueError(f"The datasets' tasks {list(datasets)} differ from the sampler's {sampler.tasks}.")
+        for task, dataset in datasets.items():
+            if len(dataset) != sampler.sizes[task]:  # type: ignore[arg-type]
+                raise ValueError(
+                    f"Task {task!r} has {len(dataset)} samples but the sampler expects {sampler.sizes[task]}."  # type: ignore[arg-type]
+                )
+        self.dataset = _TaskDataset(datasets)
+        self.sampler = sampler
+        self.dataloader = DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            collate_fn=_CollateByTask(collate_fn),
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            worker_init_fn=worker_init_fn,
+            persistent_workers=persistent_workers and num_workers > 0,
+        )
+        self._step = 0
+        self._step_epoch: Optional[int] = None
+
+    @property
+    def batch_sampler(self) -> MultiTaskSampler:
+        return self.sampler
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.sampler.tasks
+
+    @property
+    def worker_init_fn(self) -> Optional[Callable[[int], None]]:
+        return self.dataloader.worker_init_fn
+
+    @worker_init_fn.setter
+    def worker_init_fn(self, fn: Optional[Callable[[int], None]]) -> None:
+        # Lightning sets this under `seed_everything(workers=True)`.
+        self.dataloader.worker_init_fn = fn
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[dict[str, Any]]:
+        self._step = self.sampler.pending_start
+        self._step_epoch = self.sampler.epoch
+        for batch in self.dataloader:
+            self._step += 1
+            yield batch
+
+    def _fingerprint(self) -> dict[str, Any]:
+        s = self.sampler
+        return {
+            "tasks": s.tasks,
+            "sizes": [s.sizes[t] for t in s.tasks],
+            "batch_sizes": [s.batch_sizes[t] for t in s.tasks],
+            "sampling": s.sampling,
+            "temperature": s.temperature,
+            "seed": s.seed,
+            "shuffle": s.shuffle,
+            "drop_last": s.drop_last,
+            "world_size": s.world_size,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"epoch", "step", "num_steps", "config"}``: where the schedule stands, and what it was."""
+        if self.sampler.pending_start:
+            step = self.sampler.pending_start
+        elif self._step_epoch == self.sampler.epoch:
+            step = self._step
+        else:
+            step = 0
+        return {"epoch": self.sampler.epoch, "step": step, "num_steps": len(self), "config": self._fingerprint()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`: the next iteration resumes the recorded epoch and step.
+
+        A state recorded after the last step of an epoch resumes at the start of the next epoch.
+        If the data or sampling configuration changed since the state was recorded, the schedule
+        differs and only the position is kept; a warning says so.
+        """
+        epoch, step = int(state_dict["epoch"]), int(state_dict["step"])
+        num_steps = int(state_dict.get("num_steps", len(self)))
+        config = state_dict.get("config")
+        if config is not None and config != self._fingerprint():
+            rank_zero_warn(
+                "Resuming a MultiTaskLoader whose data or sampling configuration changed since the "
+                f"checkpoint ({config} -> {self._fingerprint()}): the schedule will not continue the "
+                "interrupted one; only the epoch and step position are kept."
+            )
+        if step >= min(num_steps, len(self)):
+            epoch, step = epoch + 1, 0
+        self.sampler.resume(epoch, step)
+        self._step, self._step_epoch = step, epoch
