@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
+from numbers import Integral
 
 import numpy as np
 import torch
@@ -69,13 +70,17 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
         )
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
 def _check_seed(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not _is_int(value) or value < 0:
         raise ValueError(f"`{name}` must be a non-negative int, got {value!r}.")
 
 
 def _check_size(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_int(value) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
 
 
@@ -256,7 +261,7 @@ def multidigits_per_task(
     tasks = _check_tasks(tasks)
     if split not in _SPLITS:
         raise ValueError(f"`split` must be one of {_SPLITS}, got {split!r}.")
-    if size is None or isinstance(size, int):
+    if size is None or _is_int(size):
         sizes = {task: MultiDigits.DEFAULT_SIZES[split] if size is None else size for task in tasks}
     else:
         missing = [task for task in tasks if task not in size]
@@ -324,7 +329,7 @@ class MultiDigitsDataModule(LightningDataModule):
             _check_size(f"{split}_size", value)
         _check_seed("seed", seed)
         _check_seed("split_seed", split_seed)
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        if not _is_int(num_workers) or num_workers < 0:
             raise ValueError(f"`num_workers` must be a non-negative int, got {num_workers!r}.")
         self.save_hyperparameters()
         self.batch_size = batch_size

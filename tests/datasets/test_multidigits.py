@@ -281,3 +281,44 @@ def test_datamodule_from_config():
     assert data.batch_size == 16 and data.tasks == ("left", "sum")
     assert isinstance(data.train_dataloader(), DataLoader)
     assert data.hparams.train_size == 64
+
+
+def test_datamodule_with_trainer():
+    from lightning.pytorch import LightningModule, Trainer
+
+    from lightning_mtl.architectures import SmallCNN
+
+    class TwoHeads(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.backbone = SmallCNN(channels=(4, 8), out_features=16, input_size=(12, 20))
+            self.heads = torch.nn.ModuleDict(
+                {"left": torch.nn.Linear(16, 10), "sum": torch.nn.Linear(16, 1)}
+            )
+
+        def _loss(self, batch):
+            x, y = batch
+            features = self.backbone(x)
+            left = torch.nn.functional.cross_entropy(self.heads["left"](features), y["left"])
+            total = torch.nn.functional.mse_loss(self.heads["sum"](features).squeeze(-1), y["sum"])
+            return left + total
+
+        def training_step(self, batch, batch_idx):
+            return self._loss(batch)
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", self._loss(batch))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = MultiDigitsDataModule(batch_size=16, train_size=64, val_size=32, tasks=["left", "sum"])
+    trainer = Trainer(
+        fast_dev_run=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(TwoHeads(), datamodule=data)
+    assert trainer.state.finished
