@@ -1,6 +1,6 @@
 """lightning-mtl: multi-task learning for PyTorch Lightning."""
 
-# from lightning_mtl.data import MultiTaskDataModule  # (re-enabled once data lands)
+from lightning_mtl.data import MultiTaskDataModule
 from lightning_mtl.module import MultiTaskModule
 from lightning_mtl.task import Task
 

@@ -59,6 +59,9 @@ Resume
 ------
 :meth:`resume` sets the epoch and a number of steps to skip on the next iteration. Skipped steps
 only advance the per-task counters; no index lists are built and no data is loaded for them.
+Iteration is lazy: the epoch and the skip are read at the first ``next()``, so that a
+``DataLoader`` creating and discarding iterators (its multi-process iterator calls ``iter()`` on
+the batch sampler twice) does not lose the skip.
 """
 
 from __future__ import annotations
@@ -258,7 +261,7 @@ class MultiTaskSampler(Sampler[list[tuple[str, int]]]):
 
     @property
     def pending_start(self) -> int:
-        """Steps the next iteration will skip (set by :meth:`resume`, cleared by iterating)."""
+        """Steps the next iteration will skip (set by :meth:`resume`, cleared by starting an iteration)."""
         return self._start
 
     def _replicas(self) -> tuple[int, int]:
@@ -340,8 +343,11 @@ class MultiTaskSampler(Sampler[list[tuple[str, int]]]):
         return [tuple(self._tasks[i] for i in step) for step in steps]
 
     def __iter__(self) -> Iterator[list[tuple[str, int]]]:
+        # A generator: the epoch and the resume step are read at the first `next()`, not at
+        # `iter()`. DataLoader's multi-process iterator calls `iter()` twice and advances only
+        # the second one.
         start, self._start = self._start, 0
-        return self._generate(self._epoch, start)
+        yield from self._generate(self._epoch, start)
 
     def _generate(self, epoch: int, start: int) -> Iterator[list[tuple[str, int]]]:
         rank, world_size = self._replicas()

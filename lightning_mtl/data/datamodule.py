@@ -1,0 +1,258 @@
+"""`MultiTaskDataModule`: the data side of multi-task training.
+
+Two forms of data, chosen per split by what you pass:
+
+**Shared input** -- a single ``Dataset`` whose items are ``(x, {task: y})``: every sample carries
+labels for all tasks. The data module is a thin wrapper returning a plain
+:class:`~torch.utils.data.DataLoader` (default collate), so batches are ``(x, {task: y})``. Only
+``sampling="zip"`` means something here; any other mode raises ``ValueError``, as does a
+``batch_size`` mapping. Lightning treats this loader like any other: under DDP it injects a
+``DistributedSampler`` (``use_distributed_sampler=True``; Lightning's training sampler shuffles
+even with ``shuffle=False``), and mid-epoch resume is not exact (plain DataLoaders carry no
+state). With ``shuffle=True`` the single-process order is seeded by ``seed``.
+
+Default collation turns tuples into lists, so "``(x, y)``" below is a two-element list
+``[x_batch, y_batch]``; ``x, y = batch[task]`` unpacks either.
+
+**Per-task inputs** -- a mapping ``{task: Dataset}`` whose items are ``(x, y)``: each task has its own
+samples. Every batch is a dict ``{task: (x, y)}`` holding the tasks scheduled for that step (a
+subset; one task for the single-task modes). The splits become:
+
+* ``train_dataloader()``: a :class:`~lightning_mtl.data.loader.MultiTaskLoader` scheduled by
+  ``sampling`` (``zip``, ``zip_shortest``, ``round_robin``, ``proportional``, ``temperature``,
+  ``sequential``; see :mod:`lightning_mtl.data.sampler` for what each does and the epoch length).
+* ``val_dataloader()`` / ``test_dataloader()``: a ``MultiTaskLoader`` in ``sequential`` mode
+  without shuffling, so each epoch evaluates every task's whole split, one task per batch:
+  ``validation_step(batch, batch_idx)`` receives ``{task: (x, y)}`` with exactly one key. It is a
+  single loader, so there is no ``dataloader_idx`` argument and logged names get no
+  ``/dataloader_idx_N`` suffix; ``batch_idx`` runs across tasks. ``limit_val_batches`` cuts the
+  sequence (the last tasks first).
+* ``predict_dataloader()``: the same as validation but without DDP padding (see below); the
+  per-task dataset items may be anything ``collate_fn`` accepts (e.g. ``x`` alone). Lightning
+  cannot record prediction batch indices for it (``BasePredictionWriter`` gets none).
+
+A split may be ``None``: Lightning then sees no hook for it (no validation/test/predict stage). The splits need not share a form: e.g.
+per-task training with a shared-input ``predict`` set. A per-task evaluation split may hold a
+subset of the training tasks, never an unknown task.
+
+``collate_fn`` is applied to the list of items of one task (per-task form) or of the batch
+(shared-input form). ``batch_size`` may be a mapping ``{task: int}`` naming every task (per-task form
+only); it applies to all splits.
+
+DDP
+---
+Per-task loaders shard every task across processes themselves and are not ``DataLoader``
+subclasses, so Lightning passes them through untouched whatever ``use_distributed_sampler`` is. At
+each training step all processes run the same task(s) on disjoint shards and all have the same
+number of steps, however uneven the datasets. Rank and world size come from
+``trainer.distributed_sampler_kwargs`` when the data module is attached to a ``Trainer`` (the same
+numbers Lightning would give a ``DistributedSampler``, data-parallel only under model-parallel
+strategies), otherwise from :mod:`torch.distributed` at iteration time. Validation and test pad
+each task's split to a multiple of the world size by repeating a few samples, exactly like
+``DistributedSampler`` (metrics on those duplicates count twice, as with Lightning's default);
+prediction does not pad, so processes may run different numbers of prediction steps.
+
+Resume
+------
+The training ``MultiTaskLoader`` implements ``state_dict``/``load_state_dict``; Lightning's fit loop
+stores it in the checkpoint (``loops.fit_loop.state_dict.combined_loader``) and restores it, so
+``fit(ckpt_path=...)`` continues the same schedule and the same per-task sample order, from the
+start of the next epoch or from the middle of the interrupted one; skipped steps load no data.
+The data module itself keeps no state (``state_dict()`` stays empty): the position belongs to the
+loader, and storing it twice could skip steps twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import Any, Callable, Optional, Union
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from lightning_mtl.data.loader import MultiTaskLoader
+from lightning_mtl.data.sampler import (
+    MultiTaskSampler,
+    _check_batch_size,
+    _check_sampling,
+    _check_task_name,
+    _check_temperature,
+    _resolve_batch_sizes,
+)
+
+Split = Union[Dataset, Mapping[str, Dataset]]
+_EVAL_SPLITS = ("val", "test", "predict")
+
+
+def _check_split(split: str, data: Optional[Split]) -> None:
+    if data is None:
+        return
+    if not isinstance(data, Mapping):
+        if not isinstance(data, IterableDataset) and hasattr(data, "__len__") and len(data) == 0:
+            raise ValueError(f"The `{split}` dataset is empty.")
+        return
+    if not data:
+        raise ValueError(f"`{split}` is an empty mapping; give at least one task's dataset.")
+    for task, dataset in data.items():
+        _check_task_name(task)
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            raise TypeError(
+                f"The `{split}` dataset of task {task!r} must be map-style (indexable, with a length) "
+                f"to be scheduled and sharded; got {type(dataset).__name__}."
+            )
+        if len(dataset) == 0:
+            raise ValueError(f"The `{split}` dataset of task {task!r} is empty.")
+
+
+class MultiTaskDataModule(LightningDataModule):
+    """Multi-task data for a Lightning ``Trainer``: shared-input or per-task datasets.
+
+    See the module docstring for the batch forms, DDP behaviour and resume.
+
+    Args:
+        train: a shared-input ``Dataset`` of ``(x, {task: y})`` or a mapping ``{task: Dataset}`` of
+            ``(x, y)``.
+        val, test, predict: the evaluation splits, in either form, or ``None``.
+        batch_size: one batch size, or ``{task: batch_size}`` for per-task datasets.
+        sampling: how training steps pick tasks; one of
+            :data:`~lightning_mtl.data.sampler.SAMPLING_MODES`.
+        temperature: ``T`` of ``temperature`` sampling (probability ∝ ``size ** (1/T)``).
+        num_workers, pin_memory: passed to the DataLoader(s).
+        seed: seed of the training schedule and permutations (with the epoch).
+        shuffle: shuffle training data; evaluation data is never shuffled.
+        drop_last: drop incomplete training batches (per task, per process).
+        collate_fn: collates a list of items (of one task, for per-task datasets).
+    """
+
+    def __init__(
+        self,
+        train: Split,
+        val: Optional[Split] = None,
+        test: Optional[Split] = None,
+        predict: Optional[Split] = None,
+        batch_size: Union[int, Mapping[str, int]] = 32,
+        sampling: str = "zip",
+        temperature: float = 2.0,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+        collate_fn: Optional[Callable[[list[Any]], Any]] = None,
+    ) -> None:
+        super().__init__()
+        if train is None:
+            raise ValueError("`train` is required: a shared-input Dataset or a mapping {task: Dataset}.")
+        self.splits: dict[str, Optional[Split]] = {"train": train, "val": val, "test": test, "predict": predict}
+        for split, data in self.splits.items():
+            _check_split(split, data)
+        self.sampling = _check_sampling(sampling)
+        self.temperature = _check_temperature(temperature)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"`num_workers` must be a non-negative integer, got {num_workers!r}.")
+        if not isinstance(train, Mapping) and sampling != "zip":
+            raise ValueError(
+                f"sampling={sampling!r} needs per-task datasets; `train` is a single shared-input dataset "
+                "whose every batch holds all tasks (only sampling='zip' applies). Pass a mapping "
+                "{task: Dataset} to schedule tasks."
+            )
+        train_tasks = list(train) if isinstance(train, Mapping) else None
+        for split in _EVAL_SPLITS:
+            data = self.splits[split]
+            if train_tasks is not None and isinstance(data, Mapping):
+                unknown = [task for task in data if task not in train_tasks]
+                if unknown:
+                    raise ValueError(
+                        f"`{split}` has task(s) {unknown} that `train` lacks; the training tasks are {train_tasks}."
+                    )
+        if isinstance(batch_size, Mapping):
+            shared = [split for split, data in self.splits.items() if data is not None and not isinstance(data, Mapping)]
+            if shared:
+                raise ValueError(
+                    f"A `batch_size` mapping needs per-task datasets, but {shared} is a single shared-input "
+                    "dataset; give one integer batch size."
+                )
+            _resolve_batch_sizes(batch_size, train_tasks)  # type: ignore[arg-type]
+        else:
+            _check_batch_size(batch_size, "`batch_size`")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.pin_memory = pin_memory
+        self.collate_fn = collate_fn
+        for split in _EVAL_SPLITS:
+            hook = f"{split}_dataloader"
+            if self.splits[split] is None and getattr(type(self), hook) is getattr(MultiTaskDataModule, hook):
+                # Lightning runs a stage only if its hook is overridden; the base hook (as a partial,
+                # which pickles) marks the split absent, as `LightningDataModule.from_datasets` does.
+                setattr(self, hook, partial(getattr(LightningDataModule, hook), self))
+
+    @property
+    def task_names(self) -> Optional[list[str]]:
+        """The training tasks of per-task datasets, or ``None`` for a shared-input dataset."""
+        train = self.splits["train"]
+        return list(train) if isinstance(train, Mapping) else None
+
+    def _replicas(self) -> tuple[Optional[int], Optional[int]]:
+        trainer = self.trainer
+        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
+        if kwargs:
+            return int(kwargs["rank"]), int(kwargs["num_replicas"])
+        return None, None
+
+    def _loader(self, split: str) -> Any:
+        data = self.splits[split]
+        if data is None:
+            return []
+        training = split == "train"
+        if not isinstance(data, Mapping):
+            generator = torch.Generator().manual_seed(self.seed) if training and self.shuffle else None
+            return DataLoader(
+                data,
+                batch_size=self.batch_size,  # type: ignore[arg-type]
+                shuffle=training and self.shuffle,
+                drop_last=training and self.drop_last,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                collate_fn=self.collate_fn,
+                generator=generator,
+            )
+        batch_size = self.batch_size
+        if isinstance(batch_size, Mapping):
+            batch_size = {task: batch_size[task] for task in data}
+        rank, world_size = self._replicas()
+        sampler = MultiTaskSampler(
+            {task: len(dataset) for task, dataset in data.items()},  # type: ignore[arg-type]
+            batch_size=batch_size,
+            sampling=self.sampling if training else "sequential",
+            temperature=self.temperature,
+            seed=self.seed,
+            shuffle=training and self.shuffle,
+            drop_last=training and self.drop_last,
+            pad=split != "predict",
+            rank=rank,
+            world_size=world_size,
+        )
+        return MultiTaskLoader(
+            data,
+            sampler,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> Any:
+        return self._loader("train")
+
+    def val_dataloader(self) -> Any:
+        return self._loader("val")
+
+    def test_dataloader(self) -> Any:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> Any:
+        return self._loader("predict")

@@ -1,0 +1,274 @@
+"""MultiTaskDataModule and MultiTaskLoader without a Trainer: batch forms, validation, state."""
+
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.fabric.utilities.types import _Stateful
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+
+from lightning_mtl.data import MultiTaskDataModule, MultiTaskLoader, MultiTaskSampler
+
+
+def ids_dataset(size: int, offset: int = 0) -> TensorDataset:
+    """Items ``(x, y)`` with ``x = offset + index`` so batches reveal their samples."""
+    return TensorDataset(torch.arange(size).float().unsqueeze(1) + offset, torch.arange(size) % 3)
+
+
+def task_data() -> dict[str, TensorDataset]:
+    return {"a": ids_dataset(10), "b": ids_dataset(25, 1000)}
+
+
+def ids(batch: dict) -> dict[str, list[int]]:
+    return {task: [int(v) for v in x.flatten()] for task, (x, _) in batch.items()}
+
+
+class SharedDataset(Dataset):
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int):
+        return torch.tensor([float(i)]), {"depth": torch.tensor(float(i)), "seg": torch.tensor(i % 2)}
+
+
+class CountingDataset(Dataset):
+    def __init__(self, size: int) -> None:
+        self.size, self.loads = size, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int):
+        self.loads += 1
+        return torch.tensor([float(i)]), torch.tensor(0)
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        yield from range(3)
+
+
+def test_train_batch_form() -> None:
+    dm = MultiTaskDataModule(task_data(), batch_size=4, sampling="zip")
+    loader = dm.train_dataloader()
+    assert isinstance(loader, MultiTaskLoader) and not isinstance(loader, DataLoader)
+    assert dm.task_names == ["a", "b"]
+    batches = list(loader)
+    assert len(batches) == len(loader) == 7
+    for batch in batches:
+        assert list(batch) == ["a", "b"]
+        x, y = batch["a"]
+        assert x.shape[1:] == (1,) and x.shape[0] == y.shape[0] <= 4
+
+
+def test_single_task_modes_hold_one_task() -> None:
+    for sampling in ("round_robin", "proportional", "temperature", "sequential"):
+        loader = MultiTaskDataModule(task_data(), batch_size=4, sampling=sampling).train_dataloader()
+        assert all(len(batch) == 1 for batch in loader)
+        assert len(list(loader)) == 3 + 7
+
+
+def test_per_task_batch_sizes() -> None:
+    dm = MultiTaskDataModule(task_data(), val=task_data(), batch_size={"a": 3, "b": 9}, sampling="zip")
+    batch = next(iter(dm.train_dataloader()))
+    assert {task: len(x) for task, (x, _) in batch.items()} == {"a": 3, "b": 9}
+    val_sizes = [(task, len(x)) for batch in dm.val_dataloader() for task, (x, _) in batch.items()]
+    assert val_sizes == [("a", 3)] * 3 + [("a", 1)] + [("b", 9)] * 2 + [("b", 7)]
+
+
+def test_shuffle_false_keeps_order() -> None:
+    dm = MultiTaskDataModule(task_data(), batch_size=4, sampling="sequential", shuffle=False)
+    got = [ids(batch) for batch in dm.train_dataloader()]
+    assert [i for b in got for i in b.get("a", [])] == list(range(10))
+    assert [i for b in got for i in b.get("b", [])] == list(range(1000, 1025))
+
+
+def test_determinism_across_builds_and_epochs() -> None:
+    def epoch(dm: MultiTaskDataModule, e: int) -> list[dict]:
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(e)
+        return [ids(batch) for batch in loader]
+
+    one = MultiTaskDataModule(task_data(), batch_size=4, sampling="temperature", seed=7)
+    two = MultiTaskDataModule(task_data(), batch_size=4, sampling="temperature", seed=7)
+    assert epoch(one, 0) == epoch(two, 0)
+    assert epoch(one, 1) == epoch(two, 1)
+    assert epoch(one, 0) != epoch(one, 1)
+
+
+def test_eval_splits_are_sequential_unshuffled_full() -> None:
+    data = task_data()
+    dm = MultiTaskDataModule(data, val={"b": data["b"]}, test=data, predict=data, batch_size=4, sampling="zip")
+    val = [ids(batch) for batch in dm.val_dataloader()]
+    assert all(list(batch) == ["b"] for batch in val)
+    assert [i for batch in val for i in batch["b"]] == list(range(1000, 1025))
+    for loader in (dm.test_dataloader(), dm.predict_dataloader()):
+        got = [ids(batch) for batch in loader]
+        assert [list(batch) for batch in got] == [["a"]] * 3 + [["b"]] * 7
+        assert [i for batch in got for ids_ in batch.values() for i in ids_] == list(range(10)) + list(
+            range(1000, 1025)
+        )
+
+
+def test_eval_sharding_pads_but_predict_does_not() -> None:
+    data = task_data()
+    dm = MultiTaskDataModule(data, val=data, predict=data, batch_size=4)
+    for split, padded in (("val", True), ("predict", False)):
+        loaders = []
+        for rank in (0, 1, 2):
+            dm.trainer = SimpleNamespace(distributed_sampler_kwargs={"rank": rank, "num_replicas": 3})
+            loader = getattr(dm, f"{split}_dataloader")()
+            assert (loader.sampler.rank, loader.sampler.world_size) == (rank, 3)
+            loaders.append(loader)
+        got = [[ids(b) for b in loader] for loader in loaders]
+        if padded:
+            assert len({len(g) for g in got}) == 1
+            assert all([list(b) for b in g] == [list(b) for b in got[0]] for g in got)
+        seen = Counter(i for g in got for b in g for v in b.values() for i in v)
+        assert set(seen) == set(range(10)) | set(range(1000, 1025))
+        assert sum(seen.values()) == (12 + 27 if padded else 35)
+
+
+def test_shared_input_is_a_plain_dataloader() -> None:
+    dm = MultiTaskDataModule(SharedDataset(), val=SharedDataset(), batch_size=5, shuffle=False)
+    assert dm.task_names is None
+    loader = dm.train_dataloader()
+    assert type(loader) is DataLoader
+    x, y = next(iter(loader))
+    assert x.shape == (5, 1) and set(y) == {"depth", "seg"} and y["seg"].shape == (5,)
+    assert type(dm.val_dataloader()) is DataLoader
+
+
+def test_shared_input_shuffle_is_seeded() -> None:
+    def order(seed: int) -> list[int]:
+        loader = MultiTaskDataModule(SharedDataset(), batch_size=12, seed=seed).train_dataloader()
+        return next(iter(loader))[0].flatten().int().tolist()
+
+    assert order(1) == order(1) and order(1) != order(2)
+
+
+def test_collate_fn_gets_one_tasks_items() -> None:
+    seen = []
+
+    def collate(items: list) -> int:
+        seen.append(len(items))
+        return len(items)
+
+    dm = MultiTaskDataModule(task_data(), batch_size={"a": 2, "b": 5}, collate_fn=collate, sampling="zip_shortest")
+    assert list(dm.train_dataloader()) == [{"a": 2, "b": 5}] * 5
+    assert seen == [2, 5] * 5
+
+
+def test_missing_splits_have_no_hooks() -> None:
+    from lightning_utilities.core.overrides import is_overridden
+    from lightning.pytorch import LightningDataModule
+
+    dm = MultiTaskDataModule(task_data(), test=task_data())
+    overridden = {h: is_overridden(f"{h}_dataloader", dm, LightningDataModule) for h in ("train", "val", "test", "predict")}
+    assert overridden == {"train": True, "val": False, "test": True, "predict": False}
+
+
+def test_workers_give_the_same_batches() -> None:
+    plain = [ids(b) for b in MultiTaskDataModule(task_data(), batch_size=4, sampling="temperature").train_dataloader()]
+    loader = MultiTaskDataModule(task_data(), batch_size=4, sampling="temperature", num_workers=2).train_dataloader()
+    assert [ids(b) for b in loader] == plain
+
+
+def test_lightning_sees_set_epoch_and_state() -> None:
+    loader = MultiTaskDataModule(task_data(), batch_size=4).train_dataloader()
+    _set_sampler_epoch(loader, 3)
+    assert loader.sampler.epoch == 3
+    assert isinstance(loader, _Stateful)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_state_dict_round_trip_mid_epoch(num_workers: int) -> None:
+    dm = MultiTaskDataModule(task_data(), batch_size=4, sampling="temperature", num_workers=num_workers)
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    full = [ids(b) for b in loader]
+    iterator = iter(loader)
+    consumed = [ids(next(iterator)) for _ in range(4)]
+    state = loader.state_dict()
+    assert (state["epoch"], state["step"], state["num_steps"]) == (1, 4, 10)
+
+    fresh = dm.train_dataloader()
+    fresh.load_state_dict(state)
+    assert fresh.state_dict()["step"] == 4  # before iterating
+    fresh.sampler.set_epoch(1)
+    assert consumed + [ids(b) for b in fresh] == full
+    assert fresh.state_dict()["step"] == 10
+
+
+def test_state_at_epoch_end_resumes_next_epoch() -> None:
+    dm = MultiTaskDataModule(task_data(), batch_size=4, sampling="round_robin")
+    loader = dm.train_dataloader()
+    list(loader)
+    fresh = dm.train_dataloader()
+    fresh.load_state_dict(loader.state_dict())
+    assert (fresh.sampler.epoch, fresh.sampler.pending_start) == (1, 0)
+    loader.sampler.set_epoch(1)
+    assert fresh.state_dict()["step"] == 0
+    assert [ids(b) for b in fresh] == [ids(b) for b in loader]
+
+
+def test_new_epoch_resets_state_step() -> None:
+    loader = MultiTaskDataModule(task_data(), batch_size=4).train_dataloader()
+    iterator = iter(loader)
+    next(iterator)
+    assert loader.state_dict()["step"] == 1
+    loader.sampler.set_epoch(1)
+    assert loader.state_dict() | {"config": None} == {"epoch": 1, "step": 0, "num_steps": 7, "config": None}
+
+
+def test_resume_loads_no_skipped_data() -> None:
+    data = {"a": CountingDataset(20), "b": CountingDataset(40)}
+    dm = MultiTaskDataModule(data, batch_size=4, sampling="round_robin")
+    loader = dm.train_dataloader()
+    loader.load_state_dict({"epoch": 0, "step": 13, "num_steps": 15})
+    assert len(list(loader)) == 2
+    assert data["a"].loads + data["b"].loads == 8
+
+
+def test_changed_config_warns_on_load() -> None:
+    state = MultiTaskDataModule(task_data(), batch_size=4).train_dataloader().state_dict()
+    other = MultiTaskDataModule(task_data(), batch_size=5).train_dataloader()
+    with pytest.warns(UserWarning, match="configuration changed"):
+        other.load_state_dict(state)
+
+
+def test_loader_checks_datasets_against_sampler() -> None:
+    with pytest.raises(ValueError, match="'a'"):
+        MultiTaskLoader({"a": ids_dataset(5)}, MultiTaskSampler({"a": 6}))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"sampling": "mixed"}, ValueError, "zip, zip_shortest, round_robin, proportional, temperature, sequential"),
+        ({"temperature": 0}, ValueError, "temperature"),
+        ({"temperature": -2.0}, ValueError, "temperature"),
+        ({"train": {"a": ids_dataset(3), "empty": ids_dataset(0)}}, ValueError, "'empty'"),
+        ({"val": {"a": ids_dataset(0)}}, ValueError, "`val`.*'a'"),
+        ({"batch_size": {"a": 2}}, ValueError, "'b'"),
+        ({"batch_size": {"a": 2, "b": 2, "c": 2}}, ValueError, "'c'"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"batch_size": -3}, ValueError, "batch_size"),
+        ({"batch_size": {"a": 2, "b": 0}}, ValueError, r"batch_size\['b'\]"),
+        ({"train": {"a/b": ids_dataset(3)}}, ValueError, "'a/b'"),
+        ({"train": {"": ids_dataset(3)}}, ValueError, "''"),
+        ({"train": {}}, ValueError, "`train`"),
+        ({"train": None}, ValueError, "`train`"),
+        ({"train": SharedDataset(), "sampling": "round_robin"}, ValueError, "round_robin"),
+        ({"train": SharedDataset(), "batch_size": {"a": 2}}, ValueError, "train"),
+        ({"val": {"a": ids_dataset(3), "c": ids_dataset(3)}}, ValueError, "'c'"),
+        ({"train": {"a": Stream()}}, TypeError, "'a'"),
+        ({"num_workers": -1}, ValueError, "num_workers"),
+    ],
+)
+def test_bad_input(kwargs: dict, error: type, match: str) -> None:
+    args = {"train": task_data(), **kwargs}
+    with pytest.raises(error, match=match):
+        MultiTaskDataModule(**args)
