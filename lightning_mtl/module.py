@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -275,6 +276,24 @@ class MultiTaskModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_combined_loss("test")
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self._check_ddp_unused_parameters()
+
+    def _check_ddp_unused_parameters(self) -> None:
+        """Single-task sampling leaves the other heads without gradient; plain DDP rejects that mid-run."""
+        datamodule = self.trainer.datamodule
+        sampling = getattr(datamodule, "sampling", None)
+        if sampling in (None, "zip", "zip_shortest") or getattr(datamodule, "task_names", None) is None:
+            return
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+            raise ValueError(
+                f"sampling={sampling!r} trains one task per step, so the other tasks' heads get no gradient in "
+                "that step, which plain DDP rejects. Use Trainer(strategy='ddp_find_unused_parameters_true') "
+                "(or DDPStrategy(find_unused_parameters=True)), or sampling='zip'."
+            )
 
     def on_fit_start(self) -> None:
         data_tasks = getattr(self.trainer.datamodule, "task_names", None) if self.trainer.datamodule else None

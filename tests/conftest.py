@@ -55,3 +55,30 @@ def quiet_trainer(**kwargs) -> L.Trainer:
 @pytest.fixture
 def recording_logger() -> RecordingLogger:
     return RecordingLogger()
+
+
+def run_script(script, *args, timeout: float = 240):
+    """Run ``python script args`` in its own process group; kill the group on timeout (a hung rank).
+
+    Returns ``(returncode, output)``. Used for 2-process DDP runs: under pytest ``strategy="ddp"`` would
+    re-launch pytest itself for rank 1, so DDP tests launch a plain script instead.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, str(script), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{script} did not finish in {timeout} s (a rank hung?):\n{output.decode()[-4000:]}")
+    return process.returncode, output.decode()

@@ -1,10 +1,6 @@
 """MultiTaskDataModule under a real Trainer: batch forms, resume from checkpoints, 2-process DDP."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import Dataset, TensorDataset
 
+from conftest import run_script
 from lightning_mtl.data import MultiTaskDataModule, MultiTaskLoader
 
 pytestmark = pytest.mark.slow
@@ -165,20 +162,8 @@ DDP_MODES = ("zip", "round_robin", "temperature")
 
 
 def run_ddp_script(out_dir: Path, timeout: float = 240) -> None:
-    process = subprocess.Popen(
-        [sys.executable, str(DDP_SCRIPT), str(out_dir), *DDP_MODES],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group, so a hang can be killed with its children
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"DDP fit did not finish in {timeout} s (a rank hung?):\n{output.decode()[-4000:]}")
-    assert process.returncode == 0, output.decode()[-4000:]
+    returncode, output = run_script(DDP_SCRIPT, out_dir, *DDP_MODES, timeout=timeout)
+    assert returncode == 0, output[-4000:]
 
 
 @pytest.fixture(scope="module")
