@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Optional, Union
@@ -87,6 +88,7 @@ class MultiTaskModule(LightningModule):
         for stage in ("val", "test"):
             setattr(self, f"{stage}_task_losses", nn.ModuleDict({name: MeanMetric() for name in self.tasks}))
         self._seen_tasks: set[str] = set()
+        self._all_present_mask: Optional[Tensor] = None
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Any) -> dict[str, Tensor]:
@@ -138,8 +140,8 @@ class MultiTaskModule(LightningModule):
                     )
         return groups
 
-    def _predictions(self, groups: list[_Group]) -> list[tuple[str, Tensor, Tensor]]:
-        """``(task, prediction, target)`` for every labelled task of the batch.
+    def _predictions(self, groups: list[_Group]) -> list[tuple[str, Tensor, Tensor, bool]]:
+        """``(task, prediction, target, may have unlabelled samples)`` for every task of the batch.
 
         Per-task inputs of identical shape go through the backbone in one call (one concatenated batch).
         """
@@ -152,13 +154,42 @@ class MultiTaskModule(LightningModule):
             chunks = [self.backbone(x) for x in inputs]
         out = []
         for features, (_, labels) in zip(chunks, groups):
+            flagged = self._tasks_missing_labels(labels)
             for name, target in labels.items():
-                out.append((name, self._head(name, features), target))
+                out.append((name, self._head(name, features), target, name in flagged))
         return out
 
-    def _loss(self, name: str, prediction: Tensor, target: Tensor) -> tuple[Optional[Tensor], Tensor, Tensor, int]:
-        """The task loss over its labelled samples (None if there are none) and the samples used."""
-        missing = _missing_labels(target, self.tasks[name].ignore_index)
+    def _tasks_missing_labels(self, labels: Mapping[str, Tensor]) -> set[str]:
+        """Names of the tasks whose targets hold an unlabelled sample.
+
+        One fused reduction per target dtype for the usual per-sample (1-D) targets of equal length,
+        instead of one per task; other targets are checked one by one.
+        """
+        flagged: set[str] = set()
+        by_dtype: dict[tuple[torch.dtype, int], list[str]] = {}
+        for name, target in labels.items():
+            if isinstance(target, Tensor) and target.ndim == 1 and target.dtype != torch.bool:
+                by_dtype.setdefault((target.dtype, target.shape[0]), []).append(name)
+            elif _missing_labels(target, self.tasks[name].ignore_index) is not None:
+                flagged.add(name)
+        for (dtype, _), names in by_dtype.items():
+            targets = torch.stack([labels[name] for name in names])
+            if dtype.is_floating_point:
+                missing = torch.isnan(targets)
+            else:
+                ignore = torch.tensor([self.tasks[name].ignore_index for name in names], device=targets.device)
+                missing = targets == ignore.unsqueeze(1)
+            flagged.update(name for name, flag in zip(names, missing.any(dim=1).tolist()) if flag)
+        return flagged
+
+    def _loss(
+        self, name: str, prediction: Tensor, target: Tensor, maybe_missing: bool = True
+    ) -> tuple[Optional[Tensor], Tensor, Tensor, int]:
+        """The task loss over its labelled samples (None if there are none) and the samples used.
+
+        ``maybe_missing=False`` (from :meth:`_tasks_missing_labels`) skips the per-task label check.
+        """
+        missing = _missing_labels(target, self.tasks[name].ignore_index) if maybe_missing else None
         if missing is not None:
             keep = ~missing
             prediction, target = prediction[keep], target[keep]
@@ -179,8 +210,8 @@ class MultiTaskModule(LightningModule):
         groups = self._groups(batch)
         task_losses: dict[str, Tensor] = {}
         counts: dict[str, int] = {}
-        for name, prediction, target in self._predictions(groups):
-            loss, prediction, target, count = self._loss(name, prediction, target)
+        for name, prediction, target, maybe_missing in self._predictions(groups):
+            loss, prediction, target, count = self._loss(name, prediction, target, maybe_missing)
             self._seen_tasks.add(name)
             if loss is None:
                 continue
@@ -191,35 +222,58 @@ class MultiTaskModule(LightningModule):
         if not task_losses:
             rank_zero_warn(f"step {self.global_step}: no task had a labelled sample; the step is skipped")
             return None
-        some_loss = next(iter(task_losses.values()))
-        zero = some_loss.new_zeros(())
-        losses = torch.stack([task_losses.get(name, zero) for name in self.task_names])
-        present = torch.tensor([name in task_losses for name in self.task_names], device=losses.device)
-        if not self._all_finite(losses, batch_idx):
-            return None
+        if len(task_losses) == len(self.task_names):  # every task present: the common case
+            losses = torch.stack([task_losses[name] for name in self.task_names])
+            present = self._all_present(losses.device)
+        else:
+            zero = next(iter(task_losses.values())).new_zeros(())
+            losses = torch.stack([task_losses.get(name, zero) for name in self.task_names])
+            present = torch.tensor([name in task_losses for name in self.task_names], device=losses.device)
         total, _ = self.balancer(losses, present)
+        if not self._is_finite(total, losses, batch_idx):
+            return None
 
         self.log("train/loss", total, prog_bar=True, batch_size=max(counts.values()))
+        # Each `self.log` call costs ~0.1 ms; per-task step values only reach the logger on its logging
+        # steps (every `log_every_n_steps`), so they are logged only then.
+        log_tasks = self._is_logging_step()
         for name, loss in task_losses.items():
-            self.log(f"train/{name}/loss", loss, prog_bar=True, batch_size=counts[name])
+            if log_tasks:
+                self.log(f"train/{name}/loss", loss, prog_bar=True, batch_size=counts[name])
             for metric_name, metric in self.train_metrics[name].items():
                 self.log(f"train/{name}/{metric_name}", metric, on_step=False, on_epoch=True)
         return total
 
-    def _all_finite(self, losses: Tensor, batch_idx: int) -> bool:
+    def _is_logging_step(self) -> bool:
+        """Whether Lightning writes step-level values to the logger after this training step."""
+        connector = getattr(self._trainer, "_logger_connector", None)
+        return True if connector is None else bool(connector.should_update_logs)
+
+    def _all_present(self, device: torch.device) -> Tensor:
+        """A cached all-True task mask (not a buffer: it is no state)."""
+        if self._all_present_mask is None or self._all_present_mask.device != device:
+            self._all_present_mask = torch.ones(len(self.task_names), dtype=torch.bool, device=device)
+        return self._all_present_mask
+
+    def _is_finite(self, total: Tensor, losses: Tensor, batch_idx: int) -> bool:
         """Raise (or, with ``nonfinite_loss="skip"``, warn and return False) on a NaN/inf task loss.
 
-        Under DDP the check is all-reduced so every rank raises or skips the same step.
+        Checks the combined loss only (one reduction; a NaN/inf task loss makes it non-finite), then
+        names the culprit tasks. Under DDP the flag is all-reduced so every rank raises or skips alike.
         """
-        nonfinite = ~torch.isfinite(losses.detach())
-        if self._trainer is not None and self.trainer.world_size > 1:
-            nonfinite = self.trainer.strategy.reduce(nonfinite.float(), reduce_op="sum") > 0
-        if not bool(nonfinite.any()):
+        distributed = self._trainer is not None and self._trainer.world_size > 1
+        if not distributed and bool(torch.isfinite(total)):
             return True
-        bad = [name for name, flag in zip(self.task_names, nonfinite.tolist()) if flag]
+        nonfinite = ~torch.isfinite(total.detach())
+        if distributed:
+            nonfinite = self.trainer.strategy.reduce(nonfinite.float(), reduce_op="sum") > 0
+        if not bool(nonfinite):
+            return True
+        bad = [name for name, loss in zip(self.task_names, losses.detach().tolist()) if not math.isfinite(loss)]
         values = {name: float(losses[self.task_names.index(name)]) for name in bad}
         message = (
-            f"non-finite loss for task(s) {bad} at global step {self.global_step} (batch {batch_idx}): {values}"
+            f"non-finite loss for task(s) {bad or 'none (another process)'} at global step {self.global_step} "
+            f"(batch {batch_idx}): {values}"
         )
         if self.nonfinite_loss == "skip":
             rank_zero_warn(message + "; the step is skipped (nonfinite_loss='skip')")
@@ -231,8 +285,8 @@ class MultiTaskModule(LightningModule):
 
     def _evaluation_step(self, batch: Any, stage: Stage) -> None:
         task_losses = getattr(self, f"{stage}_task_losses")
-        for name, prediction, target in self._predictions(self._groups(batch)):
-            loss, prediction, target, count = self._loss(name, prediction, target)
+        for name, prediction, target, maybe_missing in self._predictions(self._groups(batch)):
+            loss, prediction, target, count = self._loss(name, prediction, target, maybe_missing)
             if loss is None:
                 continue
             task_losses[name].update(loss.detach(), weight=count)

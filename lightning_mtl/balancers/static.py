@@ -15,5 +15,5 @@ class Static(Balancer):
     """
 
     def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
-        weights = self.task_weights.to(losses.dtype) * present.to(losses.dtype)
-        return (weights * losses).sum(), weights
+        weights = (self.task_weights * present).to(losses.dtype)
+        return weights @ losses, weights
