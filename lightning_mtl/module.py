@@ -232,6 +232,7 @@ class MultiTaskModule(LightningModule):
         total, _ = self.balancer(losses, present)
         if not self._is_finite(total, losses, batch_idx):
             return None
+        total = total + self._regularization(batch_size=max(counts.values()))
 
         self.log("train/loss", total, prog_bar=True, batch_size=max(counts.values()))
         # Each `self.log` call costs ~0.1 ms; per-task step values only reach the logger on its logging
@@ -248,6 +249,20 @@ class MultiTaskModule(LightningModule):
         """Whether Lightning writes step-level values to the logger after this training step."""
         connector = getattr(self._trainer, "_logger_connector", None)
         return True if connector is None else bool(connector.should_update_logs)
+
+    def _regularization(self, batch_size: int) -> Union[Tensor, float]:
+        """Sum of the backbone's ``regularization_losses()`` (e.g. soft sharing), each logged as ``train/{name}``.
+
+        Added after balancing: a regulariser is not a task, so balancers never re-weight it.
+        """
+        hook = getattr(self.backbone, "regularization_losses", None)
+        if hook is None:
+            return 0.0
+        total: Union[Tensor, float] = 0.0
+        for name, value in hook().items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+            total = total + value
+        return total
 
     def _all_present(self, device: torch.device) -> Tensor:
         """A cached all-True task mask (not a buffer: it is no state)."""

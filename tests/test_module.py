@@ -365,3 +365,25 @@ def test_checkpoint_round_trip(tmp_path):
     x = torch.randn(3, 6)
     for name in ("cls", "reg"):
         torch.testing.assert_close(restored(x)[name], module(x)[name])
+
+
+def test_backbone_regularization_losses_are_added_after_balancing_and_logged(recording_logger):
+    class Regularised(nn.Sequential):
+        def regularization_losses(self):
+            return {"weight_penalty": 0.5 * self[0].weight.pow(2).sum()}
+
+    torch.manual_seed(0)
+    module = MultiTaskModule(
+        Regularised(nn.Linear(6, 8), nn.Tanh()), make_tasks(metrics=False, cls_weight=2.0)
+    )
+    data = SharedInput(16)
+    loss = module.training_step((data.x, {"cls": data.cls, "reg": data.reg}), 0)
+    out = module(data.x)
+    expected = (
+        2.0 * nn.functional.cross_entropy(out["cls"], data.cls)
+        + nn.functional.mse_loss(out["reg"], data.reg)
+        + 0.5 * module.backbone[0].weight.pow(2).sum()
+    )
+    torch.testing.assert_close(loss, expected)
+    quiet_trainer(logger=recording_logger, log_every_n_steps=1).fit(module, DataLoader(data, batch_size=8))
+    assert "train/weight_penalty" in recording_logger.keys
