@@ -16,7 +16,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lightning_mtl.balancers import Balancer, resolve_balancer
+from lightning_mtl.balancers import Balancer, Static, resolve_balancer
+from lightning_mtl.gradients import GRADIENT_MODES, GradientMode, flat_dot, global_gramian, task_jacobian
 from lightning_mtl.task import Task
 
 Stage = Literal["train", "val", "test"]
@@ -59,10 +60,13 @@ class MultiTaskModule(LightningModule):
         optimizer: Optional[OptimizerCallable] = None,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
+        gradients: GradientMode = "parameters",
     ) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+        if gradients not in GRADIENT_MODES:
+            raise ValueError(f"gradients must be one of {list(GRADIENT_MODES)}, got {gradients!r}")
         if nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
         self.tasks = _task_registry(tasks)
@@ -77,6 +81,9 @@ class MultiTaskModule(LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.nonfinite_loss = nonfinite_loss
+        self.gradients = gradients
+        self._task_index = {name: k for k, name in enumerate(self.task_names)}
+        self._last_batch: Any = None
         # torchmetrics objects per stage; deep copies so train/val/test never share state.
         for stage in ("train", "val", "test"):
             metrics = {
@@ -96,7 +103,15 @@ class MultiTaskModule(LightningModule):
         features = self.backbone(x)
         return {name: self._head(name, features) for name in self.task_names}
 
-    def _head(self, name: str, features: Union[Tensor, Mapping[str, Tensor]]) -> Tensor:
+    def _head(
+        self, name: str, features: Union[Tensor, Mapping[str, Tensor]], gradient_scales: Optional[Tensor] = None
+    ) -> Tensor:
+        """Task ``name``'s head on its backbone features.
+
+        With ``gradient_scales`` (gradient-level balancing), the gradient flowing from this head back
+        into the backbone is multiplied by ``gradient_scales[k]`` (filled in after the forward pass), so
+        the backbone receives ``Σ_k w_k ∂L_k`` while the head keeps its own task's plain gradient.
+        """
         if isinstance(features, Mapping):
             if name not in features:
                 raise KeyError(
@@ -104,6 +119,10 @@ class MultiTaskModule(LightningModule):
                     "a backbone returning a dict must have one entry per task"
                 )
             features = features[name]
+        if gradient_scales is not None and features.requires_grad:
+            index = self._task_index[name]
+            features = features.view_as(features)
+            features.register_hook(lambda grad: grad * gradient_scales[index])
         try:
             return self.heads[name](features)
         except RuntimeError as error:
@@ -140,24 +159,29 @@ class MultiTaskModule(LightningModule):
                     )
         return groups
 
-    def _predictions(self, groups: list[_Group]) -> list[tuple[str, Tensor, Tensor, bool]]:
-        """``(task, prediction, target, may have unlabelled samples)`` for every task of the batch.
+    def _forward_groups(
+        self, groups: list[_Group], head_gradient_scales: Optional[Tensor] = None
+    ) -> tuple[list[Any], list[tuple[str, Tensor, Tensor, bool]]]:
+        """Run the backbone and the heads on every group of the batch.
 
+        Returns the backbone outputs actually computed (the representation gradient-level balancers
+        differentiate) and ``(task, prediction, target, may have unlabelled samples)`` for every task.
         Per-task inputs of identical shape go through the backbone in one call (one concatenated batch).
         """
         inputs = [x for x, _ in groups]
         if len(groups) > 1 and _stackable(inputs):
-            sizes = [x.shape[0] for x in inputs]
             features = self.backbone(torch.cat(inputs))
-            chunks = _split_features(features, sizes)
+            outputs = [features]
+            chunks = _split_features(features, [x.shape[0] for x in inputs])
         else:
-            chunks = [self.backbone(x) for x in inputs]
-        out = []
+            chunks = outputs = [self.backbone(x) for x in inputs]
+        predictions = []
         for features, (_, labels) in zip(chunks, groups):
             flagged = self._tasks_missing_labels(labels)
             for name, target in labels.items():
-                out.append((name, self._head(name, features), target, name in flagged))
-        return out
+                prediction = self._head(name, features, head_gradient_scales)
+                predictions.append((name, prediction, target, name in flagged))
+        return outputs, predictions
 
     def _tasks_missing_labels(self, labels: Mapping[str, Tensor]) -> set[str]:
         """Names of the tasks whose targets hold an unlabelled sample.
@@ -208,9 +232,12 @@ class MultiTaskModule(LightningModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
         groups = self._groups(batch)
+        by_gradients = self.balancer.needs != "losses"
+        scales = torch.ones(len(self.task_names), device=self.device) if by_gradients else None
+        outputs, predictions = self._forward_groups(groups, scales)
         task_losses: dict[str, Tensor] = {}
         counts: dict[str, int] = {}
-        for name, prediction, target, maybe_missing in self._predictions(groups):
+        for name, prediction, target, maybe_missing in predictions:
             loss, prediction, target, count = self._loss(name, prediction, target, maybe_missing)
             self._seen_tasks.add(name)
             if loss is None:
@@ -219,6 +246,7 @@ class MultiTaskModule(LightningModule):
             counts[name] = count
             for metric_name, metric in self.train_metrics[name].items():
                 metric.update(prediction.detach(), target)
+        self._last_batch = None
         if not task_losses:
             rank_zero_warn(f"step {self.global_step}: no task had a labelled sample; the step is skipped")
             return None
@@ -229,12 +257,23 @@ class MultiTaskModule(LightningModule):
             zero = next(iter(task_losses.values())).new_zeros(())
             losses = torch.stack([task_losses.get(name, zero) for name in self.task_names])
             present = torch.tensor([name in task_losses for name in self.task_names], device=losses.device)
-        total, _ = self.balancer(losses, present)
-        if not self._is_finite(total, losses, batch_idx):
-            return None
-        total = total + self._regularization(batch_size=max(counts.values()))
+        if by_gradients:
+            if not self._is_finite(losses.sum(), losses, batch_idx):
+                return None
+            total, weights = self._gradient_balanced_loss(losses, present, outputs, scales, batch_idx)
+            if total is None:
+                return None
+        else:
+            total, weights = self.balancer(losses, present)
+            if not self._is_finite(total, losses, batch_idx):
+                return None
+        if self.balancer.needs_losses_after_step:
+            self._last_batch = batch
+        batch_size = max(counts.values())
+        total = total + self._regularization(batch_size)
 
-        self.log("train/loss", total, prog_bar=True, batch_size=max(counts.values()))
+        combined = total if weights is None else weights.detach() @ losses.detach()
+        self.log("train/loss", combined, prog_bar=True, batch_size=batch_size)
         # Each `self.log` call costs ~0.1 ms; per-task step values only reach the logger on its logging
         # steps (every `log_every_n_steps`), so they are logged only then.
         log_tasks = self._is_logging_step()
@@ -243,7 +282,87 @@ class MultiTaskModule(LightningModule):
                 self.log(f"train/{name}/loss", loss, prog_bar=True, batch_size=counts[name])
             for metric_name, metric in self.train_metrics[name].items():
                 self.log(f"train/{name}/{metric_name}", metric, on_step=False, on_epoch=True)
+        if log_tasks and weights is not None and not isinstance(self.balancer, Static):
+            for name, weight in zip(self.task_names, weights.detach()):
+                self.log(f"train/{name}/weight", weight)
         return total
+
+    def _gradient_balanced_loss(
+        self, losses: Tensor, present: Tensor, outputs: list[Any], scales: Tensor, batch_idx: int
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The loss to back-propagate for a gradient-level balancer, and its task weights (if it has any).
+
+        The task Jacobian (of the shared parameters or of the backbone output) is computed with one
+        batched backward, reduced across DDP ranks, and handed to the balancer. A Gramian weighting
+        ``w`` is applied through the head-gradient ``scales``: the backbone receives ``Σ_k w_k ∂L_k``
+        and each head its own plain gradient. A direction ``d`` from a non-weighting method reaches the
+        shared inputs through the surrogate ``<d, inputs>`` (heads again get their plain gradients).
+        Lightning's own backward then runs as usual, so DDP gradient sync, AMP loss scaling, gradient
+        clipping and accumulation all apply.
+        """
+        objective = losses
+        if self.balancer.log_losses:
+            objective = torch.where(present, torch.log(losses + self.balancer.log_eps), 0.0)
+        inputs = self._gradient_inputs(outputs)
+        loss_scale = self._loss_scale()
+        jacobian = task_jacobian(objective * loss_scale if loss_scale != 1.0 else objective, inputs)
+        if loss_scale != 1.0:  # unscale before balancing, like Lightning before clipping
+            jacobian = jacobian / loss_scale
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        gramian, jacobian = global_gramian(jacobian, self.gradients, world_size, self._all_reduce)
+        if not bool(torch.isfinite(gramian).all()):  # same verdict on every rank: the Gramian is global
+            bad = [name for name, g in zip(self.task_names, gramian.diagonal().tolist()) if not math.isfinite(g)]
+            if loss_scale != 1.0:
+                # fp16 overflow: the scaler will skip this step and lower its scale; balancer state untouched
+                static = self.balancer.task_weights.to(losses.dtype) * present
+                scales.copy_(static)
+                return losses.sum(), static
+            message = f"non-finite task gradient for task(s) {bad} at global step {self.global_step} (batch {batch_idx})"
+            if self.nonfinite_loss == "skip":
+                rank_zero_warn(message + "; the step is skipped (nonfinite_loss='skip')")
+                return None, None
+            raise FloatingPointError(message + ". Check the data and learning rate, or pass nonfinite_loss='skip'.")
+        if self.balancer.needs == "gramian":
+            weights = self.balancer.weights(gramian, losses.detach()).to(scales.dtype)
+            scales.copy_(weights)
+            return losses.sum(), weights
+        direction = self.balancer(jacobian)
+        scales.zero_()
+        return losses.sum() + flat_dot(direction, inputs), None
+
+    def _gradient_inputs(self, outputs: list[Any]) -> list[Tensor]:
+        """What the task gradients are taken with respect to: shared parameters or backbone outputs."""
+        if self.gradients == "parameters":
+            parameters = [p for p in self.backbone.parameters() if p.requires_grad]
+            if not parameters:
+                raise ValueError("gradients='parameters': the backbone has no trainable parameter")
+            return parameters
+        if any(isinstance(output, Mapping) for output in outputs):
+            raise ValueError(
+                f"gradients='representation' needs a backbone that returns one shared tensor; "
+                f"{type(self.backbone).__name__} returns one tensor per task, so the tasks share no "
+                "representation. Use gradients='parameters'."
+            )
+        return list(outputs)
+
+    def _loss_scale(self) -> float:
+        """The GradScaler's current scale under ``16-mixed`` (1.0 otherwise)."""
+        scaler = getattr(self._trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+    def _all_reduce(self, tensor: Tensor, op: str) -> Tensor:
+        return self.trainer.strategy.reduce(tensor, reduce_op=op)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self._last_batch is not None:  # the balancer asked for the losses after the update (FAMO)
+            with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+                _, predictions = self._forward_groups(self._groups(self._last_batch))
+                losses = [self._loss(*prediction)[0] for prediction in predictions]
+                by_name = {prediction[0]: loss for prediction, loss in zip(predictions, losses) if loss is not None}
+            zero = next(iter(by_name.values())).new_zeros(())
+            self.balancer.after_optimizer_step(torch.stack([by_name.get(n, zero) for n in self.task_names]).float())
+            self._last_batch = None
 
     def _is_logging_step(self) -> bool:
         """Whether Lightning writes step-level values to the logger after this training step."""
@@ -287,7 +406,8 @@ class MultiTaskModule(LightningModule):
         bad = [name for name, loss in zip(self.task_names, losses.detach().tolist()) if not math.isfinite(loss)]
         values = {name: float(losses[self.task_names.index(name)]) for name in bad}
         message = (
-            f"non-finite loss for task(s) {bad or 'none (another process)'} at global step {self.global_step} "
+            f"non-finite loss for task(s) {bad or 'none: the balancer ' + type(self.balancer).__name__ + ' or another process'} "
+            f"at global step {self.global_step} "
             f"(batch {batch_idx}): {values}"
         )
         if self.nonfinite_loss == "skip":
@@ -300,7 +420,7 @@ class MultiTaskModule(LightningModule):
 
     def _evaluation_step(self, batch: Any, stage: Stage) -> None:
         task_losses = getattr(self, f"{stage}_task_losses")
-        for name, prediction, target, maybe_missing in self._predictions(self._groups(batch)):
+        for name, prediction, target, maybe_missing in self._forward_groups(self._groups(batch))[1]:
             loss, prediction, target, count = self._loss(name, prediction, target, maybe_missing)
             if loss is None:
                 continue

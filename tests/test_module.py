@@ -126,7 +126,7 @@ def test_static_weights_are_applied():
 
 def test_balancer_by_name_is_case_insensitive_and_unknown_names_list_the_valid_ones():
     assert isinstance(make_module(balancer="STATIC").balancer, Static)
-    with pytest.raises(ValueError, match=r"unknown balancer 'nope'; valid names: \['static'"):
+    with pytest.raises(ValueError, match=r"unknown balancer 'nope'; valid names: \[.*'static'.*\]"):
         make_module(balancer="nope")
 
 
