@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from functools import partial
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Optional, Union
 
@@ -469,6 +470,21 @@ class MultiTaskModule(LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self._check_ddp_unused_parameters()
+            self._check_gradient_strategy()
+            if self.trainer.world_size > 1:
+                self.balancer.all_reduce_mean = partial(self._all_reduce, op="mean")
+
+    def _check_gradient_strategy(self) -> None:
+        """Per-task parameter gradients need the full parameters, which sharded strategies do not keep."""
+        strategy = type(self.trainer.strategy).__name__
+        sharded = "FSDP" in strategy or "DeepSpeed" in strategy
+        if sharded and self.balancer.needs != "losses" and self.gradients == "parameters":
+            raise ValueError(
+                f"balancer {type(self.balancer).__name__} with gradients='parameters' is not supported under "
+                f"{strategy}: the strategy shards the parameters and owns backward, so per-task parameter "
+                "gradients cannot be formed. Use gradients='representation' (gradients w.r.t. the backbone "
+                "output) or a loss-level balancer."
+            )
 
     def _check_ddp_unused_parameters(self) -> None:
         """Single-task sampling leaves the other heads without gradient; plain DDP rejects that mid-run."""
@@ -495,6 +511,7 @@ class MultiTaskModule(LightningModule):
             self._warn_missing(set(data_tasks), "the data module provides no training data")
 
     def on_train_epoch_end(self) -> None:
+        self.balancer.on_train_epoch_end()
         if self.current_epoch == 0 or not self._seen_tasks:
             self._warn_missing(self._seen_tasks, "no training batch of the epoch had labels")
 

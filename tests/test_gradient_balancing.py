@@ -1,0 +1,178 @@
+"""Gradient-level balancing inside MultiTaskModule: the update equals the method applied by hand."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from torch import nn
+from torch.utils.data import DataLoader
+
+from conftest import RecordingLogger, quiet_trainer
+from lightning_mtl import MultiTaskModule, Task
+from lightning_mtl.balancers import DBMTL, MGDA, UPGrad, GradDrop
+from test_module import SharedInput, make_module, make_tasks
+
+
+def batch(n=16, seed=0):
+    data = SharedInput(n, seed=seed)
+    return data.x, {"cls": data.cls, "reg": data.reg}
+
+
+def per_task_gradients(module, x, labels, inputs_of):
+    """Loop reference: one backward per task; returns (losses, J rows per task over `inputs_of(z)`)."""
+    z = module.backbone(x)
+    losses = torch.stack(
+        [
+            nn.functional.cross_entropy(module.heads["cls"](z), labels["cls"]),
+            nn.functional.mse_loss(module.heads["reg"](z), labels["reg"]),
+        ]
+    )
+    inputs = inputs_of(z)
+    rows = []
+    for k in range(2):
+        grads = torch.autograd.grad(losses[k], inputs, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(i)).flatten() for g, i in zip(grads, inputs)]))
+    return losses, torch.stack(rows), z
+
+
+def head_gradients(module, x, labels):
+    z = module.backbone(x).detach()
+    cls = nn.functional.cross_entropy(module.heads["cls"](z), labels["cls"])
+    reg = nn.functional.mse_loss(module.heads["reg"](z), labels["reg"])
+    return {
+        "cls": torch.autograd.grad(cls, list(module.heads["cls"].parameters())),
+        "reg": torch.autograd.grad(reg, list(module.heads["reg"].parameters())),
+    }
+
+
+def step_gradients(module, x, labels):
+    module.zero_grad()
+    module.training_step((x, labels), 0).backward()
+    backbone = torch.cat([p.grad.flatten() for p in module.backbone.parameters()])
+    heads = {name: [p.grad.clone() for p in module.heads[name].parameters()] for name in ("cls", "reg")}
+    return backbone, heads
+
+
+@pytest.mark.parametrize("balancer", [MGDA, UPGrad])
+def test_parameter_mode_backbone_gets_jacobian_transpose_w_and_heads_their_plain_gradient(balancer):
+    module = make_module(tasks=make_tasks(metrics=False), balancer=balancer(), gradients="parameters")
+    x, labels = batch()
+    params = list(module.backbone.parameters())
+    _, jacobian, _ = per_task_gradients(module, x, labels, lambda z: params)
+    expected = balancer().weights(jacobian @ jacobian.T) @ jacobian
+    backbone, heads = step_gradients(module, x, labels)
+    torch.testing.assert_close(backbone, expected, rtol=1e-5, atol=1e-6)
+    for name, grads in head_gradients(module, x, labels).items():
+        for got, want in zip(heads[name], grads):
+            torch.testing.assert_close(got, want)
+
+
+def test_representation_mode_weights_come_from_the_output_gramian():
+    module = make_module(tasks=make_tasks(metrics=False), balancer=MGDA(), gradients="representation")
+    x, labels = batch()
+    losses, jacobian_z, _ = per_task_gradients(module, x, labels, lambda z: [z])
+    weights = MGDA().weights(jacobian_z @ jacobian_z.T)
+    expected = torch.cat(
+        [g.flatten() for g in torch.autograd.grad(weights @ losses, list(module.backbone.parameters()))]
+    )
+    backbone, _ = step_gradients(module, x, labels)
+    torch.testing.assert_close(backbone, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda: DBMTL(), lambda: GradDrop(seed=3)])
+def test_non_weighting_direction_reaches_the_backbone_exactly(make):
+    module = make_module(tasks=make_tasks(metrics=False), balancer=make(), gradients="parameters")
+    reference = make()
+    x, labels = batch()
+    params = list(module.backbone.parameters())
+    losses, jacobian, _ = per_task_gradients(module, x, labels, lambda z: params)
+    if reference.log_losses:  # DB-MTL balances the gradients of log(L_k + eps) = ∇L_k / (L_k + eps)
+        jacobian = jacobian / (losses.detach() + reference.log_eps).unsqueeze(1)
+    expected = reference(jacobian)
+    backbone, heads = step_gradients(module, x, labels)
+    torch.testing.assert_close(backbone, expected, rtol=1e-5, atol=1e-6)
+    for name, grads in head_gradients(module, x, labels).items():
+        for got, want in zip(heads[name], grads):
+            torch.testing.assert_close(got, want)
+
+
+def test_weights_are_logged_per_task(recording_logger):
+    module = make_module(balancer="mgda")
+    trainer = quiet_trainer(logger=recording_logger, log_every_n_steps=1)
+    trainer.fit(module, DataLoader(SharedInput(64), batch_size=16))
+    assert {"train/cls/weight", "train/reg/weight"} <= recording_logger.keys
+    for _, metrics in recording_logger.history:
+        if "train/cls/weight" in metrics:
+            assert metrics["train/cls/weight"] + metrics["train/reg/weight"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_representation_mode_needs_one_shared_tensor():
+    class DictBackbone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(6, 8)
+
+        def forward(self, x):
+            z = self.linear(x)
+            return {"cls": z, "reg": z * 2}
+
+    module = MultiTaskModule(DictBackbone(), make_tasks(metrics=False), balancer="mgda", gradients="representation")
+    with pytest.raises(ValueError, match="gradients='representation' needs a backbone that returns one shared tensor"):
+        module.training_step(batch(), 0)
+
+
+def test_unknown_gradient_mode():
+    with pytest.raises(ValueError, match=r"gradients must be one of \['parameters', 'representation'\]"):
+        make_module(gradients="params")
+
+
+@pytest.mark.parametrize("strategy", [FSDPStrategy, DeepSpeedStrategy])
+def test_sharded_strategies_with_parameter_gradients_are_refused(strategy):
+    try:
+        instance = strategy()
+    except Exception as error:  # DeepSpeed is not installed: its strategy cannot even be built
+        pytest.skip(f"{strategy.__name__} cannot be built here: {error}")
+    module = make_module(balancer="upgrad", gradients="parameters")
+    module._trainer = SimpleNamespace(strategy=instance)
+    with pytest.raises(ValueError, match="Use gradients='representation'"):
+        module._check_gradient_strategy()
+    make_module(balancer="upgrad", gradients="representation")._check_gradient_strategy  # allowed
+    loss_level = make_module(balancer="uw")
+    loss_level._trainer = SimpleNamespace(strategy=instance)
+    loss_level._check_gradient_strategy()  # loss-level methods need no per-task gradient
+
+
+def sgd_module(balancer, **kwargs):
+    return make_module(
+        tasks=make_tasks(metrics=False), balancer=balancer, optimizer=lambda p: torch.optim.SGD(p, lr=1.0), **kwargs
+    )
+
+
+def balanced_gradient(module, x, labels):
+    module.zero_grad()
+    module.training_step((x, labels), 0).backward()
+    return [p.grad.clone() for p in module.parameters()]
+
+
+def test_accumulation_balances_each_micro_batch():
+    """With accumulate_grad_batches=2 the update is the mean of the two micro-batches' balanced gradients."""
+    data = SharedInput(32)
+    module = sgd_module("mgda")
+    before = [p.detach().clone() for p in module.parameters()]
+    grads = [balanced_gradient(module, data.x[i : i + 16], {"cls": data.cls[i : i + 16], "reg": data.reg[i : i + 16]}) for i in (0, 16)]
+    quiet_trainer(max_steps=1, accumulate_grad_batches=2).fit(module, DataLoader(data, batch_size=16))
+    for p, p0, g1, g2 in zip(module.parameters(), before, *grads):
+        torch.testing.assert_close(p.detach(), p0 - (g1 + g2) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_clipping_clips_the_balanced_gradient():
+    data = SharedInput(16)
+    module = sgd_module("upgrad")
+    before = [p.detach().clone() for p in module.parameters()]
+    grads = balanced_gradient(module, data.x, {"cls": data.cls, "reg": data.reg})
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert norm > 0.05
+    quiet_trainer(max_steps=1, gradient_clip_val=0.05).fit(module, DataLoader(data, batch_size=16))
+    for p, p0, g in zip(module.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), p0 - g * (0.05 / (norm + 1e-6)), rtol=1e-4, atol=1e-6)
