@@ -258,16 +258,19 @@ class MultiTaskModule(LightningModule):
             zero = next(iter(task_losses.values())).new_zeros(())
             losses = torch.stack([task_losses.get(name, zero) for name in self.task_names])
             present = torch.tensor([name in task_losses for name in self.task_names], device=losses.device)
-        if by_gradients:
-            if not self._is_finite(losses.sum(), losses, batch_idx):
-                return None
-            total, weights = self._gradient_balanced_loss(losses, present, outputs, scales, batch_idx)
-            if total is None:
-                return None
-        else:
-            total, weights = self.balancer(losses, present)
-            if not self._is_finite(total, losses, batch_idx):
-                return None
+        # Balancing runs in full precision: under autocast a K x K matmul or a solver would run in bf16/fp16.
+        with torch.autocast(losses.device.type, enabled=False):
+            losses = losses.float()
+            if by_gradients:
+                if not self._is_finite(losses.sum(), losses, batch_idx):
+                    return None
+                total, weights = self._gradient_balanced_loss(losses, present, outputs, scales, batch_idx)
+                if total is None:
+                    return None
+            else:
+                total, weights = self.balancer(losses, present)
+                if not self._is_finite(total, losses, batch_idx):
+                    return None
         if self.balancer.needs_losses_after_step:
             self._last_batch = batch
         batch_size = max(counts.values())
