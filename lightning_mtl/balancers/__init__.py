@@ -1,12 +1,50 @@
-"""Balancers: how the task losses of a step are combined into the one loss to back-propagate."""
+"""Balancers: how the tasks of a step are combined into one update.
+
+Loss level (``needs = "losses"``): :class:`Static`, :class:`UW`, :class:`DWA`, :class:`RLW`,
+:class:`GLS`, :class:`IMTLL`, :class:`FAMO`, :class:`STCH`.
+
+Gradient level, Gramian weightings (``needs = "gramian"``): :class:`MGDA`, :class:`PCGrad`,
+:class:`CAGrad`, :class:`GradVac`, :class:`IMTLG`, :class:`NashMTL`, :class:`AlignedMTL`,
+:class:`UPGrad`, :class:`DualProj`, :class:`ConFIG`, :class:`GradNorm`.
+
+Gradient level, needing the gradients (``needs = "gradients"``): :class:`GradDrop`, :class:`DBMTL`.
+
+See :class:`Balancer` for the contract with ``MultiTaskModule``.
+"""
 
 from __future__ import annotations
 
-from lightning_mtl.balancers.base import Balancer
+from lightning_mtl.balancers.alignedmtl import AlignedMTL
+from lightning_mtl.balancers.base import Balancer, GradientBalancer, GramianBalancer
+from lightning_mtl.balancers.cagrad import CAGrad
+from lightning_mtl.balancers.config import ConFIG
+from lightning_mtl.balancers.dbmtl import DBMTL
+from lightning_mtl.balancers.dualproj import DualProj
+from lightning_mtl.balancers.dwa import DWA
+from lightning_mtl.balancers.famo import FAMO
+from lightning_mtl.balancers.gls import GLS
+from lightning_mtl.balancers.graddrop import GradDrop
+from lightning_mtl.balancers.gradnorm import GradNorm
+from lightning_mtl.balancers.gradvac import GradVac
+from lightning_mtl.balancers.imtlg import IMTLG
+from lightning_mtl.balancers.imtll import IMTLL
+from lightning_mtl.balancers.mgda import MGDA
+from lightning_mtl.balancers.nashmtl import NashMTL
+from lightning_mtl.balancers.pcgrad import PCGrad
+from lightning_mtl.balancers.rlw import RLW
 from lightning_mtl.balancers.static import Static
+from lightning_mtl.balancers.stch import STCH
+from lightning_mtl.balancers.upgrad import UPGrad
+from lightning_mtl.balancers.uw import UW
+
+_CLASSES: tuple[type[Balancer], ...] = (
+    Static, UW, DWA, RLW, GLS, IMTLL, FAMO, STCH,
+    MGDA, PCGrad, CAGrad, GradVac, IMTLG, NashMTL, AlignedMTL, UPGrad, DualProj, ConFIG, GradNorm,
+    GradDrop, DBMTL,
+)  # fmt: skip
 
 #: Balancers selectable by name (case-insensitive) in ``MultiTaskModule(balancer="...")``.
-BALANCERS: dict[str, type[Balancer]] = {cls.__name__.lower(): cls for cls in (Static,)}
+BALANCERS: dict[str, type[Balancer]] = {cls.__name__.lower(): cls for cls in _CLASSES}
 
 
 def resolve_balancer(balancer: Balancer | str | None) -> Balancer:
@@ -23,4 +61,31 @@ def resolve_balancer(balancer: Balancer | str | None) -> Balancer:
     raise TypeError(f"balancer must be a Balancer, a name or None, got {type(balancer).__name__}")
 
 
-__all__ = ["BALANCERS", "Balancer", "Static", "resolve_balancer"]
+__all__ = [
+    "AlignedMTL",
+    "BALANCERS",
+    "Balancer",
+    "CAGrad",
+    "ConFIG",
+    "DBMTL",
+    "DWA",
+    "DualProj",
+    "FAMO",
+    "GLS",
+    "GradDrop",
+    "GradNorm",
+    "GradVac",
+    "GradientBalancer",
+    "GramianBalancer",
+    "IMTLG",
+    "IMTLL",
+    "MGDA",
+    "NashMTL",
+    "PCGrad",
+    "RLW",
+    "STCH",
+    "Static",
+    "UPGrad",
+    "UW",
+    "resolve_balancer",
+]

@@ -1,31 +1,169 @@
-"""The interface every balancer implements."""
+"""The interface every balancer implements, and the contract between a balancer and ``MultiTaskModule``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
+from lightning_mtl.balancers._utils import at_least_float32
+
+
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor
+
 
 class Balancer(nn.Module):
-    """Combines the task losses of a training step into the one loss that Lightning back-propagates.
+    """Combines the tasks of a training step into the one update that Lightning applies.
 
     A balancer is an ``nn.Module`` so that its learned parameters and its state (buffers, extra state)
-    move with the model and are saved in the checkpoint. ``MultiTaskModule`` calls :meth:`setup` once
-    with the task registry, then ``balancer(losses, present)`` every training step.
+    move with the model and are saved in the checkpoint; it never knows about the ``Trainer``.
+    ``MultiTaskModule`` calls :meth:`setup` once with the task registry. What it calls every step
+    depends on the class attribute :attr:`needs`:
 
-    ``losses`` has one entry per task in registry order; a task without labelled data in the step has
-    ``present[k] = False`` and a zero loss. The balancer returns the loss to back-propagate and the
-    effective per-task weights (for logging).
+    ``"losses"`` (loss level, this class)
+        ``forward(losses, present) -> (loss, weights)``. ``losses`` has one entry per task in registry
+        order; a task without labelled data in the step has ``present[k] = False`` and a zero loss, and
+        gets weight 0. ``loss`` is the scalar to back-propagate (with its graph, including to any
+        learned parameter of the balancer, which the module's optimizer trains); ``weights`` are the
+        detached effective weights ``∂loss/∂L_k``, for logging.
+    ``"gramian"`` (:class:`GramianBalancer`)
+        the method is a weighting of the Gramian ``G Gᵀ`` of the task-gradient matrix ``G`` (K × P).
+        The module computes the Gramian (of parameter or representation gradients, summed over DDP
+        ranks), calls ``weights(gramian, losses)`` and back-propagates ``(w.detach() * losses).sum()``.
+        ``balancer(G)`` is the plain callable: the combined direction ``Gᵀ w``.
+    ``"gradients"`` (:class:`GradientBalancer`)
+        the method needs the gradients themselves (it is not a Gramian weighting). ``balancer(G)``
+        returns the direction (length P); the module back-propagates a surrogate whose gradient
+        equals it. If :attr:`log_losses` is true, ``G`` holds the gradients of ``log(L_k + log_eps)``.
+
+    Hooks the module calls on every balancer (no-ops here):
+
+    - :meth:`after_optimizer_step` after each optimizer step, only when
+      :attr:`needs_losses_after_step` is true, with the same batch's task losses recomputed (under
+      ``no_grad``) after the update (FAMO);
+    - :meth:`on_train_epoch_end` at the end of each training epoch (DWA);
+    - :meth:`reset` to forget all state (a new run with the same object).
+
+    Distributed training: the module sets :attr:`all_reduce_mean` (``Tensor -> Tensor``, the mean
+    over ranks; identity by default). A method whose *state* depends on loss values reduces them
+    with it first, so every rank keeps the same state (DDP would otherwise overwrite buffers with
+    rank 0's). Random methods draw from their own ``torch.Generator``, seeded by their ``seed``
+    argument and saved in the checkpoint, so every rank draws the same numbers and a resumed run
+    continues the same stream.
+
+    ``Task.weight`` (``task_weights``) is used by :class:`~lightning_mtl.balancers.Static` only; the
+    other methods set the weights themselves.
     """
+
+    #: What the module must provide: ``"losses"``, ``"gramian"`` or ``"gradients"`` (see above).
+    needs: ClassVar[str] = "losses"
+    #: Whether the module must call :meth:`after_optimizer_step` with the losses after the update.
+    needs_losses_after_step: ClassVar[bool] = False
+    #: ``"gradients"`` methods only: the rows of ``G`` are gradients of ``log(L_k + log_eps)``.
+    log_losses: ClassVar[bool] = False
+    log_eps: ClassVar[float] = 1e-8
 
     task_names: list[str]
 
-    def setup(self, task_names: Sequence[str], task_weights: Sequence[float]) -> None:
-        """Receive the task registry; called once by ``MultiTaskModule.__init__``."""
+    def __init__(self) -> None:
+        super().__init__()
+        self.task_names = []
+        #: Mean over the processes of a distributed run; ``MultiTaskModule`` replaces the identity.
+        self.all_reduce_mean: Callable[[Tensor], Tensor] = _identity
+
+    def setup(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None) -> None:
+        """Receive the task registry (``task_weights`` default to 1); called once by ``MultiTaskModule``."""
         self.task_names = list(task_names)
-        self.register_buffer("task_weights", torch.tensor(list(task_weights), dtype=torch.float32), persistent=False)
+        weights = [1.0] * len(self.task_names) if task_weights is None else list(task_weights)
+        if len(weights) != len(self.task_names):
+            raise ValueError(f"task_weights has {len(weights)} entries for {len(self.task_names)} tasks")
+        self.register_buffer("task_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
 
     def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def after_optimizer_step(self, losses: Tensor) -> None:
+        """Receive the step's task losses recomputed after the optimizer step (if ``needs_losses_after_step``)."""
+
+    def on_train_epoch_end(self) -> None:
+        """Called by the module at the end of every training epoch."""
+
+    def reset(self) -> None:
+        """Forget all state gathered during training (no-op for stateless methods)."""
+
+    def _require_setup(self, losses: Tensor) -> None:
+        if losses.shape != (self.num_tasks,):
+            raise RuntimeError(
+                f"{type(self).__name__} got losses of shape {tuple(losses.shape)} after setup with "
+                f"{self.num_tasks} task(s); call setup(task_names) first, with one name per task"
+            )
+
+    def _reduced_losses(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-task mean loss over the ranks where the task is present, and whether any rank has it.
+
+        One collective: sums and counts are reduced together, so a task absent on some ranks is
+        averaged over the others only. With the default identity this is ``(losses, present)``.
+        """
+        mask = present.to(losses.dtype)
+        reduced = self.all_reduce_mean(torch.stack([losses.detach() * mask, mask]))
+        total, count = reduced[0], reduced[1]
+        seen = count > 0
+        return torch.where(seen, total / count.clamp_min(torch.finfo(count.dtype).tiny), 0.0), seen
+
+
+class GramianBalancer(Balancer):
+    """A gradient-level method that is a weighting of the Gramian: ``d = Gᵀ w`` with ``w = f(G Gᵀ)``.
+
+    Subclasses implement :meth:`_weights` on the Gramian of the *present* tasks. Tasks whose gradient
+    is zero (absent from the step, whose rows and columns the module leaves at zero, or exactly
+    solved) are left out of the weighting and get weight 0: the method then acts as if only the other
+    tasks existed, and never divides by a zero norm. This needs the present tasks on the host, one
+    small synchronisation per step, like the solvers these methods run.
+    """
+
+    needs: ClassVar[str] = "gramian"
+
+    def weights(self, gramian: Tensor, losses: Optional[Tensor] = None) -> Tensor:
+        """The K task weights from the K × K Gramian (``losses`` is used by GradNorm only).
+
+        A half-precision Gramian is weighted in float32, and the weights are float32.
+        """
+        if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1]:
+            raise ValueError(f"gramian must be a square matrix, got shape {tuple(gramian.shape)}")
+        gramian = at_least_float32(gramian)
+        present = gramian.diagonal() > 0
+        if bool(present.all()):
+            return self._weights(gramian, present).to(gramian.dtype)
+        weights = gramian.new_zeros(gramian.shape[0])
+        if bool(present.any()):
+            index = present.nonzero().squeeze(1)
+            weights[index] = self._weights(gramian[index][:, index], present).to(weights.dtype)
+        return weights
+
+    def forward(self, G: Tensor, losses: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
+        """The combined direction ``Gᵀ w`` for the K × P task-gradient matrix ``G``."""
+        if G.ndim != 2:
+            raise ValueError(f"G must be a K x P matrix of task gradients, got shape {tuple(G.shape)}")
+        work = at_least_float32(G)
+        return (self.weights(work @ work.T, losses) @ work).to(G.dtype)
+
+    def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:  # pragma: no cover - interface
+        """Weights for ``gramian``, the Gramian of the tasks ``present`` (a mask over all K tasks)."""
+        raise NotImplementedError
+
+
+class GradientBalancer(Balancer):
+    """A gradient-level method that needs the task gradients themselves, not only their Gramian."""
+
+    needs: ClassVar[str] = "gradients"
+
+    def forward(self, G: Tensor) -> Tensor:  # type: ignore[override]  # pragma: no cover - interface
+        """The combined direction (length P) for the K × P task-gradient matrix ``G``."""
         raise NotImplementedError

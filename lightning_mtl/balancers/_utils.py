@@ -1,0 +1,139 @@
+"""Small helpers shared by the balancers: seeded randomness, private optimizer steps, checks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from importlib.util import find_spec
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+SOLVERS_HINT = "install the optional solvers with: pip install 'lightning-mtl[solvers]'"
+
+
+def require_modules(method: str, modules: Sequence[str]) -> None:
+    """Raise ``ImportError`` with the install hint if a module ``method`` needs is missing."""
+    missing = [name for name in modules if find_spec(name) is None]
+    if missing:
+        raise ImportError(f"{method} needs {' and '.join(missing)} (not installed); {SOLVERS_HINT}")
+
+
+def at_least_float32(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 if it is half precision (the solvers and ``linalg`` need it), else unchanged."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return seed
+
+
+def check_range(
+    name: str, value: float, low: float, high: float = float("inf"), *, open_low: bool = False, open_high: bool = False
+) -> float:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` lies in the interval."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    above = number and (value > low if open_low else value >= low)
+    below = number and (value < high if open_high else value <= high)
+    if not (above and below):
+        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high or high == float('inf') else ']'}"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+class Seeded:
+    """Mixin for random methods: a private CPU ``torch.Generator`` seeded by ``seed``.
+
+    Its state is the ``"generator"`` entry of the module's extra state, so it is saved in
+    ``state_dict()`` and restored by ``load_state_dict()``: every DDP rank draws the same numbers and a
+    resumed run continues the same stream. :meth:`reset` re-seeds it.
+    """
+
+    seed: int
+    generator: torch.Generator
+
+    def _init_generator(self, seed: int) -> None:
+        self.seed = check_seed(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def draw_seed(self) -> int:
+        """A fresh 62-bit seed drawn from the generator (CPU only: no device synchronisation)."""
+        return int(torch.randint(0, 2**62, (1,), generator=self.generator))
+
+    def reset(self) -> None:
+        self.generator.manual_seed(self.seed)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+@contextmanager
+def global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block that draws from the *global* RNG of ``device`` with ``seed``, then restore it.
+
+    torchjd's random methods (PCGrad, GradVac, GradDrop) draw from the global generator. Wrapping
+    their call in this block, with a seed drawn from the balancer's own generator, makes them
+    reproducible and identical on every rank, and leaves the user's global RNG untouched.
+    """
+    if device.type not in ("cpu", "cuda"):
+        raise NotImplementedError(
+            f"random balancers control the CPU and CUDA generators only, got a tensor on {device}; "
+            "compute the task gradients on CPU or CUDA"
+        )
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
+def scalarize(fn: Callable[[Tensor], Tensor], losses: Tensor) -> tuple[Tensor, Tensor]:
+    """Apply a scalarization ``fn`` to ``losses``; return the loss and the weights ``∂fn/∂L_k``.
+
+    ``fn`` runs once, on a detached copy of the losses: its value and its gradient to the balancer's
+    own parameters (UW's log-variances) are exact, the model receives ``Σ_k w_k ∇L_k`` (the chain
+    rule) and the effective weights come for free, for any scalarization wrapped as a black box.
+    """
+    with torch.enable_grad():
+        leaf = losses.detach().requires_grad_(True)
+        value = fn(leaf)
+        if value.requires_grad:
+            (weights,) = torch.autograd.grad(value, leaf, retain_graph=True, allow_unused=True, materialize_grads=True)
+        else:
+            weights = torch.zeros_like(leaf)
+    weights = weights.detach()
+    return value + (weights * (losses - losses.detach())).sum(), weights
+
+
+def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
+    """Softmax over the entries where ``mask`` is true; zeros elsewhere (and everywhere if none is)."""
+    masked = logits.masked_fill(~mask, float("-inf"))
+    any_present = mask.any()
+    probabilities = torch.softmax(torch.where(any_present, masked, torch.zeros_like(logits)), dim=0)
+    return torch.where(mask, probabilities, torch.zeros_like(probabilities))
+
+
+def adam_step(tensor: Tensor, grad: Tensor, state: Optional[dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """One ``torch.optim.Adam`` step on ``tensor`` (in place) from the optimizer ``state``; return the new state.
+
+    A method's private optimizer (FAMO's logits, GradNorm's weights) lives here, not in
+    ``configure_optimizers``: extra Lightning optimizers would advance ``global_step``. The optimizer
+    is rebuilt each step around the current tensor, so moving the balancer to another device or
+    loading a checkpoint never leaves it pointing at a stale tensor; its state is kept by the caller
+    in its extra state.
+    """
+    optimizer = torch.optim.Adam([tensor], **options)
+    if state is not None:
+        optimizer.load_state_dict(state)
+    tensor.grad = grad.to(tensor.dtype)
+    optimizer.step()
+    tensor.grad = None
+    return optimizer.state_dict()

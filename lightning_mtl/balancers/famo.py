@@ -1,0 +1,104 @@
+"""FAMO: fast adaptive multitask optimization (Liu et al., 2023)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_mtl.balancers._utils import adam_step, check_range, masked_softmax
+from lightning_mtl.balancers.base import Balancer
+
+
+class FAMO(Balancer):
+    """Fast adaptive multitask optimization, from `FAMO: Fast Adaptive Multitask Optimization
+    <https://arxiv.org/abs/2306.03792>`_ (Liu et al., NeurIPS 2023).
+
+    FAMO decreases every loss at about the same *relative* rate using loss values only. With
+    logits ``ξ`` and ``z = softmax(ξ)`` over the present tasks, the step follows
+    ``Σ_k c z_k ∇ log(L_k − b_k + ε)``, i.e. the task weights are ``w_k = c z_k / (L_k − b_k + ε)``,
+    with ``c`` normalising them to sum to 1. After the optimizer step the module passes the same
+    batch's losses, recomputed with the updated model, to :meth:`after_optimizer_step`; with
+    ``δ_k = log(L_k^before − b_k + ε) − log(L_k^after − b_k + ε)``, ``ξ`` takes one Adam step along
+    ``∇_ξ (zᵀ δ) = z ⊙ (δ − zᵀδ)`` with weight decay ``γ`` (the paper's Algorithm 2): tasks that
+    improved less than average gain weight. The loss returned by ``forward`` is ``Σ_k w_k L_k`` (same
+    gradient as FAMO's objective; its value is a weighted mean of the losses).
+
+    Implemented here rather than wrapping ``torchjd.scalarization.FAMO``: that class keeps its
+    logits as an ``nn.Parameter`` that gets no gradient in the model's backward (which DDP rejects)
+    and its Adam state and pre-step losses as plain attributes (lost on checkpoint), and cannot leave
+    out absent tasks. Here the logits and the pre-step losses are buffers and the Adam state is extra
+    state; the losses that drive the weights and the update are reduced over DDP ranks.
+
+    Args:
+        lr: learning rate of the logits' private Adam; the paper uses 0.025.
+        weight_decay: the regularisation ``γ`` on the logits; 1e-3 as in the paper's Algorithm 2
+            (the official code uses 1e-5).
+        min_losses: lower bounds ``b_k`` of the losses (default 0): ``L_k − b_k`` must stay positive.
+    """
+
+    needs_losses_after_step: ClassVar[bool] = True
+    eps: ClassVar[float] = 1e-8
+
+    def __init__(self, lr: float = 0.025, weight_decay: float = 1e-3, min_losses: Optional[list[float]] = None) -> None:
+        super().__init__()
+        self.lr = check_range("lr", lr, 0.0, open_low=True)
+        self.weight_decay = check_range("weight_decay", weight_decay, 0.0)
+        self.min_losses = None if min_losses is None else [float(value) for value in min_losses]
+        self._optimizer_state: Optional[dict[str, Any]] = None
+
+    def setup(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None) -> None:
+        super().setup(task_names, task_weights)
+        k = self.num_tasks
+        bounds = [0.0] * k if self.min_losses is None else self.min_losses
+        if len(bounds) != k:
+            raise ValueError(f"min_losses has {len(bounds)} values for {k} tasks")
+        self.register_buffer("lower_bounds", torch.tensor(bounds))
+        self.register_buffer("logits", torch.zeros(k))
+        self.register_buffer("losses_before", torch.zeros(k))
+        self.register_buffer("seen_before", torch.zeros(k, dtype=torch.bool))
+
+    def _shifted(self, losses: Tensor, seen: Tensor) -> Tensor:
+        shifted = losses - self.lower_bounds.to(losses) + self.eps
+        return torch.where(seen, shifted, torch.ones_like(shifted))
+
+    def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        self._require_setup(losses)
+        mean, seen = self._reduced_losses(losses, present)
+        z = masked_softmax(self.logits, seen).to(losses)
+        ratio = z / self._shifted(mean, seen).to(losses)
+        weights = ratio / ratio.sum().clamp_min(torch.finfo(ratio.dtype).tiny) * present.to(losses.dtype)
+        self.losses_before.copy_(mean)
+        self.seen_before.copy_(seen)
+        return (weights * losses).sum(), weights
+
+    def after_optimizer_step(self, losses: Tensor) -> None:
+        """Update the logits from this step's losses recomputed on the same batch after the optimizer step."""
+        self._require_setup(losses)
+        after, seen_after = self._reduced_losses(losses, self.seen_before)
+        seen = self.seen_before & seen_after
+        delta = torch.log(self._shifted(self.losses_before, seen)) - torch.log(self._shifted(after, seen))
+        z = masked_softmax(self.logits, self.seen_before)
+        grad = z * (delta - (z * delta).sum())
+        self._optimizer_state = adam_step(
+            self.logits, grad, self._optimizer_state, lr=self.lr, weight_decay=self.weight_decay
+        )
+
+    @property
+    def task_probabilities(self) -> Tensor:
+        """``z = softmax(ξ)`` over all tasks."""
+        return torch.softmax(self.logits, dim=0)
+
+    def reset(self) -> None:
+        self.logits.zero_()
+        self.losses_before.zero_()
+        self.seen_before.zero_()
+        self._optimizer_state = None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"optimizer": self._optimizer_state}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._optimizer_state = state["optimizer"]

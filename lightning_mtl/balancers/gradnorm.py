@@ -1,0 +1,93 @@
+"""GradNorm: gradient normalisation (Chen et al., 2018)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_mtl.balancers._utils import adam_step, at_least_float32, check_range
+from lightning_mtl.balancers.base import GramianBalancer
+
+
+class GradNorm(GramianBalancer):
+    """GradNorm, from `GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep Multitask
+    Networks <https://arxiv.org/abs/1711.02257>`_ (Chen et al., ICML 2018), Algorithm 1.
+
+    Learned loss weights ``w_k`` (starting at 1) make the weighted gradient norms
+    ``G_k = w_k ‖∇L_k‖`` follow ``Ḡ · r_k^α``, with ``Ḡ`` the mean of the ``G_k``,
+    ``r_k = L̃_k / mean_j L̃_j`` the relative inverse training rate and ``L̃_k = L_k / L_k(0)``. Each
+    call returns the current ``w`` (the step's loss weights) and then updates it: one step of a
+    private Adam on ``L_grad = Σ_k |G_k − Ḡ r_k^α|``, the target held constant as in the paper, so
+    ``∂L_grad/∂w_k = sign(G_k − Ḡ r_k^α) ‖∇L_k‖``; then ``w`` is renormalised to ``Σ w = K``.
+
+    ``‖∇L_k‖ = √(G Gᵀ)_kk``: the norms of the unweighted task gradients at the layer whose Gramian
+    the module passes (the paper uses the last shared layer; the module's representation mode is the
+    closest). ``weights(gramian, losses)`` needs the step's losses; ``L_k(0)`` is a task's loss the
+    first time it is present. The losses are reduced over DDP ranks before use. Absent tasks (zero
+    gradient) get weight 0, keep their ``w_k`` and are left out of ``Ḡ`` and of the mean loss ratio.
+    State (``w``, ``L(0)``, the Adam state) is extra state, created at the first call.
+
+    Native (torchjd has no GradNorm). The paper updates ``w`` with "standard update rules" and sets no
+    separate learning rate; Adam makes the step independent of the gradient scale, and ``lr = 0.025``
+    (a step of about 2.5 % of the initial weight) is this library's default, not the paper's.
+
+    Args:
+        alpha: the asymmetry ``α ≥ 0`` (0 equalises the gradient norms); default 1.5, as in
+            LibMTL's GradNorm.
+        lr: learning rate of the private Adam on ``w``.
+    """
+
+    def __init__(self, alpha: float = 1.5, lr: float = 0.025) -> None:
+        super().__init__()
+        self.alpha = check_range("alpha", alpha, 0.0)
+        self.lr = check_range("lr", lr, 0.0, open_low=True)
+        self.reset()
+
+    def weights(self, gramian: Tensor, losses: Optional[Tensor] = None) -> Tensor:
+        if losses is None:
+            raise ValueError("GradNorm needs the step's task losses: call weights(gramian, losses)")
+        if gramian.ndim != 2 or gramian.shape != (losses.shape[0], losses.shape[0]):
+            raise ValueError(
+                f"gramian must be K x K for K = {losses.shape[0]} losses, got shape {tuple(gramian.shape)}"
+            )
+        norms = at_least_float32(gramian.detach()).diagonal().clamp_min(0).sqrt()
+        present = norms > 0
+        losses, _ = self._reduced_losses(losses.detach().to(norms.dtype), present)
+        if self.task_weights_ is None or self.task_weights_.shape != norms.shape:
+            self.task_weights_ = torch.ones_like(norms)
+            self.initial_losses = torch.full_like(norms, float("nan"))
+            self._optimizer_state = None
+        w = self.task_weights_
+        first = present & torch.isnan(self.initial_losses)
+        self.initial_losses = torch.where(first, losses, self.initial_losses)
+        current = (w * present).clone()
+
+        mask = present.to(norms.dtype)
+        count = mask.sum().clamp_min(1)
+        ratios = torch.where(present & (self.initial_losses > 0), losses / self.initial_losses, 1.0)
+        inverse_rates = ratios / ((ratios * mask).sum() / count)
+        grad_norms = w * norms
+        targets = (grad_norms * mask).sum() / count * inverse_rates**self.alpha
+        grad = torch.sign(grad_norms - targets) * norms * mask
+        self._optimizer_state = adam_step(w, grad, self._optimizer_state, lr=self.lr)
+        w.mul_(w.numel() / w.sum())
+        return current
+
+    def reset(self) -> None:
+        self.task_weights_: Optional[Tensor] = None  # w, one per task
+        self.initial_losses: Optional[Tensor] = None  # L(0); NaN until a task is first present
+        self._optimizer_state: Optional[dict[str, Any]] = None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "weights": self.task_weights_,
+            "initial_losses": self.initial_losses,
+            "optimizer": self._optimizer_state,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.task_weights_ = state["weights"]
+        self.initial_losses = state["initial_losses"]
+        self._optimizer_state = state["optimizer"]

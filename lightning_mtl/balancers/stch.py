@@ -1,0 +1,53 @@
+"""STCH: smooth Tchebycheff scalarization (Lin et al., 2024)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torchjd.scalarization import STCH as _TorchjdSTCH
+
+from lightning_mtl.balancers._utils import check_range, scalarize
+from lightning_mtl.balancers.base import Balancer
+
+
+class STCH(Balancer):
+    """Smooth Tchebycheff scalarization, from `Smooth Tchebycheff Scalarization for Multi-Objective
+    Optimization <https://arxiv.org/abs/2402.19078>`_ (Lin et al., ICML 2024).
+
+    The loss is ``μ log Σ_k exp(λ_k (L_k − z_k) / μ)``, a smooth upper bound of the worst weighted
+    loss ``max_k λ_k (L_k − z_k)`` that tightens as ``μ`` decreases: the step favours the tasks that
+    are worst off. ``λ_k = 1/K`` (K counting every task, present or not) and the ideal point ``z`` defaults to 0. Wraps
+    ``torchjd.scalarization.STCH``; absent tasks are given the lowest finite loss, so that their term
+    vanishes. The official multi-task recipe also normalises ``log L_k`` by a nadir point estimated
+    over warm-up epochs; that schedule is not part of this class.
+
+    Args:
+        mu: the smoothing ``μ > 0``; the paper evaluates 0.01 to 1.
+        reference: the ideal point ``z`` (one value per task), or ``None`` for 0.
+    """
+
+    def __init__(self, mu: float = 1.0, reference: Optional[list[float]] = None) -> None:
+        super().__init__()
+        self.mu = check_range("mu", mu, 0.0, open_low=True)
+        self.reference = None if reference is None else [float(value) for value in reference]
+
+    def setup(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None) -> None:
+        super().setup(task_names, task_weights)
+        if self.reference is not None and len(self.reference) != self.num_tasks:
+            raise ValueError(f"reference has {len(self.reference)} values for {self.num_tasks} tasks")
+
+    def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        self._require_setup(losses)
+        reference = None if self.reference is None else losses.new_tensor(self.reference)
+        scalarizer = _TorchjdSTCH(self.mu, reference=reference)
+        lowest = torch.finfo(losses.dtype).min / 4
+
+        def objective(values: Tensor) -> Tensor:
+            filled = torch.where(present, values, torch.full_like(values, lowest))
+            value = scalarizer(filled)
+            return torch.where(present.any(), value, torch.zeros_like(value))
+
+        return scalarize(objective, losses)

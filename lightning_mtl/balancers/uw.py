@@ -1,0 +1,48 @@
+"""Uncertainty weighting (Kendall et al., 2018)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torchjd.scalarization import UW as _TorchjdUW
+
+from lightning_mtl.balancers._utils import scalarize
+from lightning_mtl.balancers.base import Balancer
+
+
+class UW(Balancer):
+    """Uncertainty weighting, from `Multi-Task Learning Using Uncertainty to Weigh Losses for Scene
+    Geometry and Semantics <https://arxiv.org/abs/1705.07115>`_ (Kendall, Gal & Cipolla, CVPR 2018).
+
+    Each task has a learned log-variance ``s_k`` and the loss is ``Σ_k ½ e^{-s_k} L_k + ½ s_k``
+    (the paper's Gaussian-likelihood form, Eq. 7, with ``s = log σ²``; the convention of
+    ``torchjd.scalarization.UW``, which this wraps: one ``UW(1)`` per task, so that an absent task's
+    term, ``½ s_k``, is left out instead of pulling ``s_k`` towards -∞). Some libraries drop the
+    ½ (``e^{-s}L + s``): same optimum, weights twice as large. The ``s_k`` are ``nn.Parameter`` s,
+    initialised to 0, trained by the module's optimizer with the model.
+    """
+
+    def setup(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None) -> None:
+        super().setup(task_names, task_weights)
+        self.terms = nn.ModuleList(_TorchjdUW(1) for _ in self.task_names)
+
+    def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        self._require_setup(losses)
+
+        def objective(values: Tensor) -> Tensor:
+            terms = torch.stack([term(values[k : k + 1]) for k, term in enumerate(self.terms)])
+            return (terms * present.to(terms.dtype)).sum()
+
+        return scalarize(objective, losses)
+
+    @property
+    def log_vars(self) -> Tensor:
+        """The learned ``s_k = log σ_k²``, one per task."""
+        return torch.cat([term.log_var for term in self.terms])
+
+    def reset(self) -> None:
+        for term in self.terms:
+            term.reset()

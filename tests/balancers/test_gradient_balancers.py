@@ -1,0 +1,221 @@
+import pytest
+import torch
+import torchjd.aggregation as jd
+
+from lightning_mtl.balancers import (
+    DBMTL, MGDA, AlignedMTL, ConFIG, DualProj, GradDrop, GradNorm, GradVac, IMTLG, PCGrad, UPGrad,
+)  # fmt: skip
+from lightning_mtl.balancers._utils import global_rng
+from lightning_mtl.balancers.nashmtl import gramian_factor
+
+from balancer_helpers import GRADIENT_METHODS, direction
+
+
+def _random_gradients(seed: int, k: int = 4, p: int = 10) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(k, p, generator=generator) * (torch.rand(k, 1, generator=generator) * 5 + 0.1)
+
+
+def _degenerate_cases() -> dict[str, torch.Tensor]:
+    G = _random_gradients(0)
+    zero_row, duplicate = G.clone(), G.clone()
+    zero_row[1] = 0
+    duplicate[2] = duplicate[0]
+    return {"one task": G[:1], "zero row": zero_row, "duplicate rows": duplicate, "all zero": torch.zeros(3, 10)}
+
+
+@pytest.mark.parametrize("case", list(_degenerate_cases()))
+@pytest.mark.parametrize("cls", GRADIENT_METHODS)
+def test_finite_direction_on_degenerate_input(cls, case):
+    G = _degenerate_cases()[case]
+    d = direction(cls(), G)
+    assert d.shape == (G.shape[1],) and torch.isfinite(d).all()
+    if case == "all zero":
+        assert (d == 0).all()
+    if cls.needs == "gramian":
+        weights = cls().weights(G @ G.T, torch.ones(G.shape[0]))
+        assert torch.isfinite(weights).all()
+        if case == "zero row":
+            assert weights[1] == 0
+
+
+# The paper's guarantee holds for the exact solution. torchjd's MGDA stops Frank–Wolfe at a step of
+# 1e-3 and its QP projector (UPGrad, DualProj) regularises the normalised Gramian by 1e-4, so there
+# the constraint holds to about 1e-3 of the largest squared norm; PCGrad (2 tasks) and ConFIG
+# (independent gradients) are exact up to rounding.
+NON_CONFLICTING = {MGDA: 2e-3, UPGrad: 2e-3, DualProj: 2e-3, ConFIG: 1e-6, PCGrad: 1e-6}
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("cls", list(NON_CONFLICTING))
+def test_non_conflicting(cls, seed):
+    k = 2 if cls is PCGrad else 2 + seed % 4
+    G = _random_gradients(seed, k=k)
+    if seed % 3 == 0:
+        G[1] = -0.5 * G[0] + 0.1 * G[1]  # a strong conflict
+    d = direction(cls(), G)
+    assert (G @ d >= -NON_CONFLICTING[cls] * G.norm(dim=1).max() ** 2).all()
+
+
+def test_mgda_is_non_conflicting_to_solver_precision():
+    G = _random_gradients(5)
+    G[1] = -G[0] + 0.2 * G[1]
+    d = MGDA(epsilon=1e-7, max_iters=10_000)(G)
+    assert (G @ d >= -1e-6 * G.norm(dim=1).max() ** 2).all()
+
+
+# PCGrad, GradVac and GradDrop draw a random order or mask, so reordering the tasks changes the draw;
+# GradNorm and DBMTL are equivariant only with their state reordered too (tested fresh here).
+PERMUTATION_INVARIANT = [MGDA, UPGrad, DualProj, IMTLG, AlignedMTL, ConFIG, GradNorm, DBMTL]
+
+
+@pytest.mark.parametrize("cls", PERMUTATION_INVARIANT)
+def test_permutation_invariance(cls):
+    G = _random_gradients(7, k=5)
+    permutation = torch.tensor([3, 0, 4, 1, 2])
+    torch.testing.assert_close(direction(cls(), G[permutation]), direction(cls(), G), rtol=1e-4, atol=1e-4)
+
+
+TORCHJD = {
+    MGDA: jd.MGDA,
+    IMTLG: jd.IMTLG,
+    AlignedMTL: jd.AlignedMTL,
+    UPGrad: jd.UPGrad,
+    DualProj: jd.DualProj,
+    ConFIG: jd.ConFIG,
+}
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("cls", list(TORCHJD))
+def test_equals_torchjd(cls, seed):
+    G = _random_gradients(seed, k=2 + seed)
+    torch.testing.assert_close(cls()(G), TORCHJD[cls]()(G), rtol=1e-4, atol=1e-5)
+
+
+def _seeds(seed: int, count: int) -> list[int]:
+    """The seeds a balancer built with ``seed`` feeds to the global RNG on its first ``count`` calls."""
+    generator = torch.Generator().manual_seed(seed)
+    return [int(torch.randint(0, 2**62, (1,), generator=generator)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("cls", [PCGrad, GradVac, GradDrop])
+def test_random_methods_equal_torchjd_under_the_same_draws(cls):
+    ours, theirs = cls(seed=5), getattr(jd, cls.__name__)()
+    for step, seed in enumerate(_seeds(5, 4)):
+        G = _random_gradients(step, k=4)
+        with global_rng(seed, G.device):
+            expected = theirs(G)
+        torch.testing.assert_close(ours(G), expected)
+
+
+@pytest.mark.parametrize("cls", [cls for cls in GRADIENT_METHODS if cls.needs == "gramian"])
+def test_weights_of_the_gramian_give_the_direction(cls):
+    G = _random_gradients(11, k=3)
+    losses = torch.tensor([1.0, 2.0, 0.5])
+    first, second = cls(), cls()  # identical state and seed
+    w = first.weights(G @ G.T, losses)
+    torch.testing.assert_close(G.T @ w, second(G, losses))
+
+
+def test_absent_task_is_left_out_of_a_gramian_weighting():
+    G = _random_gradients(3, k=3)
+    with_absent = G.clone()
+    with_absent[1] = 0
+    for cls in (MGDA, UPGrad, IMTLG, ConFIG):
+        weights = cls().weights(with_absent @ with_absent.T)
+        torch.testing.assert_close(weights[[0, 2]], cls().weights(G[[0, 2]] @ G[[0, 2]].T))
+        assert weights[1] == 0
+
+
+def test_gradvac_keeps_the_targets_of_an_absent_task():
+    balancer = GradVac(beta=0.5)
+    G = _random_gradients(2, k=3)
+    balancer(G)
+    before = balancer.targets.clone()
+    absent = G.clone()
+    absent[2] = 0
+    balancer(absent)
+    torch.testing.assert_close(balancer.targets[2], before[2])
+    torch.testing.assert_close(balancer.targets[:, 2], before[:, 2])
+    assert not torch.equal(balancer.targets[:2, :2], before[:2, :2])
+    assert balancer.weighting._phi_t is None  # torchjd's copy is not left behind (nor saved twice)
+
+
+def test_random_methods_leave_the_global_rng_alone():
+    G = _random_gradients(1)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    for cls in (PCGrad, GradVac, GradDrop):
+        cls()(G)
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_gramian_factor_reproduces_the_gramian():
+    G = _random_gradients(4, k=5, p=3)  # rank 3
+    factor = gramian_factor(G @ G.T)
+    torch.testing.assert_close(factor @ factor.T, G @ G.T, rtol=1e-4, atol=1e-4)
+
+
+def test_graddrop_with_full_leak_is_the_sum():
+    G = _random_gradients(6)
+    torch.testing.assert_close(GradDrop(leak=1.0)(G), G.sum(dim=0))
+
+
+def test_nashmtl_wrapper_with_a_stand_in_solver(monkeypatch):
+    """cvxpy is optional: check the wrapper's own logic (factor, warm start, absent tasks) with a stand-in."""
+    import numpy as np
+
+    import lightning_mtl.balancers.nashmtl as nashmtl
+
+    class StandIn:
+        def __init__(self, num_tasks):
+            self.n_tasks, self.prvs_alpha, self.inputs = num_tasks, np.ones(num_tasks, dtype=np.float32), []
+
+        def __call__(self, matrix):
+            self.inputs.append(matrix)
+            self.prvs_alpha = self.prvs_alpha * 2
+            return torch.from_numpy(self.prvs_alpha).to(matrix.dtype)
+
+    monkeypatch.setattr(nashmtl, "require_modules", lambda *args: None)
+    monkeypatch.setattr(nashmtl.NashMTL, "_new_solver", lambda self, num_tasks: StandIn(num_tasks))
+    balancer = nashmtl.NashMTL()
+    G = _random_gradients(8, k=3)
+    torch.testing.assert_close(balancer.weights(G @ G.T), torch.full((3,), 2.0))
+    factor = balancer._solver.inputs[0]
+    torch.testing.assert_close(factor @ factor.T, G @ G.T, rtol=1e-4, atol=1e-4)
+    resumed = nashmtl.NashMTL()
+    resumed.load_state_dict(balancer.state_dict())
+    torch.testing.assert_close(resumed.weights(G @ G.T), torch.full((3,), 4.0))  # warm start restored
+    absent = G.clone()
+    absent[0] = 0
+    torch.testing.assert_close(resumed.weights(absent @ absent.T), torch.tensor([0.0, 2.0, 2.0]))
+    torch.testing.assert_close(resumed._warm_start, torch.full((3,), 4.0))  # untouched by the absent step
+
+
+def test_random_methods_refuse_devices_whose_generator_they_cannot_control():
+    with pytest.raises(NotImplementedError, match="CPU and CUDA"):
+        GradDrop()(torch.zeros(2, 3, device="meta"))
+
+
+def test_solver_methods_equal_torchjd_when_the_solvers_are_installed():
+    """Skipped without ``lightning-mtl[solvers]``. CAGrad is not tested for non-conflict: its direction
+    maximises the worst task's improvement within a ball around the mean, which can still be negative."""
+    pytest.importorskip("cvxpy")
+    from lightning_mtl.balancers import CAGrad, NashMTL
+
+    G = _random_gradients(9, k=3)
+    torch.testing.assert_close(CAGrad(c=0.4)(G), jd.CAGrad(c=0.4)(G), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(NashMTL()(G), jd.NashMTL(n_tasks=3)(G), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cls", GRADIENT_METHODS)
+def test_half_precision_gradients(cls, dtype):
+    """Mixed precision hands half-precision gradients: Gramian weightings run in float32."""
+    G = _random_gradients(12, k=3)
+    d = direction(cls(), G.to(dtype))
+    assert d.dtype == dtype and torch.isfinite(d).all()
+    if cls.needs == "gramian":
+        assert cls().weights((G @ G.T).to(dtype), torch.ones(3)).dtype == torch.float32

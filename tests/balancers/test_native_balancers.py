@@ -1,0 +1,78 @@
+"""Hand-derived checks of the methods implemented here (GradNorm, DBMTL)."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_mtl.balancers import DBMTL, GradNorm
+
+
+def _adam(grads, lr, betas=(0.9, 0.999), eps=1e-8):
+    """Adam's update after each of ``grads`` (Kingma & Ba, 2015, Algorithm 1), written out."""
+    m = v = 0.0
+    updates = []
+    for t, g in enumerate(grads, start=1):
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        m_hat, v_hat = m / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
+        updates.append(-lr * m_hat / (math.sqrt(v_hat) + eps))
+    return updates
+
+
+def test_gradnorm_two_updates_by_hand():
+    balancer = GradNorm(alpha=1.5, lr=0.025)
+    # Step 1: ‖∇L‖ = (3, 1), L = L(0) = (2, 1): r = (1, 1), G = w‖∇L‖ = (3, 1), Ḡ = 2, target (2, 2),
+    # ∂L_grad/∂w = sign(G − target) ‖∇L‖ = (3, −1).
+    weights = balancer.weights(torch.diag(torch.tensor([9.0, 1.0])), torch.tensor([2.0, 1.0]))
+    torch.testing.assert_close(weights, torch.tensor([1.0, 1.0]))  # the step uses w(t), before the update
+    step_a, step_b = _adam([3.0], 0.025)[0], _adam([-1.0], 0.025)[0]
+    w = torch.tensor([1 + step_a, 1 + step_b])
+    w = w * 2 / w.sum()
+    torch.testing.assert_close(balancer.task_weights_, w)
+    # Step 2: ‖∇L‖ = (1, 3), L = (1, 0.8): L̃ = (0.5, 0.8), r = L̃ / 0.65, G = (w₁, 3 w₂), Ḡ = mean(G).
+    weights = balancer.weights(torch.diag(torch.tensor([1.0, 9.0])), torch.tensor([1.0, 0.8]))
+    torch.testing.assert_close(weights, w)
+    r = torch.tensor([0.5, 0.8]) / 0.65
+    G = w * torch.tensor([1.0, 3.0])
+    target = G.mean() * r**1.5
+    grad = torch.sign(G - target) * torch.tensor([1.0, 3.0])
+    assert grad.tolist() == [-1.0, 3.0]
+    updates = [_adam([3.0, grad[0].item()], 0.025)[1], _adam([-1.0, grad[1].item()], 0.025)[1]]
+    expected = w + torch.tensor(updates)
+    torch.testing.assert_close(balancer.task_weights_, expected * 2 / expected.sum())
+
+
+def test_gradnorm_needs_losses_and_skips_absent_tasks():
+    balancer = GradNorm()
+    with pytest.raises(ValueError, match="losses"):
+        balancer.weights(torch.eye(2))
+    gramian = torch.diag(torch.tensor([4.0, 0.0, 1.0]))
+    weights = balancer.weights(gramian, torch.tensor([1.0, 0.0, 2.0]))
+    assert weights.tolist() == [1.0, 0.0, 1.0]
+    assert torch.isnan(balancer.initial_losses[1]) and balancer.initial_losses[2] == 2.0
+    assert balancer.task_weights_.sum().item() == pytest.approx(3.0)
+
+
+def test_dbmtl_first_steps_by_hand():
+    balancer = DBMTL(beta=0.9)
+    g1, g2 = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 1.0])
+    d = balancer(torch.stack([g1, g2]))
+    # EMA = (1 − β) g = (0.3, 0.4) [norm 0.5] and (0, 0.1) [norm 0.1]; scales 0.5/0.5 and 0.5/0.1.
+    torch.testing.assert_close(balancer.ema, 0.1 * torch.stack([g1, g2]))
+    torch.testing.assert_close(d, torch.tensor([0.3, 0.4]) + 5 * torch.tensor([0.0, 0.1]))
+    # Step 2, task 2 absent: its EMA stays, and it is left out.
+    d = balancer(torch.stack([torch.tensor([1.0, 0.0]), torch.zeros(2)]))
+    ema1 = 0.9 * 0.1 * g1 + 0.1 * torch.tensor([1.0, 0.0])
+    torch.testing.assert_close(balancer.ema, torch.stack([ema1, 0.1 * g2]))
+    torch.testing.assert_close(d, ema1)
+    # Step 3: both present again.
+    g = torch.stack([torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0])])
+    d = balancer(g)
+    ema = torch.stack([0.9 * ema1 + 0.1 * g[0], 0.9 * 0.1 * g2 + 0.1 * g[1]])
+    norms = ema.norm(dim=1)
+    torch.testing.assert_close(d, (norms.max() / norms) @ ema)
+
+
+def test_dbmtl_asks_for_log_loss_gradients():
+    assert DBMTL.log_losses is True and DBMTL.needs == "gradients"
