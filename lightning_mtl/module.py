@@ -78,6 +78,12 @@ class MultiTaskModule(LightningModule):
             {name: task.loss for name, task in self.tasks.items() if isinstance(task.loss, nn.Module)}, "losses"
         )
         self.balancer = resolve_balancer(balancer)
+        if gradients == "representation" and not self.balancer.supports_representation:
+            raise ValueError(
+                f"balancer {type(self.balancer).__name__} keeps gradient state across steps, which is meaningless "
+                "for representation gradients (their entries belong to different samples at every step); "
+                "use gradients='parameters'"
+            )
         self.balancer.setup(self.task_names, [task.weight for task in self.tasks.values()])
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler

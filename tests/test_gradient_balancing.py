@@ -176,3 +176,8 @@ def test_gradient_clipping_clips_the_balanced_gradient():
     quiet_trainer(max_steps=1, gradient_clip_val=0.05).fit(module, DataLoader(data, batch_size=16))
     for p, p0, g in zip(module.parameters(), before, grads):
         torch.testing.assert_close(p.detach(), p0 - g * (0.05 / (norm + 1e-6)), rtol=1e-4, atol=1e-6)
+
+
+def test_stateful_gradient_methods_refuse_representation_mode():
+    with pytest.raises(ValueError, match="balancer DBMTL keeps gradient state across steps.*gradients='parameters'"):
+        make_module(balancer="dbmtl", gradients="representation")

@@ -65,6 +65,10 @@ class Balancer(nn.Module):
     #: ``"gradients"`` methods only: the rows of ``G`` are gradients of ``log(L_k + log_eps)``.
     log_losses: ClassVar[bool] = False
     log_eps: ClassVar[float] = 1e-8
+    #: Whether the method may run on representation gradients (``gradients="representation"``). A method
+    #: that keeps gradient state across steps (DB-MTL's moving average) cannot: the representation
+    #: entries belong to different samples at every step.
+    supports_representation: ClassVar[bool] = True
 
     task_names: list[str]
 

@@ -30,6 +30,7 @@ class DBMTL(GradientBalancer):
     """
 
     log_losses: ClassVar[bool] = True
+    supports_representation: ClassVar[bool] = False
 
     def __init__(self, beta: float = 0.9) -> None:
         super().__init__()
