@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 
 HAS_SOLVERS = importlib.util.find_spec("cvxpy") is not None
 AVAILABLE = sorted(name for name in BALANCERS if HAS_SOLVERS or name not in ("cagrad", "nashmtl"))
-GRADIENT_LEVEL = [name for name in AVAILABLE if BALANCERS[name].needs != "losses"]
+GRADIENT_LEVEL = [
+    name for name in AVAILABLE if BALANCERS[name].needs != "losses" and BALANCERS[name].supports_representation
+]
 STATEFUL = ["uw", "dwa", "famo", "gradvac", "gradnorm", "rlw", "graddrop", "dbmtl", "imtll"]
 
 
@@ -33,15 +35,20 @@ def digits_model(balancer, gradients="parameters"):
     ] + [Task("sum", RegressionHead(128), nn.MSELoss())]
     return MultiTaskModule(
         MLP(240, [256, 128]), tasks, balancer=balancer, gradients=gradients,
-        optimizer=lambda p: torch.optim.Adam(p, lr=2e-3),
+        optimizer=lambda p: torch.optim.Adam(p, lr=5e-3),
     )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def digits():
     return (
-        DataLoader(MultiDigits("train", size=4000, seed=0), batch_size=32, shuffle=True),
-        DataLoader(MultiDigits("val", size=600, seed=0), batch_size=300),
+        DataLoader(
+            MultiDigits("train", size=4000, seed=0),
+            batch_size=32,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+        ),
+        DataLoader(MultiDigits("val", size=2000, seed=0), batch_size=500),
     )
 
 
@@ -51,12 +58,12 @@ def test_every_balancer_learns_multidigits_above_chance_in_one_epoch(name, digit
 
 
 def assert_learns_above_chance(model, digits):
-    """One epoch (125 steps); chance accuracy is 0.10 ± 0.012 on 600 samples, so 0.14 is > 3σ above it."""
+    """One epoch (125 steps); chance accuracy is 0.10 ± 0.0067 on 2000 samples, so 0.125 is > 3.5σ above it."""
     trainer = quiet_trainer(max_epochs=1)
     untrained = trainer.validate(model, digits[1], verbose=False)[0]
     trainer.fit(model, digits[0])
     results = trainer.validate(model, digits[1], verbose=False)[0]
-    assert results["val/left/acc"] > 0.14 and results["val/right/acc"] > 0.14, results
+    assert results["val/left/acc"] > 0.125 and results["val/right/acc"] > 0.125, results
     assert results["val/loss"] < untrained["val/loss"] - 0.1, (untrained, results)
 
 
