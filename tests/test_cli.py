@@ -63,3 +63,17 @@ def test_command_line_overrides_and_other_subcommands(tmp_path):
 def test_unknown_balancer_name_is_reported(tmp_path):
     with pytest.raises(ValueError, match="unknown balancer 'nope'"):
         run(["fit", *reduced(tmp_path, "--model.balancer", "nope")])
+
+
+@pytest.mark.slow
+def test_balancer_and_gradient_mode_from_yaml(tmp_path):
+    balancer = '{"class_path": "lightning_mtl.balancers.PCGrad", "init_args": {"seed": 3}}'
+    cli = run(
+        ["fit", *reduced(tmp_path, "--trainer.max_epochs", "1", "--test_after_fit", "false",
+                         "--trainer.limit_train_batches", "5", "--trainer.limit_val_batches", "2",
+                         "--model.balancer", balancer, "--model.gradients", "representation")]
+    )  # fmt: skip
+    from lightning_mtl.balancers import PCGrad
+
+    assert isinstance(cli.model.balancer, PCGrad) and cli.model.gradients == "representation"
+    assert cli.trainer.global_step == 5

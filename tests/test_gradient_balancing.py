@@ -181,3 +181,40 @@ def test_gradient_clipping_clips_the_balanced_gradient():
 def test_stateful_gradient_methods_refuse_representation_mode():
     with pytest.raises(ValueError, match="balancer DBMTL keeps gradient state across steps.*gradients='parameters'"):
         make_module(balancer="dbmtl", gradients="representation")
+
+
+def test_task_jacobian_falls_back_to_one_backward_per_task(monkeypatch):
+    """When the batched backward is unavailable (an op without a batching rule), K backward passes."""
+    from lightning_mtl import gradients
+
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 3)
+    unused = nn.Parameter(torch.ones(2))
+    z = torch.tanh(linear(torch.randn(5, 4)))
+    losses = torch.stack([z[:, 0].pow(2).mean(), z[:, 1:].sum()])
+    inputs = [*linear.parameters(), unused]
+    batched = gradients.task_jacobian(losses, inputs)
+
+    real_grad = torch.autograd.grad
+
+    def no_batching(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("Batching rule not implemented")
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    looped = gradients.task_jacobian(losses, inputs)
+    expected = torch.stack(
+        [torch.cat([*(g.flatten() for g in real_grad(loss, list(linear.parameters()), retain_graph=True)), torch.zeros(2)]) for loss in losses]
+    )
+    torch.testing.assert_close(looped, expected)
+    torch.testing.assert_close(batched, expected)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in __import__("lightning_mtl.balancers", fromlist=["BALANCERS"]).BALANCERS if n not in ("cagrad", "nashmtl")))
+def test_every_balancer_works_with_clipping_and_accumulation(name):
+    module = make_module(balancer=name)
+    trainer = quiet_trainer(max_epochs=2, gradient_clip_val=0.1, accumulate_grad_batches=2)
+    trainer.fit(module, DataLoader(SharedInput(128), batch_size=16))
+    assert trainer.global_step == 8  # 16 micro-batches, 2 per optimizer step
+    assert all(torch.isfinite(p).all() for p in module.parameters())
