@@ -1,11 +1,18 @@
 """`MultiTaskLoader`: per-task datasets behind one DataLoader, yielding ``{task: batch}``.
 
-The loader wraps a single :class:`~torch.utils.data.DataLoader` whose dataset addresses every
-task's samples by ``(task, index)`` and whose ``batch_sampler`` is a
-:class:`~lightning_mtl.data.sampler.MultiTaskSampler`. Each step's samples are grouped by task and
+The loader wraps a single :class:`~torch.utils.data.DataLoader` over all tasks' datasets, driven by
+a :class:`~lightning_mtl.data.sampler.MultiTaskSampler`. Each step's samples are grouped by task and
 collated separately, so a batch is ``{task: collate_fn([item, ...])}`` holding only the tasks
 scheduled for that step, in task order. With the default ``collate_fn`` and ``(x, y)`` items that
-is ``{task: (x_batch, y_batch)}``.
+is ``{task: [x_batch, y_batch]}``.
+
+Fetching: the inner ``DataLoader`` receives each step as one ``[(task, indices), ...]`` group list
+and fetches every task's items the way a ``DataLoader`` over that task's dataset alone would: one
+``dataset.__getitems__(indices)`` call where the dataset defines it, else ``dataset[i]`` per
+sample, then ``collate_fn``. For a plain ``TensorDataset`` of ordinary contiguous CPU tensors and the
+default ``collate_fn``, the rows are gathered with one ``index_select`` per tensor, which gives
+exactly what ``default_collate`` of the items gives (same values, dtypes, shapes and strides; in
+worker processes, likewise into shared memory) without building per-sample items.
 
 Why not a DataLoader subclass: Lightning injects a ``DistributedSampler`` into anything that is a
 ``DataLoader`` and leaves other iterables alone. The sampler already shards every task across
@@ -28,40 +35,99 @@ Lightning integration:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional
 
+import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate, get_worker_info
 
 from lightning_mtl.data.sampler import MultiTaskSampler
 
 
-class _TaskDataset(Dataset):
-    """All tasks' datasets, indexed by ``(task, index)``; an item is ``(task, dataset[index])``."""
+def _gatherable(tensor: torch.Tensor) -> bool:
+    """Whether ``index_select`` on ``tensor`` gives exactly what ``default_collate`` of its rows gives."""
+    return (
+        type(tensor) is torch.Tensor
+        and tensor.layout is torch.strided
+        and tensor.device.type == "cpu"
+        and not tensor.requires_grad
+        and not tensor.is_quantized
+        and not tensor.is_conj()
+        and not tensor.is_neg()
+        and tensor.dim() > 0
+        and tensor.is_contiguous()
+    )
 
-    def __init__(self, datasets: Mapping[str, Dataset]) -> None:
+
+def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``default_collate([tensor[i] for i in index])`` in one copy, for a :func:`_gatherable` tensor."""
+    out = None
+    if get_worker_info() is not None:
+        # As default_collate does in a worker: gather straight into shared memory.
+        rows = (len(index), *tensor.shape[1:])
+        storage = tensor._typed_storage()._new_shared(math.prod(rows), device=tensor.device)
+        out = tensor.new(storage).resize_(*rows)
+    return torch.index_select(tensor, 0, index, out=out)
+
+
+class _TaskDataset(Dataset):
+    """All tasks' datasets, indexed by ``(task, index)``; an item is ``(task, dataset[index])``.
+
+    The loader fetches a whole step at once through :meth:`__getitems__` (which ``DataLoader``
+    prefers to ``__getitem__``): one ``[(task, indices), ...]`` group list from
+    :meth:`MultiTaskSampler._iter_steps` gives ``{task: collate_fn(items)}``.
+    """
+
+    def __init__(
+        self, datasets: Mapping[str, Dataset], collate_fn: Optional[Callable[[list[Any]], Any]] = None
+    ) -> None:
         self.datasets = dict(datasets)
+        self.collate_fn = default_collate if collate_fn is None else collate_fn
 
     def __getitem__(self, key: tuple[str, int]) -> tuple[str, Any]:
         task, index = key
         return task, self.datasets[task][index]
 
+    def __getitems__(self, step: list[tuple[str, np.ndarray]]) -> dict[str, Any]:
+        return {task: self._fetch(self.datasets[task], indices) for task, indices in step}
+
+    def _fetch(self, dataset: Dataset, indices: np.ndarray) -> Any:
+        """``collate_fn`` of one task's items, fetched as a ``DataLoader`` over ``dataset`` would."""
+        if self.collate_fn is default_collate and type(dataset) is TensorDataset:
+            tensors = dataset.tensors
+            if all(_gatherable(tensor) for tensor in tensors):
+                # default_collate stacks the rows of every tensor into a list: gather them directly.
+                index = torch.from_numpy(indices)
+                return [_gather(tensor, index) for tensor in tensors]
+        keys = indices.tolist()
+        getitems = getattr(dataset, "__getitems__", None)
+        if getitems:
+            return self.collate_fn(getitems(keys))
+        return self.collate_fn([dataset[key] for key in keys])
+
     def __len__(self) -> int:
         return sum(len(dataset) for dataset in self.datasets.values())  # type: ignore[arg-type]
 
 
-class _CollateByTask:
-    """Collate ``[(task, item), ...]`` into ``{task: collate_fn([item, ...])}``, keeping task order."""
+class _Steps:
+    """The inner ``DataLoader``'s batch sampler: the sampler's steps grouped by task."""
 
-    def __init__(self, collate_fn: Optional[Callable[[list[Any]], Any]] = None) -> None:
-        self.collate_fn = default_collate if collate_fn is None else collate_fn
+    def __init__(self, sampler: MultiTaskSampler) -> None:
+        self.sampler = sampler
 
-    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        groups: dict[str, list[Any]] = {}
-        for task, item in pairs:
-            groups.setdefault(task, []).append(item)
-        return {task: self.collate_fn(items) for task, items in groups.items()}
+    def __iter__(self) -> Iterator[list[tuple[str, np.ndarray]]]:
+        return self.sampler._iter_steps()
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def _collated(batch: dict[str, Any]) -> dict[str, Any]:
+    """The inner ``DataLoader``'s ``collate_fn``: :meth:`_TaskDataset.__getitems__` already collated."""
+    return batch
 
 
 class MultiTaskLoader:
@@ -93,12 +159,14 @@ class MultiTaskLoader:
                 raise ValueError(
                     f"Task {task!r} has {len(dataset)} samples but the sampler expects {sampler.sizes[task]}."  # type: ignore[arg-type]
                 )
-        self.dataset = _TaskDataset(datasets)
+        self.dataset = _TaskDataset(datasets, collate_fn)
         self.sampler = sampler
+        # Each step goes through the DataLoader as one `[(task, indices), ...]` group list, fetched
+        # and collated per task by `_TaskDataset.__getitems__` (no per-sample `(task, index)` keys).
         self.dataloader = DataLoader(
             self.dataset,
-            batch_sampler=sampler,
-            collate_fn=_CollateByTask(collate_fn),
+            batch_sampler=_Steps(sampler),
+            collate_fn=_collated,
             num_workers=num_workers,
             pin_memory=pin_memory,
             worker_init_fn=worker_init_fn,

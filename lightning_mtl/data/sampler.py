@@ -176,14 +176,19 @@ class _TaskStream:
             order = np.arange(self.size)
         if self._pad:
             order = np.resize(order, math.ceil(self.size / self._world_size) * self._world_size)
-        return order[self._rank :: self._world_size]
+        # Contiguous, so each batch below is a contiguous view (cheap to hand to torch).
+        return np.ascontiguousarray(order[self._rank :: self._world_size])
 
-    def batch(self, j: int) -> list[int]:
-        """Indices of this task's ``j``-th batch of the epoch (``j`` may exceed ``num_batches``)."""
+    def indices(self, j: int) -> np.ndarray:
+        """Indices of this task's ``j``-th batch of the epoch, as an integer array view (do not modify)."""
         cycle, b = divmod(j, self.num_batches)
         if cycle != self._cycle:
             self._shard, self._cycle = self._make_shard(cycle), cycle
-        return self._shard[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+        return self._shard[b * self.batch_size : (b + 1) * self.batch_size]
+
+    def batch(self, j: int) -> list[int]:
+        """Indices of this task's ``j``-th batch of the epoch (``j`` may exceed ``num_batches``)."""
+        return self.indices(j).tolist()
 
 
 class MultiTaskSampler(Sampler[list[tuple[str, int]]]):
@@ -349,7 +354,21 @@ class MultiTaskSampler(Sampler[list[tuple[str, int]]]):
         start, self._start = self._start, 0
         yield from self._generate(self._epoch, start)
 
+    def _iter_steps(self) -> Iterator[list[tuple[str, np.ndarray]]]:
+        """Like :meth:`__iter__` (same lazy epoch/skip), but each step grouped by task.
+
+        A step is ``[(task, indices), ...]`` in task order, ``indices`` an integer array (a view; do
+        not modify it): the same indices :meth:`__iter__` yields as ``(task, index)`` pairs,
+        without building them.
+        """
+        start, self._start = self._start, 0
+        yield from self._generate_steps(self._epoch, start)
+
     def _generate(self, epoch: int, start: int) -> Iterator[list[tuple[str, int]]]:
+        for step in self._generate_steps(epoch, start):
+            yield [(task, index) for task, indices in step for index in indices.tolist()]
+
+    def _generate_steps(self, epoch: int, start: int) -> Iterator[list[tuple[str, np.ndarray]]]:
         rank, world_size = self._replicas()
         counts = self.num_batches()
         streams = [
@@ -368,14 +387,15 @@ class MultiTaskSampler(Sampler[list[tuple[str, int]]]):
             for task in self._tasks
         ]
         drawn = [0] * len(streams)
-        for step, tasks in enumerate(self._task_schedule(epoch, list(counts.values()))):
-            if step < start:
-                for i in tasks:
-                    drawn[i] += 1
-                continue
-            batch: list[tuple[str, int]] = []
+        schedule = self._task_schedule(epoch, list(counts.values()))
+        # Skipped steps only advance the per-task counters: no indices are built for them.
+        for tasks in schedule[:start]:
+            for i in tasks:
+                drawn[i] += 1
+        for tasks in schedule[start:]:
+            step: list[tuple[str, np.ndarray]] = []
             for i in tasks:
                 stream = streams[i]
-                batch.extend((stream.name, index) for index in stream.batch(drawn[i]))
+                step.append((stream.name, stream.indices(drawn[i])))
                 drawn[i] += 1
-            yield batch
+            yield step
