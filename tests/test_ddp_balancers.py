@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from _ddp_balancer_fit import BALANCERS, MODES, PER_RANK, STEPS, build
 from conftest import quiet_trainer, run_script

@@ -8,8 +8,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import RecordingLogger, quiet_trainer
-from lightning_mtl import MultiTaskModule, Task
+from conftest import quiet_trainer
+from lightning_mtl import MultiTaskModule
 from lightning_mtl.balancers import DBMTL, MGDA, UPGrad, GradDrop
 from test_module import SharedInput, make_module, make_tasks
 

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import MeanSquaredError
 
-from conftest import RecordingLogger, quiet_trainer
+from conftest import quiet_trainer
 from lightning_mtl import MultiTaskModule, Task
 from lightning_mtl.balancers import Static
 

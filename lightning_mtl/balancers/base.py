@@ -8,6 +8,8 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_mtl.balancers._utils import scalarize
+
 from lightning_mtl.balancers._utils import at_least_float32
 
 
@@ -171,3 +173,30 @@ class GradientBalancer(Balancer):
     def forward(self, G: Tensor) -> Tensor:  # type: ignore[override]  # pragma: no cover - interface
         """The combined direction (length P) for the K × P task-gradient matrix ``G``."""
         raise NotImplementedError
+
+
+class PerTaskScalarizer(Balancer):
+    """A loss-level method built from one torchjd scalarizer per task (``scalarizer(1)`` on one loss).
+
+    One scalarizer per task, rather than one over all K losses, lets an absent task's own term (and
+    its learned parameter's pull) drop out of the step. Subclasses set :attr:`scalarizer`.
+    """
+
+    scalarizer: ClassVar[Callable[[int], nn.Module]]
+
+    def setup(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None) -> None:
+        super().setup(task_names, task_weights)
+        self.terms = nn.ModuleList(self.scalarizer(1) for _ in self.task_names)
+
+    def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        self._require_setup(losses)
+
+        def objective(values: Tensor) -> Tensor:
+            terms = torch.stack([term(values[k : k + 1]) for k, term in enumerate(self.terms)])
+            return (terms * present.to(terms.dtype)).sum()
+
+        return scalarize(objective, losses)
+
+    def reset(self) -> None:
+        for term in self.terms:
+            term.reset()

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Optional
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchjd.scalarization import IMTLL as _TorchjdIMTLL
 
-from lightning_mtl.balancers._utils import scalarize
-from lightning_mtl.balancers.base import Balancer
+from lightning_mtl.balancers.base import PerTaskScalarizer
 
 
-class IMTLL(Balancer):
+class IMTLL(PerTaskScalarizer):
     """IMTL-L, from `Towards Impartial Multi-task Learning <https://openreview.net/forum?id=IMPnRXEWpvr>`_
     (Liu et al., ICLR 2021).
 
@@ -24,24 +20,9 @@ class IMTLL(Balancer):
     module's optimizer. The gradient-balancing half is :class:`~lightning_mtl.balancers.IMTLG`.
     """
 
-    def setup(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None) -> None:
-        super().setup(task_names, task_weights)
-        self.terms = nn.ModuleList(_TorchjdIMTLL(1) for _ in self.task_names)
-
-    def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
-        self._require_setup(losses)
-
-        def objective(values: Tensor) -> Tensor:
-            terms = torch.stack([term(values[k : k + 1]) for k, term in enumerate(self.terms)])
-            return (terms * present.to(terms.dtype)).sum()
-
-        return scalarize(objective, losses)
+    scalarizer = _TorchjdIMTLL
 
     @property
     def log_scales(self) -> Tensor:
         """The learned ``s_k``, one per task."""
         return torch.cat([term.log_scale for term in self.terms])
-
-    def reset(self) -> None:
-        for term in self.terms:
-            term.reset()

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Optional
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchjd.scalarization import UW as _TorchjdUW
 
-from lightning_mtl.balancers._utils import scalarize
-from lightning_mtl.balancers.base import Balancer
+from lightning_mtl.balancers.base import PerTaskScalarizer
 
 
-class UW(Balancer):
+class UW(PerTaskScalarizer):
     """Uncertainty weighting, from `Multi-Task Learning Using Uncertainty to Weigh Losses for Scene
     Geometry and Semantics <https://arxiv.org/abs/1705.07115>`_ (Kendall, Gal & Cipolla, CVPR 2018).
 
@@ -25,24 +21,9 @@ class UW(Balancer):
     initialised to 0, trained by the module's optimizer with the model.
     """
 
-    def setup(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None) -> None:
-        super().setup(task_names, task_weights)
-        self.terms = nn.ModuleList(_TorchjdUW(1) for _ in self.task_names)
-
-    def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
-        self._require_setup(losses)
-
-        def objective(values: Tensor) -> Tensor:
-            terms = torch.stack([term(values[k : k + 1]) for k, term in enumerate(self.terms)])
-            return (terms * present.to(terms.dtype)).sum()
-
-        return scalarize(objective, losses)
+    scalarizer = _TorchjdUW
 
     @property
     def log_vars(self) -> Tensor:
         """The learned ``s_k = log σ_k²``, one per task."""
         return torch.cat([term.log_var for term in self.terms])
-
-    def reset(self) -> None:
-        for term in self.terms:
-            term.reset()

@@ -1,0 +1,517 @@
+"""Step-time cost of every balancer in ``MultiTaskModule``, and of torchjd's own UPGrad / MGDA paths.
+
+Workloads (shared-input batches ``(x, {task: y})``, cross-entropy heads 256→10):
+
+- ``mlp-k2`` / ``mlp-k10``: backbone Linear 256→512→512→256 (ReLU), K = 2 or 10 heads, batch 128;
+- ``cnn-k2``: 1×32×32 input, conv 32, 32, pool, 64, 64, pool (3×3, padding 1, ReLU), flatten,
+  Linear → 256 (ReLU); K = 2 heads, batch 64.
+
+Configurations, all trained with Adam (lr 1e-3) in a plain PyTorch loop, no ``Trainer``:
+
+- ours: ``loss = module.training_step(batch, 0)``, ``loss.backward()``, ``opt.step()``,
+  ``opt.zero_grad()`` (``module.log`` is a no-op). Every balancer available here with
+  ``gradients="parameters"``; gradient-level ones also with ``gradients="representation"``.
+  FAMO's post-step loss update, which ``MultiTaskModule.optimizer_step`` does under a ``Trainer``,
+  is done by the loop after ``opt.step()`` (one extra no-grad forward, part of FAMO's cost).
+- torchjd, UPGrad and MGDA: (a) ``autojac``: ``mtl_backward(losses, features=z)`` then
+  ``jac_to_grad(backbone parameters, UPGrad())``; (b) ``autogram``: the Engine docstring's recipe,
+  ``gramian = engine.compute_gramian(losses)``, ``weights = UPGradWeighting()(gramian)``,
+  ``losses.backward(weights)``, with ``Engine(backbone, batch_dim=None)``: ``batch_dim=0`` rejects the
+  K batch-mean task losses (the tensor it differentiates must be batched like the modules' outputs;
+  the script prints the error). ``--autogram-b0`` adds (c) ``autogram-b0``: ``batch_dim=0`` on the
+  B × K per-sample losses, whose (B·K)² Gramian is summed to the K × K one (slow, off by default).
+
+Before timing, one SGD step of ours (UPGrad / MGDA, parameters mode) is compared with torchjd's on
+the same batch and initial weights: autojac must give the same parameters (backbone and heads);
+autogram the same backbone (its recipe gives head k a ``w_k``-scaled gradient, ours the plain one).
+Balancer/mode pairs that ``MultiTaskModule`` refuses, or that need a missing solver (cvxpy: CAGrad,
+NashMTL), are skipped and listed.
+
+Runs are interleaved: each round runs every configuration of a workload for ``--warmup`` then
+``--steps`` steps (the CNN, ~20x costlier per step: ``--cnn-warmup`` / ``--cnn-steps``), in turn, and
+keeps the median step time. Reported: the median over rounds of each
+configuration's per-round median, and the median over rounds of its per-round ratio to
+``MultiTaskModule`` with static weights.
+
+    python benchmarks/balancers.py                       # defaults: 5 rounds x 30 steps, all workloads
+    python benchmarks/balancers.py --rounds 1 --steps 3 --workloads mlp-k2 --balancers upgrad,mgda
+    python benchmarks/balancers.py --profile mlp-k10:upgrad:parameters,mlp-k10:upgrad:torchjd-autojac --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import importlib.metadata
+import io
+import os
+import platform
+import pstats
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchjd.autogram
+import torchjd.autojac
+from torch import nn
+from torchjd.aggregation import MGDA as TorchjdMGDA
+from torchjd.aggregation import MGDAWeighting, UPGradWeighting
+from torchjd.aggregation import UPGrad as TorchjdUPGrad
+
+from lightning_mtl import MultiTaskModule, Task
+from lightning_mtl.balancers import BALANCERS, Balancer
+
+# ---------------------------------------------------------------------------------------- workloads
+
+
+def mlp_backbone() -> nn.Module:
+    return nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU())
+
+
+def cnn_backbone() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 256), nn.ReLU(),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    num_tasks: int
+    batch: int
+    input_shape: tuple[int, ...]
+    backbone: Callable[[], nn.Module]
+
+    def batches(self, count: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(count):
+            x = torch.randn(self.batch, *self.input_shape, generator=g)
+            labels = {f"t{k}": torch.randint(0, 10, (self.batch,), generator=g) for k in range(self.num_tasks)}
+            out.append((x, labels))
+        return out
+
+
+WORKLOADS = {
+    "mlp-k2": Workload("W-MLP", 2, 128, (256,), mlp_backbone),
+    "mlp-k10": Workload("W-MLP", 10, 128, (256,), mlp_backbone),
+    "cnn-k2": Workload("W-CNN", 2, 64, (1, 32, 32), cnn_backbone),
+}
+
+# ---------------------------------------------------------------------------------------- models
+
+
+class Plain(nn.Module):
+    """Backbone + K heads, for torchjd's own paths (no lightning-mtl code involved)."""
+
+    def __init__(self, backbone: nn.Module, heads: list[nn.Module]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleList(heads)
+
+    def losses(self, batch: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x, labels = batch
+        z = self.backbone(x)
+        return z, [F.cross_entropy(head(z), labels[f"t{k}"]) for k, head in enumerate(self.heads)]
+
+
+def build_module(workload: Workload, balancer: Balancer | None, mode: str) -> MultiTaskModule:
+    torch.manual_seed(0)  # every configuration starts from the same weights
+    tasks = [Task(f"t{k}", nn.Linear(256, 10), nn.CrossEntropyLoss()) for k in range(workload.num_tasks)]
+    module = MultiTaskModule(workload.backbone(), tasks, balancer=balancer, gradients=mode)
+    module.log = lambda *args, **kwargs: None  # no Trainer: logging is a no-op
+    module.train()
+    return module
+
+
+def plain_copy(module: MultiTaskModule) -> Plain:
+    return Plain(copy.deepcopy(module.backbone), [copy.deepcopy(module.heads[name]) for name in module.task_names])
+
+
+def our_step(module: MultiTaskModule, optimizer: torch.optim.Optimizer) -> Callable[[Any], None]:
+    def step(batch: Any) -> None:
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        optimizer.step()
+        if module._last_batch is not None:  # FAMO: what MultiTaskModule.optimizer_step does under a Trainer
+            with torch.no_grad():
+                _, predictions = module._forward_groups(module._groups(module._last_batch))
+                losses = torch.stack([module._loss(*prediction)[0] for prediction in predictions]).float()
+            module.balancer.after_optimizer_step(losses)
+            module._last_batch = None
+        optimizer.zero_grad()
+
+    return step
+
+
+def autojac_step(model: Plain, optimizer: torch.optim.Optimizer, aggregator: Any) -> Callable[[Any], None]:
+    shared = list(model.backbone.parameters())
+
+    def step(batch: Any) -> None:
+        z, losses = model.losses(batch)
+        torchjd.autojac.mtl_backward(losses, features=z)
+        torchjd.autojac.jac_to_grad(shared, aggregator)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def autogram_step(model: Plain, optimizer: torch.optim.Optimizer, weighting: Any) -> Callable[[Any], None]:
+    """The Engine docstring's recipe on the K task losses.
+
+    ``batch_dim=None``: with ``batch_dim=0`` the Engine requires the differentiated tensor to be
+    batched on dim 0 like the modules' outputs, and rejects the K batch-mean losses (see
+    :func:`autogram_batch_dim_error`).
+    """
+    engine = torchjd.autogram.Engine(model.backbone, batch_dim=None)  # once, before any backward
+
+    def step(batch: Any) -> None:
+        _, losses = model.losses(batch)
+        losses = torch.stack(losses)
+        gramian = engine.compute_gramian(losses)
+        weights = weighting(gramian)
+        losses.backward(weights)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def autogram_per_sample_step(model: Plain, optimizer: torch.optim.Optimizer, weighting: Any) -> Callable[[Any], None]:
+    """``Engine(backbone, batch_dim=0)`` on the B × K per-sample losses, reduced to the K × K Gramian.
+
+    The Gramian of the mean losses is ``(1/B²) Σ_{i,j}`` of the (i, j) blocks of the (B·K) × (B·K)
+    per-sample Gramian; the weights then multiply the mean losses, so the update is UPGrad's (MGDA's)
+    on the K task losses, like the other paths.
+    """
+    engine = torchjd.autogram.Engine(model.backbone, batch_dim=0)
+    k = len(model.heads)
+
+    def step(batch: Any) -> None:
+        x, labels = batch
+        z = model.backbone(x)
+        per_sample = torch.stack(
+            [F.cross_entropy(head(z), labels[f"t{i}"], reduction="none") for i, head in enumerate(model.heads)], dim=1
+        )  # B x K
+        b = per_sample.shape[0]
+        gramian = engine.compute_gramian(per_sample).reshape(b, k, b, k).sum(dim=(0, 2)) / b**2
+        weights = weighting(gramian)
+        per_sample.mean(dim=0).backward(weights)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def autogram_batch_dim_error(workload: Workload) -> str:
+    """What ``Engine(backbone, batch_dim=0).compute_gramian(losses)`` says for the K task losses."""
+    model = plain_copy(build_module(workload, None, "parameters"))
+    engine = torchjd.autogram.Engine(model.backbone, batch_dim=0)
+    _, losses = model.losses(workload.batches(1)[0])
+    try:
+        engine.compute_gramian(torch.stack(losses))
+    except Exception as error:  # noqa: BLE001 - reported, not handled
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+PATHS = {"autojac": autojac_step, "autogram": autogram_step, "autogram-b0": autogram_per_sample_step}
+TORCHJD = {  # balancer name -> (aggregator for autojac, weighting for autogram)
+    "upgrad": (TorchjdUPGrad, UPGradWeighting),
+    "mgda": (TorchjdMGDA, MGDAWeighting),
+}
+
+# ---------------------------------------------------------------------------------------- configurations
+
+
+@dataclass
+class Config:
+    workload: str
+    balancer: str  # display name
+    mode: str  # "parameters" / "representation" / "-" (loss level) / torchjd path
+    level: str  # "loss", "gradient" or "torchjd"
+    step: Callable[[Any], None]
+    key: str = ""  # name:mode, for --profile and the comparisons
+    per_round: list[float] = field(default_factory=list)  # median seconds per step, one per round
+    ratios: list[float] = field(default_factory=list)
+
+
+def make_balancer(name: str) -> Balancer | None:
+    """An instance of the registered balancer, or None if its optional solver is missing."""
+    try:
+        return BALANCERS[name]()
+    except ImportError:
+        return None
+
+
+def configurations(
+    workload_key: str, names: list[str], skipped: dict[str, str], paths: tuple[str, ...] = ("autojac", "autogram")
+) -> list[Config]:
+    workload = WORKLOADS[workload_key]
+    configs = []
+    for name in ["static"] + [n for n in names if n != "static"]:
+        probe = make_balancer(name)
+        if probe is None:
+            skipped[name] = "optional solver (cvxpy) not installed"
+            continue
+        display = type(probe).__name__
+        modes = ["-"] if probe.needs == "losses" else ["parameters", "representation"]
+        for mode in modes:
+            balancer = probe if mode == modes[0] else make_balancer(name)
+            try:
+                module = build_module(workload, balancer, "parameters" if mode == "-" else mode)
+            except ValueError as error:  # a combination the module refuses
+                skipped[f"{name} ({mode})"] = f"MultiTaskModule refuses it: {error}"
+                continue
+            optimizer = module.configure_optimizers()
+            level = "loss" if mode == "-" else "gradient"
+            configs.append(Config(workload_key, display, mode, level, our_step(module, optimizer), f"{name}:{mode}"))
+    for name, (aggregator, weighting) in TORCHJD.items():
+        if name not in names:
+            continue
+        display = type(make_balancer(name)).__name__
+        for path in paths:
+            model = plain_copy(build_module(workload, None, "parameters"))
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+            step = PATHS[path](model, optimizer, aggregator() if path == "autojac" else weighting())
+            configs.append(Config(workload_key, display, f"torchjd {path}", "torchjd", step, f"{name}:torchjd-{path}"))
+    return configs
+
+
+# ---------------------------------------------------------------------------------------- equivalence check
+
+
+def check_against_torchjd(workload_key: str, name: str, paths: tuple[str, ...]) -> list[str]:
+    """One SGD step (lr 0.1) of ours (parameters mode) and of each torchjd path, from the same weights."""
+    workload = WORKLOADS[workload_key]
+    batch = workload.batches(1, seed=123)[0]
+    aggregator, weighting = TORCHJD[name]
+    ours = build_module(workload, make_balancer(name), "parameters")
+    theirs = {path: plain_copy(ours) for path in paths}
+    sgd = torch.optim.SGD(ours.parameters(), lr=0.1)
+    ours.training_step(batch, 0).backward()
+    sgd.step()
+    for path, model in theirs.items():
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        PATHS[path](model, sgd, aggregator() if path == "autojac" else weighting())(batch)
+
+    def compare(a: nn.Module, b: nn.Module) -> str:
+        pairs = list(zip(a.parameters(), b.parameters()))
+        worst = max(float((p - q).detach().abs().max()) for p, q in pairs)
+        same = all(torch.allclose(p, q, rtol=1e-4, atol=1e-6) for p, q in pairs)
+        return f"{'allclose' if same else 'DIFFERENT'} (max |Δθ| {worst:.1e})"
+
+    our_heads = nn.ModuleList(ours.heads[n] for n in ours.task_names)
+    lines = []
+    for path, model in theirs.items():
+        note = "" if path == "autojac" else "; expected to differ: torchjd's recipe scales head k's gradient by w_k"
+        lines.append(
+            f"check {workload.name} K={workload.num_tasks} {type(ours.balancer).__name__}, one SGD step, ours "
+            f"(parameters) vs torchjd {path}: backbone {compare(ours.backbone, model.backbone)}, heads "
+            f"{compare(our_heads, model.heads)}{note}"
+        )
+    return lines
+
+
+# ---------------------------------------------------------------------------------------- timing
+
+
+def time_steps(step: Callable[[Any], None], batches: list[Any], warmup: int, steps: int) -> float:
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    times = []
+    for i in range(steps):
+        batch = batches[i % len(batches)]
+        start = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def goal(config: Config, num_tasks: int) -> float | None:
+    if config.level == "loss":
+        return None if config.balancer == "Static" else 1.05
+    if config.mode == "representation":
+        return 1.1 if num_tasks <= 2 else 1.25
+    if config.mode == "parameters":
+        return 2.0 if num_tasks <= 2 else 5.0
+    return None
+
+
+def versions() -> str:
+    return (
+        f"python {platform.python_version()} | torch {torch.__version__} | lightning {L.__version__} | "
+        f"torchjd {importlib.metadata.version('torchjd')}"
+    )
+
+
+def load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def profile(specs: list[str], warmup: int, steps: int, top: int) -> None:
+    """cProfile ``steps`` steps of each ``workload:balancer:mode`` configuration; print the top functions."""
+    for spec in specs:
+        workload_key, name, mode = spec.split(":")
+        configs = [c for c in configurations(workload_key, [name], {}, tuple(PATHS)) if c.key == f"{name}:{mode}"]
+        if not configs:
+            raise SystemExit(
+                f"no configuration {spec!r}; modes: -, parameters, representation, "
+                + ", ".join(f"torchjd-{path}" for path in PATHS)
+            )
+        step = configs[0].step
+        batches = WORKLOADS[workload_key].batches()
+        for i in range(warmup):
+            step(batches[i % len(batches)])
+        profiler = cProfile.Profile()
+        start = time.perf_counter()
+        profiler.enable()
+        for i in range(steps):
+            step(batches[i % len(batches)])
+        profiler.disable()
+        elapsed = (time.perf_counter() - start) / steps * 1e3
+        for sort in ("cumulative", "tottime"):
+            stream = io.StringIO()
+            pstats.Stats(profiler, stream=stream).strip_dirs().sort_stats(sort).print_stats(top)
+            print(f"\n### profile {spec}: {steps} steps, {elapsed:.2f} ms/step (profiled), sorted by {sort}\n")
+            print("```")
+            print(stream.getvalue().strip())
+            print("```")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--cnn-steps", type=int, default=6, help="timed steps per round for cnn-k2")
+    parser.add_argument("--cnn-warmup", type=int, default=2, help="warm-up steps per round for cnn-k2")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, from {list(WORKLOADS)}")
+    parser.add_argument("--balancers", default="all", help="comma-separated names (static is always run), or all")
+    parser.add_argument("--profile", default="", help="comma-separated workload:balancer:mode to cProfile instead")
+    parser.add_argument("--top", type=int, default=25, help="--profile: functions listed")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument(
+        "--autogram-b0",
+        action="store_true",
+        help="also time torchjd's Engine(batch_dim=0) on the B x K per-sample losses (slow: a (BK)^2 Gramian)",
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = ("autojac", "autogram") + (("autogram-b0",) if args.autogram_b0 else ())
+
+    workload_keys = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in workload_keys if w not in WORKLOADS]
+    names = list(BALANCERS) if args.balancers == "all" else [b.strip().lower() for b in args.balancers.split(",")]
+    unknown += [n for n in names if n not in BALANCERS]
+    if unknown:
+        raise SystemExit(f"unknown workload/balancer {unknown}; workloads {list(WORKLOADS)}, balancers {list(BALANCERS)}")
+
+    print(f"# lightning-mtl balancer step times — {datetime.now().isoformat(timespec='seconds')}")
+    print(
+        f"# {platform.platform()} | {platform.processor() or platform.machine()} | {os.cpu_count()} CPUs | "
+        f"torch.get_num_threads() = {torch.get_num_threads()}"
+    )
+    print(f"# {versions()}")
+    print(f"# load average at start (1, 5, 15 min): {load()}")
+    if args.profile:
+        profile([s.strip() for s in args.profile.split(",") if s.strip()], args.warmup, args.steps, args.top)
+        return
+    print(
+        f"# rounds {args.rounds} x steps {args.steps} (warm-up {args.warmup}; cnn {args.cnn_steps}, warm-up "
+        f"{args.cnn_warmup}) | threads {torch.get_num_threads()} | workloads {','.join(workload_keys)} | "
+        f"balancers {args.balancers}"
+    )
+    print()
+    if any(name in names for name in TORCHJD):
+        error = autogram_batch_dim_error(WORKLOADS[workload_keys[0]])
+        print(f"torchjd Engine(backbone, batch_dim=0).compute_gramian(<K task losses>) -> {error}")
+        print("so 'torchjd autogram' uses batch_dim=None (same recipe otherwise)" + (
+            "; 'torchjd autogram-b0' uses batch_dim=0 on the B x K per-sample losses" if args.autogram_b0 else ""
+        ))
+    for workload_key in workload_keys:
+        for name in TORCHJD:
+            if name in names:
+                for line in check_against_torchjd(workload_key, name, paths):
+                    print(line)
+
+    skipped: dict[str, str] = {}
+    plan = {w: configurations(w, names, skipped, paths) for w in workload_keys}
+    batches = {w: WORKLOADS[w].batches() for w in workload_keys}
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    started = time.perf_counter()
+    for r in range(args.rounds):
+        for workload_key, configs in plan.items():
+            cnn = workload_key.startswith("cnn")
+            warmup, steps = (args.cnn_warmup, args.cnn_steps) if cnn else (args.warmup, args.steps)
+            for config in configs:
+                config.per_round.append(time_steps(config.step, batches[workload_key], warmup, steps))
+            static = configs[0].per_round[-1]
+            for config in configs:
+                config.ratios.append(config.per_round[-1] / static)
+        print(f"round {r + 1}/{args.rounds} done ({time.perf_counter() - started:.0f} s, load {load()})", flush=True)
+
+    print()
+    print("| workload | K | balancer | mode | ms/step | ratio to static | goal |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    verdicts = []
+    for workload_key, configs in plan.items():
+        workload = WORKLOADS[workload_key]
+        for config in configs:
+            ms = statistics.median(config.per_round) * 1e3
+            ratio = statistics.median(config.ratios)
+            bound = goal(config, workload.num_tasks)
+            verdict = "" if bound is None else f"≤ {bound:g}× {'pass' if ratio <= bound else 'FAIL'}"
+            if bound is not None:
+                verdicts.append(ratio <= bound)
+            print(
+                f"| {workload.name} | {workload.num_tasks} | {config.balancer} | {config.mode} | {ms:.2f} | "
+                f"{ratio:.2f}× | {verdict} |"
+            )
+    print()
+    print("Ours against torchjd's own paths (median over rounds of the per-round time ratio; < 1: ours faster):")
+    print()
+    print("| workload | K | balancer | ours | torchjd | ours / torchjd | goal |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for workload_key, configs in plan.items():
+        workload = WORKLOADS[workload_key]
+        by_key = {c.key: c for c in configs}
+        for name in TORCHJD:
+            for mode in ("parameters", "representation"):
+                for path in paths:
+                    ours, theirs = by_key.get(f"{name}:{mode}"), by_key.get(f"{name}:torchjd-{path}")
+                    if ours is None or theirs is None:
+                        continue
+                    ratio = statistics.median(a / b for a, b in zip(ours.per_round, theirs.per_round))
+                    like = "" if mode == "parameters" else " (not like-for-like: other Jacobian)"
+                    verdicts.append(ratio < 1)
+                    print(
+                        f"| {workload.name} | {workload.num_tasks} | {ours.balancer} | {mode} | {path} | {ratio:.2f}× | "
+                        f"< 1× {'pass' if ratio < 1 else 'FAIL'}{like} |"
+                    )
+    print()
+    print(
+        f"goals: {sum(verdicts)}/{len(verdicts)} pass | total {time.perf_counter() - started:.0f} s | "
+        f"load average at end: {load()}"
+    )
+
+
+if __name__ == "__main__":
+    main()
