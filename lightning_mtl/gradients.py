@@ -21,7 +21,7 @@ batched (e.g. cuDNN RNNs, reentrant checkpointing).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
@@ -58,6 +58,22 @@ def task_jacobian(losses: Tensor, inputs: Sequence[Tensor]) -> Tensor:
         ],
         dim=1,
     )
+
+
+def head_input_jacobian(losses: Tensor, head_inputs: Sequence[Optional[Tensor]], output: Tensor) -> Tensor:
+    """The K × N Jacobian of ``losses`` w.r.t. the shared backbone ``output``, from one plain backward.
+
+    ``head_inputs[k]`` is the view of ``output`` that task k's head (and only it) reads, or None for a
+    task without a head call this step. Since ``L_k`` depends on ``output`` only through its own view,
+    ``∂L_k/∂output`` is the gradient of ``Σ_j L_j`` w.r.t. that view: no batched backward is needed.
+    """
+    used = [(k, view) for k, view in enumerate(head_inputs) if view is not None]
+    grads = torch.autograd.grad(losses.sum(), [view for _, view in used], retain_graph=True, allow_unused=True)
+    jacobian = losses.new_zeros((losses.shape[0], output.numel()))
+    for (k, _), grad in zip(used, grads):
+        if grad is not None:
+            jacobian[k] = grad.reshape(-1).to(jacobian.dtype)
+    return jacobian
 
 
 def global_gramian(

@@ -18,7 +18,14 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_mtl.balancers import Balancer, Static, resolve_balancer
-from lightning_mtl.gradients import GRADIENT_MODES, GradientMode, flat_dot, global_gramian, task_jacobian
+from lightning_mtl.gradients import (
+    GRADIENT_MODES,
+    GradientMode,
+    flat_dot,
+    global_gramian,
+    head_input_jacobian,
+    task_jacobian,
+)
 from lightning_mtl.task import Task
 
 Stage = Literal["train", "val", "test"]
@@ -111,7 +118,11 @@ class MultiTaskModule(LightningModule):
         return {name: self._head(name, features) for name in self.task_names}
 
     def _head(
-        self, name: str, features: Union[Tensor, Mapping[str, Tensor]], gradient_scales: Optional[Tensor] = None
+        self,
+        name: str,
+        features: Union[Tensor, Mapping[str, Tensor]],
+        gradient_scales: Optional[Tensor] = None,
+        head_inputs: Optional[dict[str, Tensor]] = None,
     ) -> Tensor:
         """Task ``name``'s head on its backbone features.
 
@@ -130,6 +141,8 @@ class MultiTaskModule(LightningModule):
             index = self._task_index[name]
             features = features.view_as(features)
             features.register_hook(lambda grad: grad * gradient_scales[index])
+            if head_inputs is not None:
+                head_inputs[name] = features
         try:
             return self.heads[name](features)
         except RuntimeError as error:
@@ -167,7 +180,10 @@ class MultiTaskModule(LightningModule):
         return groups
 
     def _forward_groups(
-        self, groups: list[_Group], head_gradient_scales: Optional[Tensor] = None
+        self,
+        groups: list[_Group],
+        head_gradient_scales: Optional[Tensor] = None,
+        head_inputs: Optional[dict[str, Tensor]] = None,
     ) -> tuple[list[Any], list[tuple[str, Tensor, Tensor, bool]]]:
         """Run the backbone and the heads on every group of the batch.
 
@@ -186,7 +202,7 @@ class MultiTaskModule(LightningModule):
         for features, (_, labels) in zip(chunks, groups):
             flagged = self._tasks_missing_labels(labels)
             for name, target in labels.items():
-                prediction = self._head(name, features, head_gradient_scales)
+                prediction = self._head(name, features, head_gradient_scales, head_inputs)
                 predictions.append((name, prediction, target, name in flagged))
         return outputs, predictions
 
@@ -241,7 +257,8 @@ class MultiTaskModule(LightningModule):
         groups = self._groups(batch)
         by_gradients = self.balancer.needs != "losses"
         scales = torch.ones(len(self.task_names), device=self.device) if by_gradients else None
-        outputs, predictions = self._forward_groups(groups, scales)
+        head_inputs: dict[str, Tensor] = {}
+        outputs, predictions = self._forward_groups(groups, scales, head_inputs)
         task_losses: dict[str, Tensor] = {}
         counts: dict[str, int] = {}
         for name, prediction, target, maybe_missing in predictions:
@@ -270,7 +287,9 @@ class MultiTaskModule(LightningModule):
             if by_gradients:
                 if not self._is_finite(losses.sum(), losses, batch_idx):
                     return None
-                total, weights = self._gradient_balanced_loss(losses, present, outputs, scales, batch_idx)
+                total, weights = self._gradient_balanced_loss(
+                    losses, present, outputs, scales, batch_idx, head_inputs
+                )
                 if total is None:
                     return None
             else:
@@ -298,7 +317,13 @@ class MultiTaskModule(LightningModule):
         return total
 
     def _gradient_balanced_loss(
-        self, losses: Tensor, present: Tensor, outputs: list[Any], scales: Tensor, batch_idx: int
+        self,
+        losses: Tensor,
+        present: Tensor,
+        outputs: list[Any],
+        scales: Tensor,
+        batch_idx: int,
+        head_inputs: dict[str, Tensor],
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """The loss to back-propagate for a gradient-level balancer, and its task weights (if it has any).
 
@@ -315,7 +340,13 @@ class MultiTaskModule(LightningModule):
             objective = torch.where(present, torch.log(losses + self.balancer.log_eps), 0.0)
         inputs = self._gradient_inputs(outputs)
         loss_scale = self._loss_scale()
-        jacobian = task_jacobian(objective * loss_scale if loss_scale != 1.0 else objective, inputs)
+        scaled = objective * loss_scale if loss_scale != 1.0 else objective
+        if self.gradients == "representation" and len(outputs) == 1:
+            # One shared output read by every head through its own view: row k of the Jacobian is the
+            # gradient reaching head k's view, so one plain backward through the heads gives all rows.
+            jacobian = head_input_jacobian(scaled, [head_inputs.get(name) for name in self.task_names], inputs[0])
+        else:
+            jacobian = task_jacobian(scaled, inputs)
         if loss_scale != 1.0:  # unscale before balancing, like Lightning before clipping
             jacobian = jacobian / loss_scale
         world_size = self._trainer.world_size if self._trainer is not None else 1

@@ -218,3 +218,14 @@ def test_every_balancer_works_with_clipping_and_accumulation(name):
     trainer.fit(module, DataLoader(SharedInput(128), batch_size=16))
     assert trainer.global_step == 8  # 16 micro-batches, 2 per optimizer step
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_representation_jacobian_from_head_views_equals_the_batched_one():
+    from lightning_mtl.gradients import head_input_jacobian, task_jacobian
+
+    torch.manual_seed(0)
+    z = torch.tanh(nn.Linear(4, 6)(torch.randn(5, 4)))
+    views = [z.view_as(z), None, z.view_as(z)]  # task 1 has no head call this step
+    heads = [nn.Linear(6, 2), nn.Linear(6, 1)]
+    losses = torch.stack([heads[0](views[0]).pow(2).mean(), z.new_zeros(()), heads[1](views[2]).sum()])
+    torch.testing.assert_close(head_input_jacobian(losses, views, z), task_jacobian(losses, [z]))
