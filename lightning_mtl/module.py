@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from contextlib import nullcontext
 from functools import partial
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Optional, Union
@@ -97,6 +98,7 @@ class MultiTaskModule(LightningModule):
         self.nonfinite_loss = nonfinite_loss
         self.gradients = gradients
         self._task_index = {name: k for k, name in enumerate(self.task_names)}
+        self._regularization_losses = getattr(backbone, "regularization_losses", None)
         self._last_batch: Any = None
         # torchmetrics objects per stage; deep copies so train/val/test never share state.
         for stage in ("train", "val", "test"):
@@ -282,7 +284,8 @@ class MultiTaskModule(LightningModule):
             losses = torch.stack([task_losses.get(name, zero) for name in self.task_names])
             present = torch.tensor([name in task_losses for name in self.task_names], device=losses.device)
         # Balancing runs in full precision: under autocast a K x K matmul or a solver would run in bf16/fp16.
-        with torch.autocast(losses.device.type, enabled=False):
+        autocast = torch.is_autocast_enabled(losses.device.type)
+        with torch.autocast(losses.device.type, enabled=False) if autocast else nullcontext():
             losses = losses.float()
             if by_gradients:
                 if not self._is_finite(losses.sum(), losses, batch_idx):
@@ -299,10 +302,11 @@ class MultiTaskModule(LightningModule):
         if self.balancer.needs_losses_after_step:
             self._last_batch = batch
         batch_size = max(counts.values())
-        total = total + self._regularization(batch_size)
-
-        combined = total if weights is None else weights.detach() @ losses.detach()
+        combined = weights.detach() @ losses.detach() if by_gradients and weights is not None else total
         self.log("train/loss", combined, prog_bar=True, batch_size=batch_size)
+        if self._regularization_losses is not None:
+            total = total + self._regularization(batch_size)
+
         # Each `self.log` call costs ~0.1 ms; per-task step values only reach the logger on its logging
         # steps (every `log_every_n_steps`), so they are logged only then.
         log_tasks = self._is_logging_step()
@@ -415,11 +419,8 @@ class MultiTaskModule(LightningModule):
 
         Added after balancing: a regulariser is not a task, so balancers never re-weight it.
         """
-        hook = getattr(self.backbone, "regularization_losses", None)
-        if hook is None:
-            return 0.0
         total: Union[Tensor, float] = 0.0
-        for name, value in hook().items():
+        for name, value in self._regularization_losses().items():
             self.log(f"train/{name}", value, batch_size=batch_size)
             total = total + value
         return total
