@@ -81,6 +81,9 @@ class MultiTaskModule(LightningModule):
         self.tasks = _task_registry(tasks)
         self.task_names = list(self.tasks)
         self.backbone = backbone
+        check_tasks = getattr(backbone, "check_tasks", None)
+        if check_tasks is not None:  # a multi-task architecture (MMoE, ...) built for a task list
+            check_tasks(self.task_names)
         self.heads = _module_dict({name: task.head for name, task in self.tasks.items()}, "heads")
         self.losses = _module_dict(
             {name: task.loss for name, task in self.tasks.items() if isinstance(task.loss, nn.Module)}, "losses"

@@ -387,3 +387,11 @@ def test_backbone_regularization_losses_are_added_after_balancing_and_logged(rec
     torch.testing.assert_close(loss, expected)
     quiet_trainer(logger=recording_logger, log_every_n_steps=1).fit(module, DataLoader(data, batch_size=8))
     assert "train/weight_penalty" in recording_logger.keys
+
+
+def test_architecture_built_for_other_tasks_is_refused():
+    from lightning_mtl.architectures import MMoE
+
+    backbone = MMoE(in_features=6, expert_features=8, num_experts=2, tasks=["cls", "depth"])
+    with pytest.raises(ValueError, match=r"\['reg'\]"):
+        MultiTaskModule(backbone, make_tasks(metrics=False))

@@ -5,5 +5,6 @@ from lightning_mtl.datasets.multidigits import (
     MultiDigitsDataModule,
     multidigits_per_task,
 )
+from lightning_mtl.datasets.synthetic_mmoe import SyntheticMMoE
 
-__all__ = ["MultiDigits", "MultiDigitsDataModule", "multidigits_per_task"]
+__all__ = ["MultiDigits", "MultiDigitsDataModule", "SyntheticMMoE", "multidigits_per_task"]
