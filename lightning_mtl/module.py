@@ -110,6 +110,8 @@ class MultiTaskModule(LightningModule):
                 for name, task in self.tasks.items()
             }
             setattr(self, f"{stage}_metrics", nn.ModuleDict(metrics))
+        # (name, metric) pairs per task, looked up once instead of per step (the same Metric objects).
+        self._train_metric_items = {name: list(self.train_metrics[name].items()) for name in self.tasks}
         # Task losses averaged over each evaluation epoch, weighted by labelled samples, synced across ranks.
         for stage in ("val", "test"):
             setattr(self, f"{stage}_task_losses", nn.ModuleDict({name: MeanMetric() for name in self.tasks}))
@@ -273,7 +275,7 @@ class MultiTaskModule(LightningModule):
                 continue
             task_losses[name] = loss
             counts[name] = count
-            for metric_name, metric in self.train_metrics[name].items():
+            for _, metric in self._train_metric_items[name]:
                 metric.update(prediction.detach(), target)
         self._last_batch = None
         if not task_losses:
@@ -316,7 +318,7 @@ class MultiTaskModule(LightningModule):
         for name, loss in task_losses.items():
             if log_tasks:
                 self.log(f"train/{name}/loss", loss, prog_bar=True, batch_size=counts[name])
-            for metric_name, metric in self.train_metrics[name].items():
+            for metric_name, metric in self._train_metric_items[name]:
                 self.log(f"train/{name}/{metric_name}", metric, on_step=False, on_epoch=True)
         if log_tasks and weights is not None and not isinstance(self.balancer, Static):
             for name, weight in zip(self.task_names, weights.detach()):
