@@ -348,6 +348,9 @@ class MultiTaskModule(LightningModule):
         if self.balancer.log_losses:
             objective = torch.where(present, torch.log(losses + self.balancer.log_eps), 0.0)
         inputs = self._gradient_inputs(outputs)
+        if not inputs:  # a frozen backbone (e.g. SequentialTransfer): no shared gradient to balance
+            scales.zero_()
+            return losses.sum(), None
         loss_scale = self._loss_scale()
         scaled = objective * loss_scale if loss_scale != 1.0 else objective
         if self.gradients == "representation" and len(outputs) == 1:
@@ -383,10 +386,7 @@ class MultiTaskModule(LightningModule):
     def _gradient_inputs(self, outputs: list[Any]) -> list[Tensor]:
         """What the task gradients are taken with respect to: shared parameters or backbone outputs."""
         if self.gradients == "parameters":
-            parameters = [p for p in self.backbone.parameters() if p.requires_grad]
-            if not parameters:
-                raise ValueError("gradients='parameters': the backbone has no trainable parameter")
-            return parameters
+            return [p for p in self.backbone.parameters() if p.requires_grad]
         if any(isinstance(output, Mapping) for output in outputs):
             raise ValueError(
                 f"gradients='representation' needs a backbone that returns one shared tensor; "

@@ -229,3 +229,15 @@ def test_representation_jacobian_from_head_views_equals_the_batched_one():
     heads = [nn.Linear(6, 2), nn.Linear(6, 1)]
     losses = torch.stack([heads[0](views[0]).pow(2).mean(), z.new_zeros(()), heads[1](views[2]).sum()])
     torch.testing.assert_close(head_input_jacobian(losses, views, z), task_jacobian(losses, [z]))
+
+
+def test_frozen_backbone_leaves_nothing_to_balance_and_heads_train_plainly():
+    module = make_module(tasks=make_tasks(metrics=False), balancer="mgda", gradients="parameters")
+    module.backbone.requires_grad_(False)  # what SequentialTransfer(mode="freeze") does
+    x, labels = batch()
+    loss = module.training_step((x, labels), 0)
+    loss.backward()
+    assert all(p.grad is None for p in module.backbone.parameters())
+    for name, grads in head_gradients(module, x, labels).items():
+        for got, want in zip(module.heads[name].parameters(), grads):
+            torch.testing.assert_close(got.grad, want)
