@@ -281,13 +281,7 @@ class MultiTaskModule(LightningModule):
         if not task_losses:
             rank_zero_warn(f"step {self.global_step}: no task had a labelled sample; the step is skipped")
             return None
-        if len(task_losses) == len(self.task_names):  # every task present: the common case
-            losses = torch.stack([task_losses[name] for name in self.task_names])
-            present = self._all_present(losses.device)
-        else:
-            zero = next(iter(task_losses.values())).new_zeros(())
-            losses = torch.stack([task_losses.get(name, zero) for name in self.task_names])
-            present = torch.tensor([name in task_losses for name in self.task_names], device=losses.device)
+        losses, present = self._stack_losses(task_losses)
         # Balancing runs in full precision: under autocast a K x K matmul or a solver would run in bf16/fp16.
         autocast = torch.is_autocast_enabled(losses.device.type)
         with torch.autocast(losses.device.type, enabled=False) if autocast else nullcontext():
@@ -410,8 +404,7 @@ class MultiTaskModule(LightningModule):
                 _, predictions = self._forward_groups(self._groups(self._last_batch))
                 losses = [self._loss(*prediction)[0] for prediction in predictions]
                 by_name = {prediction[0]: loss for prediction, loss in zip(predictions, losses) if loss is not None}
-            zero = next(iter(by_name.values())).new_zeros(())
-            self.balancer.after_optimizer_step(torch.stack([by_name.get(n, zero) for n in self.task_names]).float())
+            self.balancer.after_optimizer_step(self._stack_losses(by_name)[0].float())
             self._last_batch = None
 
     def _is_logging_step(self) -> bool:
@@ -429,6 +422,15 @@ class MultiTaskModule(LightningModule):
             self.log(f"train/{name}", value, batch_size=batch_size)
             total = total + value
         return total
+
+    def _stack_losses(self, task_losses: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Task losses in registry order (0 for a task without one) and the mask of tasks that have one."""
+        if len(task_losses) == len(self.task_names):  # every task present: the common case
+            losses = torch.stack([task_losses[name] for name in self.task_names])
+            return losses, self._all_present(losses.device)
+        zero = next(iter(task_losses.values())).new_zeros(())
+        losses = torch.stack([task_losses.get(name, zero) for name in self.task_names])
+        return losses, torch.tensor([name in task_losses for name in self.task_names], device=losses.device)
 
     def _all_present(self, device: torch.device) -> Tensor:
         """A cached all-True task mask (not a buffer: it is no state)."""
