@@ -1,21 +1,30 @@
 """Per-task gradients of the shared part of a multi-task model, and their reduction across DDP ranks.
 
-Two kinds, chosen by ``MultiTaskModule(gradients=...)``:
+The heads of a gradient-balanced step read *detached* copies of the backbone output (one leaf per
+task), so back-propagating ``Σ_k L_k`` through the heads stops at the backbone output and gives, in
+one plain backward, every task's cotangent ``∂L_k/∂output`` (:func:`output_cotangents`). From there:
 
-``"parameters"``
-    the exact Jacobian ``J`` (K × P) of the K task losses with respect to the shared (backbone)
-    parameters. Under DDP the balancer must see the Jacobian of the *global* batch, which is the mean
-    of the ranks' Jacobians: ``J`` itself is all-reduced (a K × P message) before the Gramian
-    ``J Jᵀ`` is formed — averaging per-rank Gramians or per-rank balancer outputs would not be exact.
-``"representation"``
-    the Jacobian with respect to the backbone *output* (MGDA-UB, Sener & Koltun 2018): one batched
-    backward through the heads only, much cheaper. Each rank's representation rows are its own, so the
-    global Gramian is the sum of the local ones divided by ``world_size²`` (the global loss is the
-    mean of the ranks' losses): a K × K message.
+``gradients="parameters"``
+    the exact Jacobian ``J`` (K × P) of the task losses w.r.t. the shared parameters: the K
+    cotangents go back through the *backbone only*, in one batched vector-Jacobian product
+    (``torch.autograd.grad(..., is_grads_batched=True)``), with a loop fallback for modules without a
+    batching rule (cuDNN RNNs, reentrant checkpointing). :func:`parameter_jacobian`.
+``gradients="representation"``
+    the Jacobian w.r.t. the backbone output itself (MGDA-UB, Sener & Koltun 2018): the cotangents
+    are its rows, so it costs one backward through the heads.
 
-Both use one batched vector-Jacobian product (``torch.autograd.grad(..., is_grads_batched=True)``) over
-the K one-hot output gradients, and fall back to K separate backward passes for modules that cannot be
-batched (e.g. cuDNN RNNs, reentrant checkpointing).
+The Jacobian is kept as column blocks (:class:`TaskJacobian`): the Gramian ``J Jᵀ`` is the sum of
+the blocks' Gramians and the combined direction ``Jᵀ w`` is formed block by block, so the K × P
+matrix is never concatenated unless a method needs it whole or DDP must reduce it. The direction
+reaches the shared inputs through the surrogate :func:`surrogate` ``Σ <d, input>``, whose gradient
+is exactly ``d``: the backbone is not back-propagated a second time.
+
+Under DDP the balancer must see the task gradients of the *global* batch. In parameter mode that is
+the mean of the ranks' Jacobians, so ``J`` itself is all-reduced (a K × P message) before the Gramian
+is formed — averaging per-rank Gramians or per-rank balancer outputs would not be exact. In
+representation mode each rank's columns are its own samples, so the global Gramian is the sum of the
+local ones divided by ``world_size²`` (the global loss is the mean of the ranks' losses): a K × K
+message.
 """
 
 from __future__ import annotations
@@ -29,83 +38,165 @@ from torch import Tensor
 GradientMode = Literal["parameters", "representation"]
 GRADIENT_MODES = ("parameters", "representation")
 
+#: Parameters with fewer entries than this share one Jacobian block (one matmul instead of many tiny ones).
+_SMALL_BLOCK = 1 << 14
 
-def task_jacobian(losses: Tensor, inputs: Sequence[Tensor]) -> Tensor:
-    """The K × N Jacobian of the K ``losses`` with respect to ``inputs`` (flattened and concatenated).
 
-    Inputs that a loss does not depend on get zero rows; the graph is kept for the later backward.
+def output_cotangents(
+    total: Tensor, captured: Sequence[Optional[tuple[Tensor, Tensor]]], params: Sequence[Tensor] = ()
+) -> tuple[list[Tensor], list[Tensor], list[tuple[Tensor, Tensor]]]:
+    """One backward of ``total = Σ_j L_j`` through the heads: the task cotangents at the backbone output.
+
+    ``captured[k]`` is ``(output, leaf)`` for task k: the backbone output its head read and the
+    detached leaf it actually read (None for a task without a head call). Since only ``L_k`` depends
+    on leaf k, the gradient there is ``∂L_k/∂output``. Returns the distinct outputs the heads read,
+    for each its cotangent stack of shape ``(K, *output.shape)`` (zero rows for the tasks that do not
+    read it), and ``(parameter, gradient)`` for the ``params`` that the heads' graph reaches (the heads'
+    and loss modules' own parameters): their plain gradients, from the same backward.
     """
-    num_tasks = losses.shape[0]
-    eye = torch.eye(num_tasks, dtype=losses.dtype, device=losses.device)
+    num_tasks = len(captured)
+    used = [(k, pair) for k, pair in enumerate(captured) if pair is not None]
+    leaves = [leaf for _, (_, leaf) in used]
+    grads = torch.autograd.grad(total, [*leaves, *params], allow_unused=True)
+    outputs: list[Tensor] = []
+    cotangents: list[Tensor] = []
+    position: dict[int, int] = {}
+    for (k, (output, _)), grad in zip(used, grads):
+        i = position.get(id(output))
+        if i is None:
+            i = position[id(output)] = len(outputs)
+            outputs.append(output)
+            cotangents.append(output.new_zeros((num_tasks, *output.shape)))
+        if grad is not None:
+            cotangents[i][k] = grad
+    reached = [(p, g) for p, g in zip(params, grads[len(leaves) :]) if g is not None]
+    return outputs, cotangents, reached
+
+
+def parameter_jacobian(outputs: Sequence[Tensor], cotangents: Sequence[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
+    """``∂L_k/∂θ`` for every parameter, shape ``(K, *θ.shape)``: the cotangents back through the backbone.
+
+    One batched backward over the K task cotangents; one backward per task for modules that cannot
+    be batched. Parameters a task does not reach get zero rows.
+    """
+    num_tasks = cotangents[0].shape[0]
     try:
         grads = torch.autograd.grad(
-            losses, inputs, eye, retain_graph=True, allow_unused=True, is_grads_batched=True
+            outputs, params, cotangents, retain_graph=True, allow_unused=True, is_grads_batched=True
         )
     except RuntimeError:  # an operation without a batching rule: one backward pass per task
         rows = [
-            torch.autograd.grad(losses, inputs, eye[k], retain_graph=True, allow_unused=True) for k in range(num_tasks)
+            torch.autograd.grad(outputs, params, [c[k] for c in cotangents], retain_graph=True, allow_unused=True)
+            for k in range(num_tasks)
         ]
         grads = tuple(
-            torch.stack([row[i] if row[i] is not None else torch.zeros_like(x) for row in rows])
+            torch.stack([row[i] if row[i] is not None else torch.zeros_like(p) for row in rows])
             if any(row[i] is not None for row in rows)
             else None
-            for i, x in enumerate(inputs)
+            for i, p in enumerate(params)
         )
-    return torch.cat(
-        [
-            (g if g is not None else x.new_zeros((num_tasks, *x.shape))).reshape(num_tasks, -1).to(losses.dtype)
-            for g, x in zip(grads, inputs)
-        ],
-        dim=1,
-    )
+    return [g if g is not None else p.new_zeros((num_tasks, *p.shape)) for g, p in zip(grads, params)]
 
 
-def head_input_jacobian(losses: Tensor, head_inputs: Sequence[Optional[Tensor]], output: Tensor) -> Tensor:
-    """The K × N Jacobian of ``losses`` w.r.t. the shared backbone ``output``, from one plain backward.
+class TaskJacobian:
+    """The K × N Jacobian of the task losses w.r.t. a list of ``inputs``, kept as column blocks.
 
-    ``head_inputs[k]`` is the view of ``output`` that task k's head (and only it) reads, or None for a
-    task without a head call this step. Since ``L_k`` depends on ``output`` only through its own view,
-    ``∂L_k/∂output`` is the gradient of ``Σ_j L_j`` w.r.t. that view: no batched backward is needed.
+    ``blocks[i]`` (K × n) covers the consecutive inputs ``groups[i]``, flattened in order; consecutive
+    small inputs share a block.
     """
-    used = [(k, view) for k, view in enumerate(head_inputs) if view is not None]
-    grads = torch.autograd.grad(losses.sum(), [view for _, view in used], retain_graph=True, allow_unused=True)
-    jacobian = losses.new_zeros((losses.shape[0], output.numel()))
-    for (k, _), grad in zip(used, grads):
-        if grad is not None:
-            jacobian[k] = grad.reshape(-1).to(jacobian.dtype)
-    return jacobian
+
+    def __init__(self, inputs: Sequence[Tensor], rows: Sequence[Tensor]) -> None:
+        """``rows[j]`` is ``(K, *inputs[j].shape)``: every task's gradient of input j."""
+        self.inputs = list(inputs)
+        self.blocks: list[Tensor] = []
+        self.groups: list[list[Tensor]] = []
+        pending: list[tuple[Tensor, Tensor]] = []
+        for x, row in zip(self.inputs, rows):
+            if x.numel() < _SMALL_BLOCK:
+                pending.append((x, row))
+                continue
+            self._add(pending)
+            pending = []
+            self._add([(x, row)])
+        self._add(pending)
+
+    def _add(self, items: list[tuple[Tensor, Tensor]]) -> None:
+        if not items:
+            return
+        flat = [row.reshape(row.shape[0], -1) for _, row in items]
+        block = flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
+        if block.dtype in (torch.float16, torch.bfloat16):  # balance in float32
+            block = block.float()
+        self.blocks.append(block)
+        self.groups.append([x for x, _ in items])
+
+    @property
+    def num_tasks(self) -> int:
+        return self.blocks[0].shape[0]
+
+    def scale_(self, factor: float) -> None:
+        self.blocks = [block * factor for block in self.blocks]
+
+    def gramian(self) -> Tensor:
+        gramian = self.blocks[0] @ self.blocks[0].T
+        for block in self.blocks[1:]:
+            gramian = gramian + block @ block.T
+        return gramian
+
+    def flat(self) -> Tensor:
+        """The whole K × N matrix (columns in input order)."""
+        return self.blocks[0] if len(self.blocks) == 1 else torch.cat(self.blocks, dim=1)
+
+    def all_reduce_mean(self, all_reduce: Callable[[Tensor, str], Tensor]) -> None:
+        """Replace the Jacobian with its mean over the ranks (one message)."""
+        self.blocks = [all_reduce(self.flat(), "mean")]
+        self.groups = [[x for group in self.groups for x in group]]
+
+    def split(self, direction: Tensor) -> list[Tensor]:
+        """A length-N direction cut into pieces shaped like the inputs."""
+        pieces = torch.split(direction, [x.numel() for x in self.inputs])
+        return [piece.view(x.shape) for piece, x in zip(pieces, self.inputs)]
+
+    def combine(self, weights: Tensor) -> list[Tensor]:
+        """``Jᵀ w``, block by block, as pieces shaped like the inputs."""
+        pieces: list[Tensor] = []
+        for block, group in zip(self.blocks, self.groups):
+            flat = weights.to(block.dtype) @ block
+            if len(group) == 1:
+                pieces.append(flat.view(group[0].shape))
+            else:
+                pieces.extend(p.view(x.shape) for p, x in zip(torch.split(flat, [x.numel() for x in group]), group))
+        return pieces
 
 
 def global_gramian(
-    jacobian: Tensor,
+    jacobian: TaskJacobian,
     mode: GradientMode,
     world_size: int,
     all_reduce: Callable[[Tensor, str], Tensor],
-) -> tuple[Tensor, Tensor]:
-    """The Gramian of the global batch's task gradients, and the Jacobian it came from.
+) -> Tensor:
+    """The Gramian of the global batch's task gradients.
 
     ``all_reduce(tensor, op)`` reduces over the ranks with ``op`` in ``{"mean", "sum"}``. In parameter
-    mode the returned Jacobian is the global one (the same on every rank); in representation mode it is
-    the local one (its columns are this rank's representation entries).
+    mode the Jacobian is replaced in place by the global one (the same on every rank); in
+    representation mode it stays the local one (its columns are this rank's representation entries).
     """
     if world_size <= 1:
-        return jacobian @ jacobian.T, jacobian
+        return jacobian.gramian()
     if mode == "parameters":
-        jacobian = all_reduce(jacobian, "mean")
-        return jacobian @ jacobian.T, jacobian
-    return all_reduce(jacobian @ jacobian.T, "sum") / world_size**2, jacobian
+        jacobian.all_reduce_mean(all_reduce)
+        return jacobian.gramian()
+    return all_reduce(jacobian.gramian(), "sum") / world_size**2
 
 
-def flat_dot(direction: Tensor, inputs: Sequence[Tensor]) -> Tensor:
-    """``Σ_i <direction_i, input_i>`` with ``direction`` split like :func:`task_jacobian`'s columns.
+def surrogate(directions: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
+    """A zero-valued scalar whose gradient w.r.t. ``inputs[i]`` is exactly ``directions[i]`` (detached).
 
-    Back-propagating it puts exactly ``direction`` (detached) into the inputs' gradients: the surrogate
-    through which a non-weighting method's direction reaches Lightning's own backward.
+    Through it the balanced direction (and the heads' plain gradients) reach Lightning's own
+    backward, so DDP gradient sync, AMP loss scaling, clipping and accumulation apply to them like to
+    any gradient. An input listed twice receives the sum of its directions.
     """
-    total = direction.new_zeros(())
-    offset = 0
-    for x in inputs:
-        n = x.numel()
-        total = total + (direction[offset : offset + n].detach().reshape(x.shape).to(x.dtype) * x).sum()
-        offset += n
-    return total
+    total = sum(
+        torch.dot(d.detach().reshape(-1).to(x.dtype), x.reshape(-1)) for d, x in zip(directions, inputs)
+    )
+    return total - total.detach()

@@ -22,10 +22,11 @@ from lightning_mtl.balancers import Balancer, Static, resolve_balancer
 from lightning_mtl.gradients import (
     GRADIENT_MODES,
     GradientMode,
-    flat_dot,
+    TaskJacobian,
     global_gramian,
-    head_input_jacobian,
-    task_jacobian,
+    output_cotangents,
+    parameter_jacobian,
+    surrogate,
 )
 from lightning_mtl.task import Task
 
@@ -128,14 +129,14 @@ class MultiTaskModule(LightningModule):
         self,
         name: str,
         features: Union[Tensor, Mapping[str, Tensor]],
-        gradient_scales: Optional[Tensor] = None,
-        head_inputs: Optional[dict[str, Tensor]] = None,
+        captured: Optional[dict[str, tuple[Tensor, Tensor]]] = None,
     ) -> Tensor:
         """Task ``name``'s head on its backbone features.
 
-        With ``gradient_scales`` (gradient-level balancing), the gradient flowing from this head back
-        into the backbone is multiplied by ``gradient_scales[k]`` (filled in after the forward pass), so
-        the backbone receives ``Σ_k w_k ∂L_k`` while the head keeps its own task's plain gradient.
+        With ``captured`` (gradient-level balancing) the head reads a detached leaf copy of its
+        features, recorded as ``captured[name] = (features, leaf)``: the heads' backward then stops at
+        the backbone output, where it yields each task's own cotangent, and the backbone receives the
+        balanced direction instead (see :mod:`lightning_mtl.gradients`).
         """
         if isinstance(features, Mapping):
             if name not in features:
@@ -144,12 +145,10 @@ class MultiTaskModule(LightningModule):
                     "a backbone returning a dict must have one entry per task"
                 )
             features = features[name]
-        if gradient_scales is not None and features.requires_grad:
-            index = self._task_index[name]
-            features = features.view_as(features)
-            features.register_hook(lambda grad: grad * gradient_scales[index])
-            if head_inputs is not None:
-                head_inputs[name] = features
+        if captured is not None and isinstance(features, Tensor) and features.requires_grad:
+            leaf = features.detach().requires_grad_()
+            captured[name] = (features, leaf)
+            features = leaf
         try:
             return self.heads[name](features)
         except RuntimeError as error:
@@ -189,8 +188,7 @@ class MultiTaskModule(LightningModule):
     def _forward_groups(
         self,
         groups: list[_Group],
-        head_gradient_scales: Optional[Tensor] = None,
-        head_inputs: Optional[dict[str, Tensor]] = None,
+        captured: Optional[dict[str, tuple[Tensor, Tensor]]] = None,
     ) -> tuple[list[Any], list[tuple[str, Tensor, Tensor, bool]]]:
         """Run the backbone and the heads on every group of the batch.
 
@@ -209,7 +207,7 @@ class MultiTaskModule(LightningModule):
         for features, (_, labels) in zip(chunks, groups):
             flagged = self._tasks_missing_labels(labels)
             for name, target in labels.items():
-                prediction = self._head(name, features, head_gradient_scales, head_inputs)
+                prediction = self._head(name, features, captured)
                 predictions.append((name, prediction, target, name in flagged))
         return outputs, predictions
 
@@ -263,9 +261,8 @@ class MultiTaskModule(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
         groups = self._groups(batch)
         by_gradients = self.balancer.needs != "losses"
-        scales = torch.ones(len(self.task_names), device=self.device) if by_gradients else None
-        head_inputs: dict[str, Tensor] = {}
-        outputs, predictions = self._forward_groups(groups, scales, head_inputs)
+        captured: Optional[dict[str, tuple[Tensor, Tensor]]] = {} if by_gradients else None
+        outputs, predictions = self._forward_groups(groups, captured)
         task_losses: dict[str, Tensor] = {}
         counts: dict[str, int] = {}
         for name, prediction, target, maybe_missing in predictions:
@@ -289,9 +286,7 @@ class MultiTaskModule(LightningModule):
             if by_gradients:
                 if not self._is_finite(losses.sum(), losses, batch_idx):
                     return None
-                total, weights = self._gradient_balanced_loss(
-                    losses, present, outputs, scales, batch_idx, head_inputs
-                )
+                total, weights = self._gradient_balanced_loss(losses, present, outputs, captured, batch_idx)
                 if total is None:
                     return None
             else:
@@ -324,70 +319,73 @@ class MultiTaskModule(LightningModule):
         losses: Tensor,
         present: Tensor,
         outputs: list[Any],
-        scales: Tensor,
+        captured: dict[str, tuple[Tensor, Tensor]],
         batch_idx: int,
-        head_inputs: dict[str, Tensor],
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """The loss to back-propagate for a gradient-level balancer, and its task weights (if it has any).
 
-        The task Jacobian (of the shared parameters or of the backbone output) is computed with one
-        batched backward, reduced across DDP ranks, and handed to the balancer. A Gramian weighting
-        ``w`` is applied through the head-gradient ``scales``: the backbone receives ``Σ_k w_k ∂L_k``
-        and each head its own plain gradient. A direction ``d`` from a non-weighting method reaches the
-        shared inputs through the surrogate ``<d, inputs>`` (heads again get their plain gradients).
-        Lightning's own backward then runs as usual, so DDP gradient sync, AMP loss scaling, gradient
-        clipping and accumulation all apply.
+        One backward of ``Σ_k L_k`` through the heads (which read detached features) gives every task's
+        cotangent at the backbone output and the heads' own plain gradients; in parameter mode one
+        batched backward through the backbone turns the cotangents into the task Jacobian of the shared
+        parameters (see :mod:`lightning_mtl.gradients`). The Jacobian is reduced across DDP ranks and
+        handed to the balancer. The returned loss has the value ``Σ_k L_k`` and the gradient of a
+        surrogate that puts the balanced direction (``Jᵀ w`` for a Gramian weighting, the method's own
+        direction otherwise) into the shared parameters (or, in representation mode, into the backbone
+        output, from where Lightning's backward takes it through the backbone once) and each head's
+        plain gradient into the head. Lightning's own backward then runs as usual, so DDP gradient
+        sync, AMP loss scaling, gradient clipping and accumulation all apply.
         """
-        objective = losses
-        if self.balancer.log_losses:
-            objective = torch.where(present, torch.log(losses + self.balancer.log_eps), 0.0)
-        inputs = self._gradient_inputs(outputs)
-        if not inputs:  # a frozen backbone (e.g. SequentialTransfer): no shared gradient to balance
-            scales.zero_()
-            return losses.sum(), None
+        total = losses.sum()
+        if self.gradients == "representation" and any(isinstance(output, Mapping) for output in outputs):
+            raise ValueError(
+                f"gradients='representation' needs a backbone that returns one shared tensor; "
+                f"{type(self.backbone).__name__} returns one tensor per task, so the tasks share no "
+                "representation. Use gradients='parameters'."
+            )
+        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        if not captured or not params:  # a frozen backbone (e.g. SequentialTransfer): nothing shared to balance
+            return total, None
         loss_scale = self._loss_scale()
-        scaled = objective * loss_scale if loss_scale != 1.0 else objective
-        if self.gradients == "representation" and len(outputs) == 1:
-            # One shared output read by every head through its own view: row k of the Jacobian is the
-            # gradient reaching head k's view, so one plain backward through the heads gives all rows.
-            jacobian = head_input_jacobian(scaled, [head_inputs.get(name) for name in self.task_names], inputs[0])
+        features, cotangents, plain = output_cotangents(
+            total * loss_scale if loss_scale != 1.0 else total,
+            [captured.get(name) for name in self.task_names],
+            [p for p in self.parameters() if p.requires_grad],
+        )
+        # the heads' (and loss modules') plain gradients, through the same surrogate as the direction
+        head_params = [p for p, _ in plain]
+        head_grads = [g / loss_scale if loss_scale != 1.0 else g for _, g in plain]
+        if self.balancer.log_losses:  # rows of log(L_k + eps): its gradient is ∂L_k / (L_k + eps)
+            factors = torch.where(present, 1.0 / (losses.detach() + self.balancer.log_eps), 0.0)
+            cotangents = [c * factors.view(-1, *([1] * (c.ndim - 1))).to(c.dtype) for c in cotangents]
+        if self.gradients == "parameters":
+            jacobian = TaskJacobian(params, parameter_jacobian(features, cotangents, params))
         else:
-            jacobian = task_jacobian(scaled, inputs)
+            jacobian = TaskJacobian(features, cotangents)
         if loss_scale != 1.0:  # unscale before balancing, like Lightning before clipping
-            jacobian = jacobian / loss_scale
+            jacobian.scale_(1.0 / loss_scale)
         world_size = self._trainer.world_size if self._trainer is not None else 1
-        gramian, jacobian = global_gramian(jacobian, self.gradients, world_size, self._all_reduce)
+        gramian = global_gramian(jacobian, self.gradients, world_size, self._all_reduce)
         if not bool(torch.isfinite(gramian).all()):  # same verdict on every rank: the Gramian is global
             bad = [name for name, g in zip(self.task_names, gramian.diagonal().tolist()) if not math.isfinite(g)]
             if loss_scale != 1.0:
-                # fp16 overflow: the scaler will skip this step and lower its scale; balancer state untouched
+                # fp16 overflow: the non-finite static direction makes the scaler skip this step and lower
+                # its scale; the balancer is not called, so its state is untouched
                 static = self.balancer.task_weights.to(losses.dtype) * present
-                scales.copy_(static)
-                return losses.sum(), static
+                return total.detach() + surrogate(
+                    [*jacobian.combine(static), *head_grads], [*jacobian.inputs, *head_params]
+                ), static
             message = f"non-finite task gradient for task(s) {bad} at global step {self.global_step} (batch {batch_idx})"
             if self.nonfinite_loss == "skip":
                 rank_zero_warn(message + "; the step is skipped (nonfinite_loss='skip')")
                 return None, None
             raise FloatingPointError(message + ". Check the data and learning rate, or pass nonfinite_loss='skip'.")
         if self.balancer.needs == "gramian":
-            weights = self.balancer.weights(gramian, losses.detach()).to(scales.dtype)
-            scales.copy_(weights)
-            return losses.sum(), weights
-        direction = self.balancer(jacobian)
-        scales.zero_()
-        return losses.sum() + flat_dot(direction, inputs), None
-
-    def _gradient_inputs(self, outputs: list[Any]) -> list[Tensor]:
-        """What the task gradients are taken with respect to: shared parameters or backbone outputs."""
-        if self.gradients == "parameters":
-            return [p for p in self.backbone.parameters() if p.requires_grad]
-        if any(isinstance(output, Mapping) for output in outputs):
-            raise ValueError(
-                f"gradients='representation' needs a backbone that returns one shared tensor; "
-                f"{type(self.backbone).__name__} returns one tensor per task, so the tasks share no "
-                "representation. Use gradients='parameters'."
-            )
-        return list(outputs)
+            weights = self.balancer.weights(gramian, losses.detach())
+            directions = jacobian.combine(weights)
+        else:
+            directions, weights = jacobian.split(self.balancer(jacobian.flat())), None
+        loss = total.detach() + surrogate([*directions, *head_grads], [*jacobian.inputs, *head_params])
+        return loss, weights
 
     def _loss_scale(self) -> float:
         """The GradScaler's current scale under ``16-mixed`` (1.0 otherwise)."""

@@ -183,7 +183,7 @@ def test_stateful_gradient_methods_refuse_representation_mode():
         make_module(balancer="dbmtl", gradients="representation")
 
 
-def test_task_jacobian_falls_back_to_one_backward_per_task(monkeypatch):
+def test_parameter_jacobian_falls_back_to_one_backward_per_task(monkeypatch):
     """When the batched backward is unavailable (an op without a batching rule), K backward passes."""
     from lightning_mtl import gradients
 
@@ -191,9 +191,9 @@ def test_task_jacobian_falls_back_to_one_backward_per_task(monkeypatch):
     linear = nn.Linear(4, 3)
     unused = nn.Parameter(torch.ones(2))
     z = torch.tanh(linear(torch.randn(5, 4)))
-    losses = torch.stack([z[:, 0].pow(2).mean(), z[:, 1:].sum()])
-    inputs = [*linear.parameters(), unused]
-    batched = gradients.task_jacobian(losses, inputs)
+    cotangents = [torch.randn(2, 5, 3)]
+    params = [*linear.parameters(), unused]
+    batched = gradients.parameter_jacobian([z], cotangents, params)
 
     real_grad = torch.autograd.grad
 
@@ -203,12 +203,65 @@ def test_task_jacobian_falls_back_to_one_backward_per_task(monkeypatch):
         return real_grad(*args, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", no_batching)
-    looped = gradients.task_jacobian(losses, inputs)
-    expected = torch.stack(
-        [torch.cat([*(g.flatten() for g in real_grad(loss, list(linear.parameters()), retain_graph=True)), torch.zeros(2)]) for loss in losses]
-    )
-    torch.testing.assert_close(looped, expected)
-    torch.testing.assert_close(batched, expected)
+    looped = gradients.parameter_jacobian([z], cotangents, params)
+    for i, p in enumerate(params):
+        expected = torch.stack(
+            [
+                real_grad(z, p, cotangents[0][k], retain_graph=True)[0] if p is not unused else torch.zeros(2)
+                for k in range(2)
+            ]
+        )
+        torch.testing.assert_close(looped[i], expected)
+        torch.testing.assert_close(batched[i], expected)
+
+
+def test_output_cotangents_are_each_tasks_gradient_of_the_output_it_read():
+    """Shared output read by tasks 0 and 2 (task 1 has no head call), and a second output for task 3."""
+    from lightning_mtl.gradients import output_cotangents
+
+    torch.manual_seed(0)
+    z = torch.tanh(nn.Linear(4, 6)(torch.randn(5, 4)))
+    u = torch.sigmoid(nn.Linear(4, 6)(torch.randn(3, 4)))
+    leaves = {k: t.detach().requires_grad_() for k, t in ((0, z), (2, z), (3, u))}
+    heads = [nn.Linear(6, 2), None, nn.Linear(6, 1), nn.Linear(6, 3)]
+    losses = [heads[0](leaves[0]).pow(2).mean(), heads[2](leaves[2]).sum(), heads[3](leaves[3]).exp().mean()]
+    captured = [(z, leaves[0]), None, (z, leaves[2]), (u, leaves[3])]
+    head_params = [p for head in heads if head is not None for p in head.parameters()]
+    unreached = nn.Parameter(torch.ones(2))
+    expected_leaves = [torch.autograd.grad(loss, leaves[k], retain_graph=True)[0] for loss, k in zip(losses, (0, 2, 3))]
+    expected_params = torch.autograd.grad(sum(losses), head_params, retain_graph=True)
+    outputs, cotangents, reached = output_cotangents(sum(losses), captured, [*head_params, unreached])
+    assert outputs[0] is z and outputs[1] is u
+    assert cotangents[0].shape == (4, 5, 6) and cotangents[1].shape == (4, 3, 6)
+    torch.testing.assert_close(cotangents[0][0], expected_leaves[0])
+    torch.testing.assert_close(cotangents[0][2], expected_leaves[1])
+    torch.testing.assert_close(cotangents[1][3], expected_leaves[2])
+    for i, k in ((0, 1), (0, 3), (1, 0), (1, 1), (1, 2)):
+        assert not cotangents[i][k].any()
+    assert [p for p, _ in reached] == head_params  # the parameter the heads do not use is left out
+    for (_, got), want in zip(reached, expected_params):
+        torch.testing.assert_close(got, want)
+
+
+def test_task_jacobian_blocks_give_the_gramian_and_direction_of_the_whole_matrix():
+    from lightning_mtl.gradients import TaskJacobian, surrogate
+
+    torch.manual_seed(0)
+    inputs = [torch.randn(3), torch.randn(200, 100, requires_grad=True), torch.randn(4, 2), torch.randn(7)]
+    rows = [torch.randn(3, *x.shape) for x in inputs]
+    jacobian = TaskJacobian(inputs, rows)
+    assert len(jacobian.blocks) == 3  # [small], [large], [small, small]
+    whole = torch.cat([r.reshape(3, -1) for r in rows], dim=1)
+    torch.testing.assert_close(jacobian.flat(), whole)
+    torch.testing.assert_close(jacobian.gramian(), whole @ whole.T)
+    weights = torch.tensor([0.2, -1.0, 3.0])
+    for piece, want in zip(jacobian.combine(weights), jacobian.split(weights @ whole)):
+        torch.testing.assert_close(piece, want)
+    params = [torch.randn(x.shape, requires_grad=True) for x in inputs]
+    value = surrogate(jacobian.combine(weights), params)
+    assert value.item() == 0.0
+    value.backward()
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), weights @ whole)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in __import__("lightning_mtl.balancers", fromlist=["BALANCERS"]).BALANCERS if n not in ("cagrad", "nashmtl")))
@@ -218,17 +271,6 @@ def test_every_balancer_works_with_clipping_and_accumulation(name):
     trainer.fit(module, DataLoader(SharedInput(128), batch_size=16))
     assert trainer.global_step == 8  # 16 micro-batches, 2 per optimizer step
     assert all(torch.isfinite(p).all() for p in module.parameters())
-
-
-def test_representation_jacobian_from_head_views_equals_the_batched_one():
-    from lightning_mtl.gradients import head_input_jacobian, task_jacobian
-
-    torch.manual_seed(0)
-    z = torch.tanh(nn.Linear(4, 6)(torch.randn(5, 4)))
-    views = [z.view_as(z), None, z.view_as(z)]  # task 1 has no head call this step
-    heads = [nn.Linear(6, 2), nn.Linear(6, 1)]
-    losses = torch.stack([heads[0](views[0]).pow(2).mean(), z.new_zeros(()), heads[1](views[2]).sum()])
-    torch.testing.assert_close(head_input_jacobian(losses, views, z), task_jacobian(losses, [z]))
 
 
 def test_frozen_backbone_leaves_nothing_to_balance_and_heads_train_plainly():
