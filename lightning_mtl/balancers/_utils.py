@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.util import find_spec
@@ -98,27 +99,30 @@ def global_rng(seed: int, device: torch.device) -> Iterator[None]:
 def scalarize(fn: Callable[[Tensor], Tensor], losses: Tensor) -> tuple[Tensor, Tensor]:
     """Apply a scalarization ``fn`` to ``losses``; return the loss and the weights ``∂fn/∂L_k``.
 
-    ``fn`` runs once, on a detached copy of the losses: its value and its gradient to the balancer's
-    own parameters (UW's log-variances) are exact, the model receives ``Σ_k w_k ∇L_k`` (the chain
-    rule) and the effective weights come for free, for any scalarization wrapped as a black box.
+    ``fn`` runs once, on the losses themselves: its value carries the graph to the model and to the
+    balancer's own parameters (UW's log-variances), so back-propagating it gives the model
+    ``Σ_k w_k ∇L_k`` (the chain rule) and the parameters their exact gradient. The effective weights
+    come from one small ``autograd.grad`` that stops at the losses (it never enters the model's
+    graph), for any scalarization wrapped as a black box. Losses without a graph are differentiated
+    through a detached leaf instead.
     """
     with torch.enable_grad():
-        leaf = losses.detach().requires_grad_(True)
-        value = fn(leaf)
+        inputs = losses if losses.requires_grad else losses.detach().requires_grad_(True)
+        value = fn(inputs)
         if value.requires_grad:
-            (weights,) = torch.autograd.grad(value, leaf, retain_graph=True, allow_unused=True, materialize_grads=True)
+            (weights,) = torch.autograd.grad(
+                value, inputs, retain_graph=True, allow_unused=True, materialize_grads=True
+            )
         else:
-            weights = torch.zeros_like(leaf)
-    weights = weights.detach()
-    return value + (weights * (losses - losses.detach())).sum(), weights
+            weights = torch.zeros_like(inputs)
+    return value, weights.detach()
 
 
 def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
     """Softmax over the entries where ``mask`` is true; zeros elsewhere (and everywhere if none is)."""
-    masked = logits.masked_fill(~mask, float("-inf"))
-    any_present = mask.any()
-    probabilities = torch.softmax(torch.where(any_present, masked, torch.zeros_like(logits)), dim=0)
-    return torch.where(mask, probabilities, torch.zeros_like(probabilities))
+    # Masked entries get exp(-inf) = 0; with no entry left the softmax is NaN, which the where replaces.
+    probabilities = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=0)
+    return torch.where(mask, probabilities, 0.0)
 
 
 def adam_step(tensor: Tensor, grad: Tensor, state: Optional[dict[str, Any]], **options: Any) -> dict[str, Any]:
@@ -137,3 +141,44 @@ def adam_step(tensor: Tensor, grad: Tensor, state: Optional[dict[str, Any]], **o
     optimizer.step()
     tensor.grad = None
     return optimizer.state_dict()
+
+
+class PrivateAdam:
+    """A method's private ``torch.optim.Adam`` on one tensor (FAMO's logits), kept from step to step.
+
+    Like :func:`adam_step`, it lives outside ``configure_optimizers`` (an extra Lightning optimizer
+    would advance ``global_step``), but the optimizer is built once rather than at every step: it is
+    rebuilt, carrying its state over, only when the tensor it updates is another object (the balancer
+    was moved to another device or dtype). :meth:`state_dict` / :meth:`load_state_dict` go in the
+    method's extra state; a loaded state is applied when the optimizer is next built.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self.optimizer: Optional[torch.optim.Adam] = None
+        self.pending: Optional[dict[str, Any]] = None
+
+    def step(self, tensor: Tensor, grad: Tensor) -> None:
+        """One Adam step on ``tensor`` (in place) along ``grad``."""
+        optimizer = self.optimizer
+        if optimizer is None or optimizer.param_groups[0]["params"][0] is not tensor:
+            state = optimizer.state_dict() if optimizer is not None else self.pending
+            optimizer = torch.optim.Adam([tensor], foreach=False, **self.options)
+            if state is not None:
+                optimizer.load_state_dict(state)  # casts the moments to the tensor's device and dtype
+            self.optimizer, self.pending = optimizer, None
+        tensor.grad = grad.to(tensor.dtype)
+        optimizer.step()
+        tensor.grad = None
+
+    def state_dict(self) -> Optional[dict[str, Any]]:
+        """A copy of the optimizer's state (``None`` before the first step)."""
+        if self.optimizer is None:
+            return self.pending
+        return copy.deepcopy(self.optimizer.state_dict())
+
+    def load_state_dict(self, state: Optional[dict[str, Any]]) -> None:
+        self.optimizer, self.pending = None, state
+
+    def reset(self) -> None:
+        self.optimizer = self.pending = None

@@ -176,27 +176,44 @@ class GradientBalancer(Balancer):
 
 
 class PerTaskScalarizer(Balancer):
-    """A loss-level method built from one torchjd scalarizer per task (``scalarizer(1)`` on one loss).
+    """A loss-level method wrapping a torchjd scalarizer with one learned parameter per task (UW, IMTL-L).
 
-    One scalarizer per task, rather than one over all K losses, lets an absent task's own term (and
-    its learned parameter's pull) drop out of the step. Subclasses set :attr:`scalarizer`.
+    One ``scalarizer_class(K)`` over the K losses holds the parameters (one K-vector each: one tensor
+    for the optimizer to update and one scalarizer call per step, whatever K). A task absent from the
+    step (``present[k]`` false) is evaluated at a zero loss and at the neutral parameter value 0, where
+    its term is 0 (checked at :meth:`setup`); ``torch.where`` selects those constants, so the absent
+    task's term, weight and parameter gradient are all exactly 0: its regulariser (UW's ``½ s_k``)
+    does not pull its parameter while it has no data. The scalarizer's own ``forward`` computes the
+    loss, run with the masked parameters through ``torch.func.functional_call``. Subclasses set
+    :attr:`scalarizer_class`.
     """
 
-    scalarizer: ClassVar[Callable[[int], nn.Module]]
+    scalarizer_class: ClassVar[Callable[[int], nn.Module]]
 
     def setup(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None) -> None:
         super().setup(task_names, task_weights)
-        self.terms = nn.ModuleList(self.scalarizer(1) for _ in self.task_names)
+        k = self.num_tasks
+        self.scalarizer = self.scalarizer_class(k)
+        self._parameter_names = [name for name, _ in self.scalarizer.named_parameters()]
+        zeros = {}
+        for name, parameter in self.scalarizer.named_parameters():
+            if parameter.shape != (k,):
+                raise TypeError(f"{type(self).__name__}: parameter {name!r} of shape {tuple(parameter.shape)} is not per task")
+            zeros[name] = torch.zeros_like(parameter)
+        with torch.no_grad():
+            neutral = torch.func.functional_call(self.scalarizer, zeros, (torch.zeros(k),))
+        if neutral.item() != 0:  # the masking below relies on it
+            raise TypeError(f"{type(self).__name__}: the scalarizer's term is not 0 at a zero loss and zero parameters")
 
     def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         self._require_setup(losses)
+        scalarizer = self.scalarizer
 
         def objective(values: Tensor) -> Tensor:
-            terms = torch.stack([term(values[k : k + 1]) for k, term in enumerate(self.terms)])
-            return (terms * present.to(terms.dtype)).sum()
+            parameters = {name: torch.where(present, getattr(scalarizer, name), 0.0) for name in self._parameter_names}
+            return torch.func.functional_call(scalarizer, parameters, (torch.where(present, values, 0.0),))
 
         return scalarize(objective, losses)
 
     def reset(self) -> None:
-        for term in self.terms:
-            term.reset()
+        self.scalarizer.reset()

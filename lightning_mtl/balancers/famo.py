@@ -8,8 +8,8 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._utils import adam_step, check_range, masked_softmax
-from lightning_mtl.balancers.base import Balancer
+from lightning_mtl.balancers._utils import PrivateAdam, check_range, masked_softmax
+from lightning_mtl.balancers.base import Balancer, _identity
 
 
 class FAMO(Balancer):
@@ -47,7 +47,7 @@ class FAMO(Balancer):
         self.lr = check_range("lr", lr, 0.0, open_low=True)
         self.weight_decay = check_range("weight_decay", weight_decay, 0.0)
         self.min_losses = None if min_losses is None else [float(value) for value in min_losses]
-        self._optimizer_state: Optional[dict[str, Any]] = None
+        self._adam = PrivateAdam(lr=self.lr, weight_decay=self.weight_decay)
 
     def setup(self, task_names: Sequence[str], task_weights: Optional[Sequence[float]] = None) -> None:
         super().setup(task_names, task_weights)
@@ -60,31 +60,38 @@ class FAMO(Balancer):
         self.register_buffer("losses_before", torch.zeros(k))
         self.register_buffer("seen_before", torch.zeros(k, dtype=torch.bool))
 
-    def _shifted(self, losses: Tensor, seen: Tensor) -> Tensor:
+    def _mean_losses(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        """The losses that drive the state: reduced over DDP ranks; in a single process, the losses themselves."""
+        if self.all_reduce_mean is _identity:  # what _reduced_losses returns then, without its dozen ops
+            return losses.detach(), present
+        return self._reduced_losses(losses, present)
+
+    def _log_shifted(self, losses: Tensor, seen: Tensor) -> Tensor:
+        """``log(L_k − b_k + ε)`` for the tasks ``seen`` (0 for the others)."""
         shifted = losses - self.lower_bounds.to(losses) + self.eps
-        return torch.where(seen, shifted, torch.ones_like(shifted))
+        return torch.where(seen, shifted, 1.0).log()
 
     def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         self._require_setup(losses)
-        mean, seen = self._reduced_losses(losses, present)
+        mean, seen = self._mean_losses(losses, present)
         z = masked_softmax(self.logits, seen).to(losses)
-        ratio = z / self._shifted(mean, seen).to(losses)
-        weights = ratio / ratio.sum().clamp_min(torch.finfo(ratio.dtype).tiny) * present.to(losses.dtype)
+        shifted = mean - self.lower_bounds.to(mean) + self.eps
+        ratio = z / torch.where(seen, shifted, 1.0).to(losses)  # 0 for tasks not seen
+        weights = ratio / ratio.sum().clamp_min(torch.finfo(ratio.dtype).tiny)
+        weights = torch.where(present, weights, 0.0)
         self.losses_before.copy_(mean)
         self.seen_before.copy_(seen)
-        return (weights * losses).sum(), weights
+        return weights @ losses, weights
 
     def after_optimizer_step(self, losses: Tensor) -> None:
         """Update the logits from this step's losses recomputed on the same batch after the optimizer step."""
         self._require_setup(losses)
-        after, seen_after = self._reduced_losses(losses, self.seen_before)
+        after, seen_after = self._mean_losses(losses, self.seen_before)
         seen = self.seen_before & seen_after
-        delta = torch.log(self._shifted(self.losses_before, seen)) - torch.log(self._shifted(after, seen))
+        delta = self._log_shifted(self.losses_before, seen) - self._log_shifted(after, seen)
         z = masked_softmax(self.logits, self.seen_before)
-        grad = z * (delta - (z * delta).sum())
-        self._optimizer_state = adam_step(
-            self.logits, grad, self._optimizer_state, lr=self.lr, weight_decay=self.weight_decay
-        )
+        grad = z * (delta - z @ delta)
+        self._adam.step(self.logits, grad)
 
     @property
     def task_probabilities(self) -> Tensor:
@@ -95,10 +102,10 @@ class FAMO(Balancer):
         self.logits.zero_()
         self.losses_before.zero_()
         self.seen_before.zero_()
-        self._optimizer_state = None
+        self._adam.reset()
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"optimizer": self._optimizer_state}
+        return {"optimizer": self._adam.state_dict()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self._optimizer_state = state["optimizer"]
+        self._adam.load_state_dict(state["optimizer"])

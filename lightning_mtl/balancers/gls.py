@@ -21,12 +21,16 @@ class GLS(Balancer):
     of present tasks must be strictly positive.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.geometric_mean = GeometricMean()
+
     def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         count = present.sum()
+        exponent = losses.numel() / count.clamp_min(1)  # K / K'
 
         def objective(values: Tensor) -> Tensor:
-            filled = torch.where(present, values, torch.ones_like(values))
-            mean = GeometricMean()(filled) ** (values.numel() / count.clamp_min(1))
-            return torch.where(count > 0, mean, torch.zeros_like(mean))
+            mean = self.geometric_mean(torch.where(present, values, 1.0)) ** exponent
+            return torch.where(count > 0, mean, 0.0)
 
         return scalarize(objective, losses)

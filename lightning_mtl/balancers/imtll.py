@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torchjd.scalarization import IMTLL as _TorchjdIMTLL
 
@@ -20,9 +19,9 @@ class IMTLL(PerTaskScalarizer):
     module's optimizer. The gradient-balancing half is :class:`~lightning_mtl.balancers.IMTLG`.
     """
 
-    scalarizer = _TorchjdIMTLL
+    scalarizer_class = _TorchjdIMTLL
 
     @property
     def log_scales(self) -> Tensor:
         """The learned ``s_k``, one per task."""
-        return torch.cat([term.log_scale for term in self.terms])
+        return self.scalarizer.log_scale

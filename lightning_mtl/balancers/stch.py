@@ -38,16 +38,20 @@ class STCH(Balancer):
         super().setup(task_names, task_weights)
         if self.reference is not None and len(self.reference) != self.num_tasks:
             raise ValueError(f"reference has {len(self.reference)} values for {self.num_tasks} tasks")
+        # Built once; the ideal point is a (non-persistent) buffer, so it follows the module's device.
+        self.scalarizer = _TorchjdSTCH(self.mu)
+        reference = None if self.reference is None else torch.tensor(self.reference)
+        self.register_buffer("reference_point", reference, persistent=False)
 
     def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         self._require_setup(losses)
-        reference = None if self.reference is None else losses.new_tensor(self.reference)
-        scalarizer = _TorchjdSTCH(self.mu, reference=reference)
+        scalarizer = self.scalarizer
+        reference = self.reference_point
+        scalarizer.reference = None if reference is None else reference.to(losses.dtype)
         lowest = torch.finfo(losses.dtype).min / 4
 
         def objective(values: Tensor) -> Tensor:
-            filled = torch.where(present, values, torch.full_like(values, lowest))
-            value = scalarizer(filled)
-            return torch.where(present.any(), value, torch.zeros_like(value))
+            value = scalarizer(torch.where(present, values, lowest))
+            return torch.where(present.any(), value, 0.0)
 
         return scalarize(objective, losses)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torchjd.scalarization import UW as _TorchjdUW
 
@@ -21,9 +20,9 @@ class UW(PerTaskScalarizer):
     initialised to 0, trained by the module's optimizer with the model.
     """
 
-    scalarizer = _TorchjdUW
+    scalarizer_class = _TorchjdUW
 
     @property
     def log_vars(self) -> Tensor:
         """The learned ``s_k = log σ_k²``, one per task."""
-        return torch.cat([term.log_var for term in self.terms])
+        return self.scalarizer.log_var

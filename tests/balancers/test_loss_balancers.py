@@ -43,8 +43,7 @@ def test_weights_are_the_gradient_of_the_loss(cls):
 def test_uw_matches_the_hand_computed_kendall_loss():
     balancer = ready(UW, ["a", "b"])
     with torch.no_grad():
-        balancer.terms[0].log_var.fill_(0.5)
-        balancer.terms[1].log_var.fill_(-1.0)
+        balancer.log_vars.copy_(torch.tensor([0.5, -1.0]))
     losses = torch.tensor([2.0, 3.0])
     total, weights = balancer(losses, torch.tensor([True, True]))
     # torchjd's (Kendall's Eq. 7) convention: ½ e^{-s} L + ½ s.
@@ -52,21 +51,26 @@ def test_uw_matches_the_hand_computed_kendall_loss():
     assert total.item() == pytest.approx(expected, rel=1e-6)
     torch.testing.assert_close(weights, torch.tensor([0.5 * math.exp(-0.5), 0.5 * math.exp(1.0)]))
     total.backward()  # ∂/∂s = ½ (1 − e^{-s} L)
-    assert balancer.terms[0].log_var.grad.item() == pytest.approx(0.5 * (1 - math.exp(-0.5) * 2.0), rel=1e-6)
-    assert [name for name, _ in balancer.named_parameters()] == ["terms.0.log_var", "terms.1.log_var"]
+    grad = balancer.log_vars.grad
+    assert grad[0].item() == pytest.approx(0.5 * (1 - math.exp(-0.5) * 2.0), rel=1e-6)
+    assert grad[1].item() == pytest.approx(0.5 * (1 - math.exp(1.0) * 3.0), rel=1e-6)
+    # one K-vector parameter: one tensor for the optimizer, whatever the number of tasks
+    assert [name for name, _ in balancer.named_parameters()] == ["scalarizer.log_var"]
 
 
 def test_uw_absent_task_leaves_its_log_variance_alone():
     balancer = ready(UW, ["a", "b"])
     total, _ = balancer(torch.tensor([2.0, 0.0]), torch.tensor([True, False]))
     total.backward()
-    assert balancer.terms[1].log_var.grad.item() == 0
+    assert balancer.log_vars.grad[1].item() == 0
+    assert balancer.log_vars.grad[0].item() == pytest.approx(0.5 * (1 - 2.0), rel=1e-6)
+    assert total.item() == pytest.approx(0.5 * 2.0, rel=1e-6)  # the absent task's ½ s term is left out
 
 
 def test_imtll_matches_the_hand_computed_loss():
     balancer = ready(IMTLL, ["a", "b"])
     with torch.no_grad():
-        balancer.terms[0].log_scale.fill_(0.3)
+        balancer.log_scales[0] = 0.3
     total, weights = balancer(torch.tensor([2.0, 3.0]), torch.tensor([True, True]))
     assert total.item() == pytest.approx(math.exp(0.3) * 2.0 - 0.3 + 3.0, rel=1e-6)
     torch.testing.assert_close(weights, torch.tensor([math.exp(0.3), 1.0]))
