@@ -44,7 +44,7 @@ class DBMTL(GradientBalancer):
         present = (G != 0).any(dim=1, keepdim=True)
         if self.ema is None or self.ema.shape != G.shape:
             self.ema = torch.zeros_like(G)
-        self.ema = torch.where(present, self.beta * self.ema + (1 - self.beta) * G, self.ema)
+        self.ema.lerp_(G, present.to(G.dtype) * (1 - self.beta))  # in place; absent rows unchanged
         norms = self.ema.norm(dim=1) * present.squeeze(1)
         scales = torch.where(norms > 0, norms.max() / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
         return scales @ self.ema
