@@ -25,6 +25,8 @@ GRADIENT_LEVEL = [
     name for name in AVAILABLE if BALANCERS[name].needs != "losses" and BALANCERS[name].supports_representation
 ]
 STATEFUL = ["uw", "dwa", "famo", "gradvac", "gradnorm", "rlw", "graddrop", "dbmtl", "imtll"]
+if HAS_SOLVERS:
+    STATEFUL.append("nashmtl")  # warm start and the weights kept between solves
 
 
 def digits_model(balancer, gradients="parameters"):

@@ -36,7 +36,8 @@ class NashMTL(GramianBalancer):
     matrix but uses only ``G Gᵀ`` and ``‖Gᵀ α‖``, so it is a Gramian weighting: it is given a K × K
     factor ``M`` with ``M Mᵀ = G Gᵀ``. The warm start ``α`` is extra state (a resumed run restarts its
     ``update_weights_every`` cycle but keeps the warm start). A step with absent tasks is solved on
-    the present tasks only, without warm start, and leaves the warm start unchanged.
+    the present tasks only, without warm start, and leaves the warm start unchanged. A single task is
+    solved in closed form (``α = 1``, then clipped), since cvxpy rejects the 1 × 1 problem.
 
     Args:
         max_norm: clip ``‖d‖`` to this (0 disables).
@@ -64,6 +65,12 @@ class NashMTL(GramianBalancer):
         ).weighting
 
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
+        if gramian.shape[0] == 1:
+            # One task (cvxpy rejects the 1 x 1 problem): torchjd normalises the Gramian by its norm, so
+            # the bargaining solution is alpha = 1, then clipped like torchjd's to ‖alpha g‖ <= max_norm.
+            norm = gramian[0, 0].sqrt()
+            clip = self.max_norm > 0 and bool(norm > self.max_norm)
+            return (self.max_norm / norm).reshape(1) if clip else torch.ones_like(gramian[0])
         factor = gramian_factor(gramian)
         if not bool(present.all()):
             return self._new_solver(gramian.shape[0])(factor)

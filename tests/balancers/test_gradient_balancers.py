@@ -219,3 +219,13 @@ def test_half_precision_gradients(cls, dtype):
     assert d.dtype == dtype and torch.isfinite(d).all()
     if cls.needs == "gramian":
         assert cls().weights((G @ G.T).to(dtype), torch.ones(3)).dtype == torch.float32
+
+
+def test_nashmtl_single_task_is_the_clipped_gradient():
+    pytest.importorskip("cvxpy")
+    from lightning_mtl.balancers import NashMTL
+
+    g = torch.tensor([[3.0, 4.0]])  # norm 5
+    torch.testing.assert_close(NashMTL(max_norm=1.0)(g), torch.tensor([0.6, 0.8]))
+    torch.testing.assert_close(NashMTL(max_norm=10.0)(g), g[0])
+    torch.testing.assert_close(NashMTL(max_norm=0.0)(g), g[0])
