@@ -385,7 +385,7 @@ class MultiTaskModule(LightningModule):
                 return None, None
             raise FloatingPointError(message + ". Check the data and learning rate, or pass nonfinite_loss='skip'.")
         if self.balancer.needs == "gramian":
-            weights = self.balancer.weights(gramian, losses.detach())
+            weights = self.balancer.weights(gramian, losses.detach(), present)
             directions = jacobian.combine(weights)
         else:
             directions, weights = jacobian.split(self.balancer(jacobian.flat())), None

@@ -136,8 +136,10 @@ class GramianBalancer(Balancer):
 
     needs: ClassVar[str] = "gramian"
 
-    def weights(self, gramian: Tensor, losses: Optional[Tensor] = None) -> Tensor:
-        """The K task weights from the K × K Gramian (``losses`` is used by GradNorm only).
+    def weights(self, gramian: Tensor, losses: Optional[Tensor] = None, present: Optional[Tensor] = None) -> Tensor:
+        """The K task weights from the K × K Gramian (``losses`` and ``present`` are used by GradNorm only).
+
+        ``present`` marks the tasks with a loss on *this* process (the Gramian is global under DDP).
 
         A half-precision Gramian is weighted in float32, and the weights are float32.
         """

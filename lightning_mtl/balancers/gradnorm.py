@@ -25,7 +25,8 @@ class GradNorm(GramianBalancer):
     ``‖∇L_k‖ = √(G Gᵀ)_kk``: the norms of the unweighted task gradients at the layer whose Gramian
     the module passes (the paper uses the last shared layer; the module's representation mode is the
     closest). ``weights(gramian, losses)`` needs the step's losses; ``L_k(0)`` is a task's loss the
-    first time it is present. The losses are reduced over DDP ranks before use. Absent tasks (zero
+    first time it is present. The losses are reduced over DDP ranks before use, each task's over the
+    ranks where it has a loss (``present``; the module passes it). Absent tasks (zero
     gradient) get weight 0, keep their ``w_k`` and are left out of ``Ḡ`` and of the mean loss ratio.
     State (``w``, ``L(0)``, the Adam state) is extra state, created at the first call.
 
@@ -45,7 +46,7 @@ class GradNorm(GramianBalancer):
         self.lr = check_range("lr", lr, 0.0, open_low=True)
         self.reset()
 
-    def weights(self, gramian: Tensor, losses: Optional[Tensor] = None) -> Tensor:
+    def weights(self, gramian: Tensor, losses: Optional[Tensor] = None, present: Optional[Tensor] = None) -> Tensor:
         if losses is None:
             raise ValueError("GradNorm needs the step's task losses: call weights(gramian, losses)")
         if gramian.ndim != 2 or gramian.shape != (losses.shape[0], losses.shape[0]):
@@ -53,8 +54,10 @@ class GradNorm(GramianBalancer):
                 f"gramian must be K x K for K = {losses.shape[0]} losses, got shape {tuple(gramian.shape)}"
             )
         norms = at_least_float32(gramian.detach()).diagonal().clamp_min(0).sqrt()
-        present = norms > 0
-        losses, _ = self._reduced_losses(losses.detach().to(norms.dtype), present)
+        # a task's loss is averaged over the processes that have it (``present``: this process's tasks)
+        local = norms > 0 if present is None else present.to(norms.device)
+        losses, _ = self._reduced_losses(losses.detach().to(norms.dtype), local)
+        present = norms > 0  # the tasks with a gradient in the global batch
         if self.task_weights_ is None or self.task_weights_.shape != norms.shape:
             self.task_weights_ = torch.ones_like(norms)
             self.initial_losses = torch.full_like(norms, float("nan"))

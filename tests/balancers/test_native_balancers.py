@@ -76,3 +76,14 @@ def test_dbmtl_first_steps_by_hand():
 
 def test_dbmtl_asks_for_log_loss_gradients():
     assert DBMTL.log_losses is True and DBMTL.needs == "gradients"
+
+
+def test_gradnorm_averages_a_task_loss_over_the_processes_that_have_it():
+    """Rank 0 has no sample of task b (loss 0, absent); rank 1 has it with loss 2: the mean is 2, not 1."""
+    balancer = GradNorm()
+    balancer.setup(["a", "b"])
+    other_rank = torch.stack([torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0])])  # (loss * mask, mask)
+    balancer.all_reduce_mean = lambda tensor: (tensor + other_rank) / 2
+    gramian = torch.eye(2)  # global: both tasks have a gradient
+    balancer.weights(gramian, torch.tensor([3.0, 0.0]), present=torch.tensor([True, False]))
+    torch.testing.assert_close(balancer.initial_losses, torch.tensor([2.0, 2.0]))
