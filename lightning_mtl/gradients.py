@@ -57,7 +57,10 @@ def output_cotangents(
     num_tasks = len(captured)
     used = [(k, pair) for k, pair in enumerate(captured) if pair is not None]
     leaves = [leaf for _, (_, leaf) in used]
-    grads = torch.autograd.grad(total, [*leaves, *params], allow_unused=True)
+    if total.requires_grad:
+        grads = torch.autograd.grad(total, [*leaves, *params], allow_unused=True)
+    else:  # no task has a loss (a DDP process without labels this step): zero cotangents
+        grads = (None,) * (len(leaves) + len(params))
     outputs: list[Tensor] = []
     cotangents: list[Tensor] = []
     position: dict[int, int] = {}

@@ -118,8 +118,10 @@ class MultiTaskModule(LightningModule):
             setattr(self, f"{stage}_task_losses", nn.ModuleDict({name: MeanMetric() for name in self.tasks}))
         self._seen_tasks: set[str] = set()
         self._all_present_mask: Optional[Tensor] = None
-        # (backbone parameters, all parameters), gathered at the first gradient-balanced step of a fit
+        # (backbone parameters, all parameters), gathered at first use in a fit
         self._parameters_cache: Optional[tuple[tuple[nn.Parameter, ...], tuple[nn.Parameter, ...]]] = None
+        # plain DDP (no find_unused_parameters): every parameter needs a gradient at every step
+        self._ddp_needs_every_parameter = False
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Any) -> dict[str, Tensor]:
@@ -277,9 +279,14 @@ class MultiTaskModule(LightningModule):
             for _, metric in self._train_metric_items[name]:
                 metric.update(prediction.detach(), target)
         self._last_batch = None
-        if not task_losses:
-            rank_zero_warn(f"step {self.global_step}: no task had a labelled sample; the step is skipped")
-            return None
+        empty = not task_losses
+        if empty:
+            if self._trainer is None or self._trainer.world_size == 1:
+                rank_zero_warn(f"step {self.global_step}: no task had a labelled sample; the step is skipped")
+                return None
+            # The other processes run this step's collectives (finiteness flag, Jacobian or Gramian, balancer
+            # state) and backward: this one takes part with every task absent and contributes zero gradients.
+            warnings.warn(f"step {self.global_step}: no task had a labelled sample in this process's batch")
         losses, present = self._stack_losses(task_losses)
         # Balancing runs in full precision: under autocast a K x K matmul or a solver would run in bf16/fp16.
         autocast = torch.is_autocast_enabled(losses.device.type)
@@ -297,9 +304,12 @@ class MultiTaskModule(LightningModule):
                     return None
         if self.balancer.needs_losses_after_step:
             self._last_batch = batch
-        batch_size = max(counts.values())
+        batch_size = max(counts.values(), default=1)
         combined = weights.detach() @ losses.detach() if by_gradients and weights is not None else total
         self.log("train/loss", combined, prog_bar=True, batch_size=batch_size)
+        if empty or (self._ddp_needs_every_parameter and len(task_losses) < len(self.task_names)):
+            # plain DDP fails on a parameter without gradient (an absent task's head, its UW term)
+            total = total + self._zero_touching_parameters()
         if self._regularization_losses is not None:
             total = total + self._regularization(batch_size)
 
@@ -344,9 +354,7 @@ class MultiTaskModule(LightningModule):
                 f"{type(self.backbone).__name__} returns one tensor per task, so the tasks share no "
                 "representation. Use gradients='parameters'."
             )
-        if self._parameters_cache is None:  # walking the module tree costs ~0.2 ms a step
-            self._parameters_cache = (tuple(self.backbone.parameters()), tuple(self.parameters()))
-        backbone_params, all_params = self._parameters_cache
+        backbone_params, all_params = self._parameter_lists()
         params = [p for p in backbone_params if p.requires_grad]
         if not captured or not params:  # a frozen backbone (e.g. SequentialTransfer): nothing shared to balance
             return total, None
@@ -363,7 +371,12 @@ class MultiTaskModule(LightningModule):
             factors = torch.where(present, 1.0 / (losses.detach() + self.balancer.log_eps), 0.0)
             cotangents = [c * factors.view(-1, *([1] * (c.ndim - 1))).to(c.dtype) for c in cotangents]
         if self.gradients == "parameters":
-            jacobian = TaskJacobian(params, parameter_jacobian(features, cotangents, params))
+            rows = (
+                parameter_jacobian(features, cotangents, params)
+                if total.requires_grad
+                else [p.new_zeros((len(self.task_names), *p.shape)) for p in params]  # no task in this process
+            )
+            jacobian = TaskJacobian(params, rows)
         else:
             jacobian = TaskJacobian(features, cotangents)
         if loss_scale != 1.0:  # unscale before balancing, like Lightning before clipping
@@ -391,6 +404,16 @@ class MultiTaskModule(LightningModule):
             directions, weights = jacobian.split(self.balancer(jacobian.flat())), None
         loss = total.detach() + surrogate([*directions, *head_grads], [*jacobian.inputs, *head_params])
         return loss, weights
+
+    def _parameter_lists(self) -> tuple[tuple[nn.Parameter, ...], tuple[nn.Parameter, ...]]:
+        """(backbone parameters, all parameters), gathered once per fit: walking the tree costs ~0.2 ms."""
+        if self._parameters_cache is None:
+            self._parameters_cache = (tuple(self.backbone.parameters()), tuple(self.parameters()))
+        return self._parameters_cache
+
+    def _zero_touching_parameters(self) -> Tensor:
+        """A zero loss whose backward gives every trainable parameter a (zero) gradient."""
+        return sum(p.reshape(-1)[0] for p in self._parameter_lists()[1] if p.requires_grad) * 0.0
 
     def _loss_scale(self) -> float:
         """The GradScaler's current scale under ``16-mixed`` (1.0 otherwise)."""
@@ -431,7 +454,7 @@ class MultiTaskModule(LightningModule):
         if len(task_losses) == len(self.task_names):  # every task present: the common case
             losses = torch.stack([task_losses[name] for name in self.task_names])
             return losses, self._all_present(losses.device)
-        zero = next(iter(task_losses.values())).new_zeros(())
+        zero = next(iter(task_losses.values())).new_zeros(()) if task_losses else torch.zeros((), device=self.device)
         losses = torch.stack([task_losses.get(name, zero) for name in self.task_names])
         return losses, torch.tensor([name in task_losses for name in self.task_names], device=losses.device)
 
@@ -520,6 +543,12 @@ class MultiTaskModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         self._parameters_cache = None
+        strategy = self.trainer.strategy
+        self._ddp_needs_every_parameter = (
+            self.trainer.world_size > 1
+            and isinstance(strategy, DDPStrategy)
+            and not strategy._ddp_kwargs.get("find_unused_parameters", False)
+        )
         if stage == "fit":
             self._check_ddp_unused_parameters()
             self._check_gradient_strategy()

@@ -41,3 +41,20 @@ def test_single_task_sampling_under_plain_ddp_is_refused_with_the_fix(tmp_path):
     assert returncode != 0
     assert "sampling='round_robin' trains one task per step" in output
     assert "ddp_find_unused_parameters_true" in output
+
+
+MISSING_LABELS = Path(__file__).with_name("_ddp_missing_labels_fit.py")
+
+
+@pytest.mark.parametrize("balancer", ["none", "uw", "famo", "mgda", "graddrop"])
+def test_plain_ddp_survives_a_rank_without_labels_of_a_task(tmp_path, balancer):
+    """Rank 0 never has a label of task b and its first batch none at all: plain DDP must not fail on the
+    unused head (or UW parameter), nor hang on the empty step, and the replicas stay identical."""
+    returncode, output = run_script(MISSING_LABELS, tmp_path, balancer)
+    assert returncode == 0, output[-4000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["steps"] == rank1["steps"] == 8  # 32 samples per rank, batch 8, 2 epochs
+    # every rank ran every backward: a rank that skips one leaves the others' all-reduce unmatched
+    assert rank0["backwards"] == rank1["backwards"] == 8
+    assert rank0["parameters"] == pytest.approx(rank1["parameters"], abs=1e-7)
+    assert all(abs(p) < 1e3 for p in rank0["parameters"])

@@ -96,26 +96,33 @@ def global_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def scalarize(fn: Callable[[Tensor], Tensor], losses: Tensor) -> tuple[Tensor, Tensor]:
+def scalarize(fn: Callable[[Tensor], Tensor], losses: Tensor, *, parameters: bool = True) -> tuple[Tensor, Tensor]:
     """Apply a scalarization ``fn`` to ``losses``; return the loss and the weights ``∂fn/∂L_k``.
 
-    ``fn`` runs once, on the losses themselves: its value carries the graph to the model and to the
-    balancer's own parameters (UW's log-variances), so back-propagating it gives the model
-    ``Σ_k w_k ∇L_k`` (the chain rule) and the parameters their exact gradient. The effective weights
-    come from one small ``autograd.grad`` that stops at the losses (it never enters the model's
-    graph), for any scalarization wrapped as a black box. Losses without a graph are differentiated
-    through a detached leaf instead.
+    ``fn`` runs once, as a black box; the effective weights come from one small ``autograd.grad``
+    that stops at the losses (it never enters the model's graph), and the model receives
+    ``Σ_k w_k ∇L_k`` (the chain rule).
+
+    - ``parameters=True`` (``fn`` has learned parameters, e.g. UW's log-variances): ``fn`` runs on the
+      losses themselves and the loss is its value, with its graph, so back-propagating it also gives
+      the parameters their exact gradient.
+    - ``parameters=False``: ``fn`` runs on a detached copy, its graph is freed by the weights'
+      ``autograd.grad``, and the loss is ``fn(L) + w·(L − L)`` (the same value, to the bit): the
+      model's backward then crosses one dot product instead of the scalarization's graph.
     """
     with torch.enable_grad():
-        inputs = losses if losses.requires_grad else losses.detach().requires_grad_(True)
+        inputs = losses if parameters and losses.requires_grad else losses.detach().requires_grad_(True)
         value = fn(inputs)
         if value.requires_grad:
             (weights,) = torch.autograd.grad(
-                value, inputs, retain_graph=True, allow_unused=True, materialize_grads=True
+                value, inputs, retain_graph=parameters, allow_unused=True, materialize_grads=True
             )
         else:
             weights = torch.zeros_like(inputs)
-    return value, weights.detach()
+    weights = weights.detach()
+    if parameters:
+        return value, weights
+    return value.detach() + weights @ (losses - losses.detach()), weights
 
 
 def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:

@@ -33,4 +33,4 @@ class GLS(Balancer):
             mean = self.geometric_mean(torch.where(present, values, 1.0)) ** exponent
             return torch.where(count > 0, mean, 0.0)
 
-        return scalarize(objective, losses)
+        return scalarize(objective, losses, parameters=False)

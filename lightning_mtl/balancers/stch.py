@@ -54,4 +54,4 @@ class STCH(Balancer):
             value = scalarizer(torch.where(present, values, lowest))
             return torch.where(present.any(), value, 0.0)
 
-        return scalarize(objective, losses)
+        return scalarize(objective, losses, parameters=False)

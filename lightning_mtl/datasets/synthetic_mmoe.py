@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Integral, Real
 
 import numpy as np
@@ -25,6 +26,25 @@ def _check_real(name: str, value: object, minimum: float = 0.0, strict: bool = F
     return float(value)
 
 
+def _check_sinusoids(
+    alphas: Sequence[float] | None, betas: Sequence[float] | None, num_sinusoids: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    if alphas is None and betas is None:
+        return None
+    if alphas is None or betas is None:
+        raise ValueError("`alphas` and `betas` must be given together (or neither, to draw them).")
+    arrays = []
+    for name, values in (("alphas", alphas), ("betas", betas)):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise ValueError(f"`{name}` must be a sequence of finite numbers, got {values!r}.")
+        for value in values:
+            _check_real(name, value, minimum=-math.inf)
+        if len(values) != num_sinusoids:
+            raise ValueError(f"`{name}` must have `num_sinusoids` = {num_sinusoids} values, got {len(values)}.")
+        arrays.append(np.asarray(values, dtype=np.float64))
+    return arrays[0], arrays[1]
+
+
 class SyntheticMMoE(Dataset):
     """Two regression tasks whose weight vectors have cosine similarity ``correlation``.
 
@@ -37,15 +57,19 @@ class SyntheticMMoE(Dataset):
     4. labels ``yᵢ = wᵢᵀx + Σ_{j=1..m} sin(αⱼ wᵢᵀx + βⱼ) + εᵢ``, ``εᵢ ~ N(0, 0.01)``.
 
     The paper calls ``αⱼ, βⱼ`` "given parameters that control the shape of the sinusoidal functions"
-    and gives neither them nor ``c`` and ``m`` in the text. Here ``c = scale`` (default 1),
-    ``m = num_sinusoids`` (default 10) and ``αⱼ, βⱼ ~ N(0, sinusoid_std²)`` are drawn once per task
-    pair (default ``sinusoid_std = 0.5``, so the sinusoids bend the labels noticeably; see
-    ``docs/architectures.md``). ``N(0, 0.01)`` is read as variance 0.01, i.e. ``noise_std = 0.1``.
+    and gives no values for them (Google Research's public generator of this data notes the same).
+    Defaults here: ``c = scale = 1`` and ``m = num_sinusoids = 10`` (that generator's defaults), and
+    ``αⱼ, βⱼ ~ N(0, sinusoid_std²)`` with ``sinusoid_std = 1``, drawn once per task pair from ``seed``.
+    Pass ``alphas``/``betas`` to fix them for every seed instead, e.g.
+    ``*SyntheticMMoE.GOOGLE_RESEARCH_SINUSOIDS`` (that generator's ``αⱼ = j``, ``βⱼ = (j - 1)²``).
+    ``N(0, 0.01)`` is read as variance 0.01, i.e. ``noise_std = 0.1`` (that generator uses a standard
+    deviation of 0.01; either way the noise is small next to the labels' variance).
+    ``docs/architectures.md`` says why these values.
 
-    ``seed`` fixes the task pair (``u₁, u₂``, ``αⱼ, βⱼ``); ``sample_seed`` fixes the inputs and
-    noise. Build the train and test sets with the same ``seed`` and different ``sample_seed`` to get
-    the same tasks on different samples. Items are ``(x, {"t1": y₁, "t2": y₂})``, ``float32``, with
-    ``x`` of shape ``(dim,)`` and 0-dim targets.
+    ``seed`` fixes the task pair (``u₁, u₂`` and the drawn ``αⱼ, βⱼ``); ``sample_seed`` fixes the
+    inputs and noise. Build the train and test sets with the same ``seed`` and different
+    ``sample_seed`` to get the same tasks on different samples. Items are ``(x, {"t1": y₁, "t2": y₂})``,
+    ``float32``, with ``x`` of shape ``(dim,)`` and 0-dim targets.
 
     Args:
         n: number of samples.
@@ -57,6 +81,8 @@ class SyntheticMMoE(Dataset):
         num_sinusoids: ``m``.
         sinusoid_std: standard deviation of the ``αⱼ, βⱼ`` draws.
         noise_std: standard deviation of ``εᵢ``.
+        alphas, betas: fixed ``αⱼ`` and ``βⱼ`` (both or neither, ``num_sinusoids`` values each), used
+            for every seed instead of drawing them.
 
     Attributes:
         x: inputs ``(n, dim)``.
@@ -66,6 +92,12 @@ class SyntheticMMoE(Dataset):
     """
 
     TASKS: tuple[str, str] = ("t1", "t2")
+    #: ``(alphas, betas)`` of Google Research's public generator of this data (google-research
+    #: repository): ``αⱼ = j`` and ``βⱼ = (j - 1)²`` for ``j = 1..10``; it notes the paper gives none.
+    GOOGLE_RESEARCH_SINUSOIDS: tuple[tuple[float, ...], tuple[float, ...]] = (
+        tuple(float(j) for j in range(1, 11)),
+        tuple(float((j - 1) ** 2) for j in range(1, 11)),
+    )
 
     def __init__(
         self,
@@ -76,8 +108,10 @@ class SyntheticMMoE(Dataset):
         sample_seed: int | None = None,
         scale: float = 1.0,
         num_sinusoids: int = 10,
-        sinusoid_std: float = 0.5,
+        sinusoid_std: float = 1.0,
         noise_std: float = 0.1,
+        alphas: Sequence[float] | None = None,
+        betas: Sequence[float] | None = None,
     ) -> None:
         n = _check_int("n", n, 1)
         dim = _check_int("dim", dim, 2)
@@ -91,6 +125,7 @@ class SyntheticMMoE(Dataset):
         num_sinusoids = _check_int("num_sinusoids", num_sinusoids, 0)
         sinusoid_std = _check_real("sinusoid_std", sinusoid_std)
         noise_std = _check_real("noise_std", noise_std)
+        given = _check_sinusoids(alphas, betas, num_sinusoids)
         self.correlation, self.seed, self.sample_seed = correlation, seed, sample_seed
 
         tasks = np.random.default_rng([seed, 0])
@@ -100,8 +135,11 @@ class SyntheticMMoE(Dataset):
         u2 /= np.linalg.norm(u2)
         w1 = scale * u1
         w2 = scale * (correlation * u1 + math.sqrt(1.0 - correlation**2) * u2)
-        alphas = tasks.normal(0.0, sinusoid_std, num_sinusoids)
-        betas = tasks.normal(0.0, sinusoid_std, num_sinusoids)
+        if given is None:
+            alphas = tasks.normal(0.0, sinusoid_std, num_sinusoids)
+            betas = tasks.normal(0.0, sinusoid_std, num_sinusoids)
+        else:
+            alphas, betas = given
 
         samples = np.random.default_rng([seed, 1] if sample_seed is None else [seed, 2, sample_seed])
         x = samples.standard_normal((n, dim))
