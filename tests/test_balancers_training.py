@@ -42,16 +42,16 @@ def digits_model(balancer, gradients="parameters"):
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return (
-        DataLoader(
-            MultiDigits("train", size=4000, seed=0),
-            batch_size=32,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(0),
-        ),
-        DataLoader(MultiDigits("val", size=2000, seed=0), batch_size=500),
-    )
+def digit_splits():
+    return MultiDigits("train", size=4000, seed=0), MultiDigits("val", size=2000, seed=0)
+
+
+@pytest.fixture
+def digits(digit_splits):
+    """Fresh loaders per test: the shuffle order must not depend on which tests ran before."""
+    train, val = digit_splits
+    generator = torch.Generator().manual_seed(0)
+    return DataLoader(train, batch_size=32, shuffle=True, generator=generator), DataLoader(val, batch_size=500)
 
 
 @pytest.mark.parametrize("name", AVAILABLE)
