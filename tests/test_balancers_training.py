@@ -111,7 +111,7 @@ def test_grad_scaler_unscales_the_jacobian_before_balancing():
     seen = {}
     for module in (plain, scaled):
         original = module.balancer.weights
-        module.balancer.weights = lambda g, l=None, m=module, f=original: (seen.setdefault(id(m), g), f(g, l))[1]
+        module.balancer.weights = lambda g, l=None, p=None, m=module, f=original: (seen.setdefault(id(m), g), f(g, l, p))[1]
         module.training_step((x, labels), 0)
     # the Gramian the balancer sees is the unscaled one (scaled, it would be 2^24 times larger)
     torch.testing.assert_close(seen[id(plain)], seen[id(scaled)], rtol=1e-4, atol=1e-7)
