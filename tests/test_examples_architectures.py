@@ -20,14 +20,18 @@ def load_example(name):
     return module
 
 
-def test_mmoe_beats_shared_bottom_on_weakly_correlated_tasks():
-    """Ma et al. (2018), Fig. 4a, reduced: p = 0.5, two task pairs, the paper's model sizes."""
-    results = load_example("mmoe_synthetic").main(
-        ["--seeds", "2", "--correlations", "0.5", "--models", "Shared-Bottom", "MMoE"]
-    )
+def test_mmoe_beats_shared_bottom_and_omoe_on_weakly_correlated_tasks():
+    """Ma et al. (2018), Fig. 4, reduced: p = 0.5, four task pairs, 5 of the example's 10 epochs.
+
+    The paper's sizes and the example's protocol otherwise; the assertion is on the measured mean test
+    losses, so it fails if MMoE stops beating either baseline on these task pairs.
+    """
+    results = load_example("mmoe_synthetic").main(["--seeds", "4", "--epochs", "5", "--correlations", "0.5"])
     losses = results[0.5]
-    assert len(losses["MMoE"]) == len(losses["Shared-Bottom"]) == 2
-    assert statistics.fmean(losses["MMoE"]) < statistics.fmean(losses["Shared-Bottom"])
+    assert {model: len(values) for model, values in losses.items()} == {"Shared-Bottom": 4, "OMoE": 4, "MMoE": 4}
+    mmoe = statistics.fmean(losses["MMoE"])
+    assert mmoe < statistics.fmean(losses["Shared-Bottom"])
+    assert mmoe < statistics.fmean(losses["OMoE"])
 
 
 def test_compare_architectures_reports_accuracy_and_parameter_counts():

@@ -47,6 +47,30 @@ def test_seed_fixes_the_tasks_and_sample_seed_the_samples():
     assert torch.equal(SyntheticMMoE(5, 0.5, seed=7).weights[0], train.weights[0])
 
 
+def test_given_sinusoids_are_used_for_every_task_pair():
+    alphas, betas = SyntheticMMoE.GOOGLE_RESEARCH_SINUSOIDS
+    assert alphas == tuple(float(j) for j in range(1, 11)) and betas == tuple(float((j - 1) ** 2) for j in range(1, 11))
+    first = SyntheticMMoE(200, 0.5, dim=20, seed=1, alphas=alphas, betas=betas, noise_std=0.0)
+    second = SyntheticMMoE(200, 0.5, dim=20, seed=2, alphas=alphas, betas=betas, noise_std=0.0)
+    for data in (first, second):
+        assert data.alphas.tolist() == list(alphas) and data.betas.tolist() == list(betas)
+        z = data.x @ data.weights[0]
+        expected = z + torch.sin(z[:, None] * data.alphas + data.betas).sum(dim=1)
+        torch.testing.assert_close(data.targets["t1"], expected, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(first.weights, second.weights)
+    # fixing the sinusoids leaves the task pair's weight vectors and the samples as they were
+    drawn = SyntheticMMoE(200, 0.5, dim=20, seed=1, noise_std=0.0)
+    assert torch.equal(drawn.weights, first.weights) and torch.equal(drawn.x, first.x)
+    assert not torch.equal(drawn.alphas, first.alphas)
+
+
+def test_drawn_sinusoids_scale_with_sinusoid_std():
+    wide = torch.cat([SyntheticMMoE(1, 0.5, seed=s).alphas for s in range(50)])
+    narrow = torch.cat([SyntheticMMoE(1, 0.5, seed=s, sinusoid_std=0.1).alphas for s in range(50)])
+    assert 0.8 < wide.std().item() < 1.2  # N(0, 1) by default
+    torch.testing.assert_close(narrow, wide * 0.1)
+
+
 def test_label_correlation_decreases_with_the_task_correlation():
     correlations = [SyntheticMMoE(10_000, p, seed=2).label_correlation() for p in (1.0, 0.9, 0.5, 0.0)]
     assert correlations[0] > 0.98  # identical tasks up to the noise (how much depends on the seed's sinusoids)
@@ -77,6 +101,10 @@ def test_items_batch_into_shared_input_form():
         ({"sample_seed": 1.5}, "`sample_seed` must be an int >= 0"),
         ({"noise_std": -0.1}, "`noise_std` must be >= 0"),
         ({"num_sinusoids": -1}, "`num_sinusoids` must be an int >= 0"),
+        ({"alphas": [1.0] * 10}, "`alphas` and `betas` must be given together"),
+        ({"alphas": [1.0] * 10, "betas": [0.0] * 9}, "`betas` must have `num_sinusoids` = 10 values, got 9"),
+        ({"alphas": [1.0, math.inf], "betas": [0.0, 0.0], "num_sinusoids": 2}, "`alphas` must be a finite number"),
+        ({"alphas": "ab", "betas": "cd", "num_sinusoids": 2}, "`alphas` must be a sequence of finite numbers"),
     ],
 )
 def test_bad_arguments(kwargs, match):
