@@ -96,33 +96,47 @@ def global_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def scalarize(fn: Callable[[Tensor], Tensor], losses: Tensor, *, parameters: bool = True) -> tuple[Tensor, Tensor]:
+def all_present(present: Tensor) -> bool:
+    """Whether every task is present, when that is known without a device synchronisation.
+
+    Loss-level methods take a shorter path (fewer small ops) in the common step where every task has
+    data. A CPU mask is read directly (no device to wait for); for a mask on an accelerator this
+    returns ``False`` without reading it, and the caller takes its general, mask-aware path, which
+    gives the same result.
+    """
+    return present.device.type == "cpu" and bool(present.all())
+
+
+def reduced_losses(balancer: Any, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+    """``balancer._reduced_losses(losses, present)``: the losses that drive a method's state, reduced over
+    DDP ranks. In a single process (``all_reduce_mean`` is the identity) that is ``(losses, present)``
+    (detached), returned without the reduction's dozen small ops."""
+    from lightning_mtl.balancers.base import _identity  # base imports this module
+
+    if balancer.all_reduce_mean is _identity:
+        return losses.detach(), present
+    return balancer._reduced_losses(losses, present)
+
+
+def scalarize(fn: Callable[[Tensor], Tensor], losses: Tensor) -> tuple[Tensor, Tensor]:
     """Apply a scalarization ``fn`` to ``losses``; return the loss and the weights ``∂fn/∂L_k``.
 
-    ``fn`` runs once, as a black box; the effective weights come from one small ``autograd.grad``
-    that stops at the losses (it never enters the model's graph), and the model receives
-    ``Σ_k w_k ∇L_k`` (the chain rule).
-
-    - ``parameters=True`` (``fn`` has learned parameters, e.g. UW's log-variances): ``fn`` runs on the
-      losses themselves and the loss is its value, with its graph, so back-propagating it also gives
-      the parameters their exact gradient.
-    - ``parameters=False``: ``fn`` runs on a detached copy, its graph is freed by the weights'
-      ``autograd.grad``, and the loss is ``fn(L) + w·(L − L)`` (the same value, to the bit): the
-      model's backward then crosses one dot product instead of the scalarization's graph.
+    ``fn`` runs once, as a black box, on the losses themselves: the loss is its value, with its graph,
+    so back-propagating it gives the model ``Σ_k w_k ∇L_k`` (the chain rule) and ``fn``'s learned
+    parameters (UW's log-variances) their exact gradient. The effective weights come from one small
+    ``autograd.grad`` that stops at the losses (it never enters the model's graph); losses without a
+    graph are differentiated through a detached leaf. That call costs a few percent of a small
+    model's step (the autograd engine runs cold after the forward pass), so the built-in methods give
+    their weights in closed form and use this only as the generic fallback.
     """
     with torch.enable_grad():
-        inputs = losses if parameters and losses.requires_grad else losses.detach().requires_grad_(True)
+        inputs = losses if losses.requires_grad else losses.detach().requires_grad_(True)
         value = fn(inputs)
         if value.requires_grad:
-            (weights,) = torch.autograd.grad(
-                value, inputs, retain_graph=parameters, allow_unused=True, materialize_grads=True
-            )
+            (weights,) = torch.autograd.grad(value, inputs, retain_graph=True, allow_unused=True, materialize_grads=True)
         else:
             weights = torch.zeros_like(inputs)
-    weights = weights.detach()
-    if parameters:
-        return value, weights
-    return value.detach() + weights @ (losses - losses.detach()), weights
+    return value, weights.detach()
 
 
 def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_mtl.balancers._utils import scalarize
+from lightning_mtl.balancers._utils import all_present, scalarize
 
 from lightning_mtl.balancers._utils import at_least_float32
 
@@ -186,7 +186,13 @@ class PerTaskScalarizer(Balancer):
     its term is 0 (checked at :meth:`setup`); ``torch.where`` selects those constants, so the absent
     task's term, weight and parameter gradient are all exactly 0: its regulariser (UW's ``½ s_k``)
     does not pull its parameter while it has no data. The scalarizer's own ``forward`` computes the
-    loss, run with the masked parameters through ``torch.func.functional_call``. Subclasses set
+    loss, with its graph (the model and the parameters get torchjd's gradient), run with the masked
+    parameters through ``torch.func.functional_call``; in a step where every task is present (see
+    :func:`~lightning_mtl.balancers._utils.all_present`) the scalarizer is simply called.
+
+    The returned weights ``∂loss/∂L_k`` come from :meth:`_weights` when a subclass gives them in
+    closed form (a separate ``autograd.grad`` costs a few percent of a small model's step), else
+    from autograd (:func:`~lightning_mtl.balancers._utils.scalarize`). Subclasses set
     :attr:`scalarizer_class`.
     """
 
@@ -207,15 +213,31 @@ class PerTaskScalarizer(Balancer):
         if neutral.item() != 0:  # the masking below relies on it
             raise TypeError(f"{type(self).__name__}: the scalarizer's term is not 0 at a zero loss and zero parameters")
 
+    def _weights(self, parameters: dict[str, Tensor]) -> Optional[Tensor]:
+        """The weights ``∂loss/∂L_k`` in closed form from the (detached) parameters, or ``None`` for autograd."""
+        return None
+
     def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         self._require_setup(losses)
         scalarizer = self.scalarizer
-
-        def objective(values: Tensor) -> Tensor:
+        every = all_present(present)
+        if every:  # the common step: the scalarizer itself, with its own parameters
+            parameters = {name: getattr(scalarizer, name) for name in self._parameter_names}
+        else:
             parameters = {name: torch.where(present, getattr(scalarizer, name), 0.0) for name in self._parameter_names}
-            return torch.func.functional_call(scalarizer, parameters, (torch.where(present, values, 0.0),))
+        weights = self._weights({name: parameter.detach() for name, parameter in parameters.items()})
+        if weights is None:
 
-        return scalarize(objective, losses)
+            def objective(values: Tensor) -> Tensor:
+                if every:
+                    return scalarizer(values)
+                return torch.func.functional_call(scalarizer, parameters, (torch.where(present, values, 0.0),))
+
+            return scalarize(objective, losses)
+        if every:
+            return scalarizer(losses), weights.to(losses.dtype)
+        value = torch.func.functional_call(scalarizer, parameters, (torch.where(present, losses, 0.0),))
+        return value, torch.where(present, weights, 0.0).to(losses.dtype)
 
     def reset(self) -> None:
         self.scalarizer.reset()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._utils import check_range
+from lightning_mtl.balancers._utils import all_present, check_range, reduced_losses
 from lightning_mtl.balancers.base import Balancer
 
 
@@ -42,14 +42,36 @@ class DWA(Balancer):
         self.register_buffer("loss_count", torch.zeros(k))
         self.register_buffer("history", torch.full((2, k), float("nan")))  # epoch means: [t-2, t-1]
         self.register_buffer("epochs", torch.zeros((), dtype=torch.long))
+        self._weights_cache: Optional[tuple[Any, ...]] = None
 
     def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         self._require_setup(losses)
-        weights = self.current_weights().to(losses) * present.to(losses.dtype)
-        mean, seen = self._reduced_losses(losses, present)
-        self.loss_sum += torch.where(seen, mean, 0.0).to(self.loss_sum.dtype)
-        self.loss_count += seen.to(self.loss_count.dtype)
-        return (weights * losses).sum(), weights
+        weights = self._epoch_weights().to(losses, copy=True)
+        mean, seen = reduced_losses(self, losses, present)
+        if all_present(seen) and (present is seen or all_present(present)):  # the common step: no masks
+            self.loss_sum += mean.to(self.loss_sum.dtype)
+            self.loss_count += 1
+        else:
+            weights = weights * present.to(losses.dtype)
+            self.loss_sum += torch.where(seen, mean, 0.0).to(self.loss_sum.dtype)
+            self.loss_count += seen.to(self.loss_count.dtype)
+        return weights @ losses, weights
+
+    def _epoch_weights(self) -> Tensor:
+        """:meth:`current_weights`, recomputed only when the history changes (a new epoch, a reset, a
+        loaded state, another device): tracked by the buffers' identity and in-place version counter."""
+        history, epochs, cache = self.history, self.epochs, self._weights_cache
+        if history.is_inference() or epochs.is_inference():  # no version counter to track
+            return self.current_weights()
+        if (
+            cache is None
+            or cache[0] is not history
+            or cache[1] != history._version
+            or cache[2] is not epochs
+            or cache[3] != epochs._version
+        ):
+            cache = self._weights_cache = (history, history._version, epochs, epochs._version, self.current_weights())
+        return cache[4]
 
     def current_weights(self) -> Tensor:
         """``λ(t)`` for every task, from the last two completed epochs (1 before two epochs)."""

@@ -8,8 +8,14 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._utils import PrivateAdam, check_range, masked_softmax
-from lightning_mtl.balancers.base import Balancer, _identity
+from lightning_mtl.balancers._utils import (
+    PrivateAdam,
+    all_present,
+    check_range,
+    masked_softmax,
+    reduced_losses,
+)
+from lightning_mtl.balancers.base import Balancer
 
 
 class FAMO(Balancer):
@@ -24,7 +30,9 @@ class FAMO(Balancer):
     ``δ_k = log(L_k^before − b_k + ε) − log(L_k^after − b_k + ε)``, ``ξ`` takes one Adam step along
     ``∇_ξ (zᵀ δ) = z ⊙ (δ − zᵀδ)`` with weight decay ``γ`` (the paper's Algorithm 2): tasks that
     improved less than average gain weight. The loss returned by ``forward`` is ``Σ_k w_k L_k`` (same
-    gradient as FAMO's objective; its value is a weighted mean of the losses).
+    gradient as FAMO's objective; its value is a weighted mean of the losses). The recompute is one
+    extra forward pass per step, most of FAMO's cost; the next step's losses (another batch) are not
+    a faithful substitute for it (see ``docs/balancers.md``), so there is no such option.
 
     Implemented here rather than wrapping ``torchjd.scalarization.FAMO``: that class keeps its
     logits as an ``nn.Parameter`` that gets no gradient in the model's backward (which DDP rejects)
@@ -60,25 +68,23 @@ class FAMO(Balancer):
         self.register_buffer("losses_before", torch.zeros(k))
         self.register_buffer("seen_before", torch.zeros(k, dtype=torch.bool))
 
-    def _mean_losses(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
-        """The losses that drive the state: reduced over DDP ranks; in a single process, the losses themselves."""
-        if self.all_reduce_mean is _identity:  # what _reduced_losses returns then, without its dozen ops
-            return losses.detach(), present
-        return self._reduced_losses(losses, present)
-
-    def _log_shifted(self, losses: Tensor, seen: Tensor) -> Tensor:
-        """``log(L_k − b_k + ε)`` for the tasks ``seen`` (0 for the others)."""
+    def _log_shifted(self, losses: Tensor, seen: Optional[Tensor] = None) -> Tensor:
+        """``log(L_k − b_k + ε)``; with ``seen``, for the tasks seen only (0 for the others)."""
         shifted = losses - self.lower_bounds.to(losses) + self.eps
-        return torch.where(seen, shifted, 1.0).log()
+        return (shifted if seen is None else torch.where(seen, shifted, 1.0)).log()
 
     def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         self._require_setup(losses)
-        mean, seen = self._mean_losses(losses, present)
-        z = masked_softmax(self.logits, seen).to(losses)
+        mean, seen = reduced_losses(self, losses, present)
+        every = all_present(seen)  # the common step takes the path without masks
         shifted = mean - self.lower_bounds.to(mean) + self.eps
-        ratio = z / torch.where(seen, shifted, 1.0).to(losses)  # 0 for tasks not seen
+        if every:
+            ratio = torch.softmax(self.logits, dim=0).to(losses) / shifted.to(losses)
+        else:
+            ratio = masked_softmax(self.logits, seen).to(losses) / torch.where(seen, shifted, 1.0).to(losses)
         weights = ratio / ratio.sum().clamp_min(torch.finfo(ratio.dtype).tiny)
-        weights = torch.where(present, weights, 0.0)
+        if not (every and (present is seen or all_present(present))):
+            weights = torch.where(present, weights, 0.0)
         self.losses_before.copy_(mean)
         self.seen_before.copy_(seen)
         return weights @ losses, weights
@@ -86,10 +92,15 @@ class FAMO(Balancer):
     def after_optimizer_step(self, losses: Tensor) -> None:
         """Update the logits from this step's losses recomputed on the same batch after the optimizer step."""
         self._require_setup(losses)
-        after, seen_after = self._mean_losses(losses, self.seen_before)
-        seen = self.seen_before & seen_after
-        delta = self._log_shifted(self.losses_before, seen) - self._log_shifted(after, seen)
-        z = masked_softmax(self.logits, self.seen_before)
+        seen_before = self.seen_before
+        after, seen_after = reduced_losses(self, losses, seen_before)
+        if all_present(seen_before) and (seen_after is seen_before or all_present(seen_after)):
+            z = torch.softmax(self.logits, dim=0)
+            delta = self._log_shifted(self.losses_before) - self._log_shifted(after)
+        else:
+            seen = seen_before & seen_after
+            z = masked_softmax(self.logits, seen_before)
+            delta = self._log_shifted(self.losses_before, seen) - self._log_shifted(after, seen)
         grad = z * (delta - z @ delta)
         self._adam.step(self.logits, grad)
 

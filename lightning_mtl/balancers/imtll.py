@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torchjd.scalarization import IMTLL as _TorchjdIMTLL
 
@@ -14,12 +15,17 @@ class IMTLL(PerTaskScalarizer):
 
     Each task has a learned scale ``s_k`` and the loss is ``Σ_k e^{s_k} L_k − s_k``: at the optimum
     over ``s_k`` every scaled loss ``e^{s_k} L_k`` equals 1, so all tasks keep the same scale. Wraps
-    ``torchjd.scalarization.IMTLL``, one ``IMTLL(1)`` per task so that an absent task's term
-    (``−s_k``) is left out. The ``s_k`` are ``nn.Parameter`` s, initialised to 0, trained by the
-    module's optimizer. The gradient-balancing half is :class:`~lightning_mtl.balancers.IMTLG`.
+    ``torchjd.scalarization.IMTLL``: one ``IMTLL(K)`` over the K losses, with an absent task masked
+    out so that its term (``−s_k``) is left out (see
+    :class:`~lightning_mtl.balancers.base.PerTaskScalarizer`). The ``s_k`` are one K-vector
+    ``nn.Parameter`` (:attr:`log_scales`), initialised to 0, trained by the module's optimizer. The
+    gradient-balancing half is :class:`~lightning_mtl.balancers.IMTLG`.
     """
 
     scalarizer_class = _TorchjdIMTLL
+
+    def _weights(self, parameters: dict[str, Tensor]) -> Tensor:
+        return torch.exp(parameters["log_scale"])  # ∂/∂L_k of e^{s_k} L_k − s_k
 
     @property
     def log_scales(self) -> Tensor:

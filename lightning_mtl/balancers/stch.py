@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torchjd.scalarization import STCH as _TorchjdSTCH
 
-from lightning_mtl.balancers._utils import check_range, scalarize
+from lightning_mtl.balancers._utils import all_present, at_least_float32, check_range
 from lightning_mtl.balancers.base import Balancer
 
 
@@ -47,11 +47,19 @@ class STCH(Balancer):
         self._require_setup(losses)
         scalarizer = self.scalarizer
         reference = self.reference_point
-        scalarizer.reference = None if reference is None else reference.to(losses.dtype)
-        lowest = torch.finfo(losses.dtype).min / 4
-
-        def objective(values: Tensor) -> Tensor:
-            value = scalarizer(torch.where(present, values, lowest))
-            return torch.where(present.any(), value, 0.0)
-
-        return scalarize(objective, losses, parameters=False)
+        if reference is not None:
+            reference = scalarizer.reference = reference.to(losses.dtype)
+        every = all_present(present)
+        values = losses if every else torch.where(present, losses, torch.finfo(losses.dtype).min / 4)
+        # torchjd's scalarization, with its graph: the model's gradient comes from torchjd's own math.
+        value = scalarizer(values)
+        # The effective weights ∂value/∂L_k, returned for logging, in closed form: the gradient of
+        # μ log Σ exp(λ (L − z) / μ) is λ softmax(λ (L − z) / μ) (a separate autograd.grad would
+        # cost more than the rest of the method on a small model; the tests check it against autograd).
+        shifted = at_least_float32(values.detach() if reference is None else values.detach() - reference)
+        scale = 1.0 / losses.numel()  # λ_k = 1/K, torchjd's default preference
+        weights = (torch.softmax(shifted * (scale / self.mu), dim=0) * scale).to(losses.dtype)
+        if not every:  # absent tasks: weight 0; no task at all: a zero loss
+            value = torch.where(present.any(), value, 0.0)
+            weights = torch.where(present, weights, 0.0)
+        return value, weights

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torchjd.scalarization import UW as _TorchjdUW
 
@@ -14,13 +15,18 @@ class UW(PerTaskScalarizer):
 
     Each task has a learned log-variance ``s_k`` and the loss is ``Σ_k ½ e^{-s_k} L_k + ½ s_k``
     (the paper's Gaussian-likelihood form, Eq. 7, with ``s = log σ²``; the convention of
-    ``torchjd.scalarization.UW``, which this wraps: one ``UW(1)`` per task, so that an absent task's
-    term, ``½ s_k``, is left out instead of pulling ``s_k`` towards -∞). Some libraries drop the
-    ½ (``e^{-s}L + s``): same optimum, weights twice as large. The ``s_k`` are ``nn.Parameter`` s,
-    initialised to 0, trained by the module's optimizer with the model.
+    ``torchjd.scalarization.UW``, which this wraps: one ``UW(K)`` over the K losses, with an absent
+    task masked out, so that its term, ``½ s_k``, is left out instead of pulling ``s_k`` towards -∞;
+    see :class:`~lightning_mtl.balancers.base.PerTaskScalarizer`). Some libraries drop the ½
+    (``e^{-s}L + s``): same optimum, weights twice as large. The ``s_k`` are one K-vector
+    ``nn.Parameter`` (:attr:`log_vars`), initialised to 0, trained by the module's optimizer with the
+    model.
     """
 
     scalarizer_class = _TorchjdUW
+
+    def _weights(self, parameters: dict[str, Tensor]) -> Tensor:
+        return 0.5 * torch.exp(-parameters["log_var"])  # ∂/∂L_k of ½ e^{-s_k} L_k + ½ s_k
 
     @property
     def log_vars(self) -> Tensor:

@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from lightning_mtl.balancers import DBMTL, DWA, FAMO, RLW, UW, Balancer, GradDrop, GradNorm, GradVac, PCGrad
+from lightning_mtl.balancers import DBMTL, DWA, FAMO, IMTLL, RLW, UW, Balancer, GradDrop, GradNorm, GradVac, PCGrad
 
 NAMES = ["a", "b", "c"]
 EVERYONE = torch.ones(3, dtype=torch.bool)
@@ -25,7 +25,7 @@ def _step(balancer: Balancer, step: int) -> torch.Tensor:
         present = EVERYONE if step % 4 else torch.tensor([True, False, True])
         losses = _losses(step) * present
         total, weights = balancer(losses, present)
-        if isinstance(balancer, UW):
+        if isinstance(balancer, (UW, IMTLL)):  # learned parameters: one SGD step
             total.backward()
             with torch.no_grad():
                 for parameter in balancer.parameters():
@@ -55,7 +55,7 @@ def _build(cls) -> Balancer:
     return balancer
 
 
-STATEFUL = [FAMO, DWA, UW, RLW, GradVac, GradNorm, GradDrop, DBMTL, PCGrad]
+STATEFUL = [FAMO, DWA, UW, IMTLL, RLW, GradVac, GradNorm, GradDrop, DBMTL, PCGrad]
 
 
 @pytest.mark.parametrize("cls", STATEFUL)
@@ -112,3 +112,19 @@ def test_stateless_balancers_have_no_extra_state():
 
     for cls in (Static, MGDA, UPGrad):
         assert "_extra_state" not in _build(cls).state_dict()
+
+
+def test_famo_private_optimizer_state_is_a_snapshot_and_follows_a_dtype_change():
+    balancer = _build(FAMO)
+    for step in range(3):
+        _step(balancer, step)
+    saved = balancer.state_dict()["_extra_state"]["optimizer"]
+    moment = saved["state"][0]["exp_avg"].clone()
+    _step(balancer, 3)
+    torch.testing.assert_close(saved["state"][0]["exp_avg"], moment, rtol=0, atol=0)  # not aliased to live state
+    balancer.double()  # the logits are a new tensor: the optimizer is rebuilt, its state carried over
+    balancer(_losses(4).double(), EVERYONE)
+    balancer.after_optimizer_step(_losses(4).double() * 0.9)
+    state = balancer.state_dict()["_extra_state"]["optimizer"]["state"][0]
+    assert float(state["step"]) == 5 and state["exp_avg"].dtype == torch.float64
+    assert balancer.logits.dtype == torch.float64

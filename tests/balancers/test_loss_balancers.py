@@ -40,6 +40,44 @@ def test_weights_are_the_gradient_of_the_loss(cls):
     torch.testing.assert_close(grad, weights)
 
 
+@pytest.mark.parametrize("mask", [[True, True, True], [True, False, True]])
+@pytest.mark.parametrize(
+    "make", [UW, IMTLL, GLS, FAMO, lambda: STCH(mu=0.1, reference=[0.1, 0.2, 0.3])], ids=["UW", "IMTLL", "GLS", "FAMO", "STCH"]
+)
+def test_returned_weights_are_the_gradient_of_the_returned_loss(make, mask):
+    """Methods that give their weights in closed form agree with autograd on their (torchjd) loss."""
+    balancer = make()
+    balancer.setup(["a", "b", "c"])
+    with torch.no_grad():
+        for parameter in balancer.parameters():
+            parameter.copy_(torch.tensor([0.3, -0.4, 0.8]))
+    present = torch.tensor(mask)
+    losses = (torch.tensor([0.5, 1.5, 3.0]) * present).requires_grad_(True)
+    total, weights = balancer(losses, present)
+    (grad,) = torch.autograd.grad(total, losses)
+    torch.testing.assert_close(grad, weights)
+
+
+@pytest.mark.parametrize("mask", [[True, True, True], [True, False, True]])
+def test_per_task_scalarizer_without_closed_form_weights_takes_them_from_autograd(mask):
+    from torchjd.scalarization import UW as TorchjdUW
+
+    from lightning_mtl.balancers.base import PerTaskScalarizer
+
+    class AutogradUW(PerTaskScalarizer):
+        scalarizer_class = TorchjdUW
+
+    generic, closed = ready(AutogradUW), ready(UW)
+    with torch.no_grad():
+        for balancer in (generic, closed):
+            balancer.scalarizer.log_var.copy_(torch.tensor([0.3, -0.4, 0.8]))
+    present = torch.tensor(mask)
+    losses = torch.tensor([0.5, 1.5, 3.0]) * present
+    (total, weights), (expected, expected_weights) = generic(losses, present), closed(losses, present)
+    torch.testing.assert_close(total, expected)
+    torch.testing.assert_close(weights, expected_weights)
+
+
 def test_uw_matches_the_hand_computed_kendall_loss():
     balancer = ready(UW, ["a", "b"])
     with torch.no_grad():
@@ -65,6 +103,51 @@ def test_uw_absent_task_leaves_its_log_variance_alone():
     assert balancer.log_vars.grad[1].item() == 0
     assert balancer.log_vars.grad[0].item() == pytest.approx(0.5 * (1 - 2.0), rel=1e-6)
     assert total.item() == pytest.approx(0.5 * 2.0, rel=1e-6)  # the absent task's ½ s term is left out
+
+
+@pytest.mark.parametrize("cls", [UW, IMTLL])
+def test_an_absent_task_is_left_out_exactly(cls):
+    """Masking one scalarizer over K tasks equals the same method on the present tasks alone."""
+    full, subset = ready(cls, ["a", "b", "c"]), ready(cls, ["a", "c"])
+    (parameter,), (sub_parameter,) = list(full.parameters()), list(subset.parameters())
+    with torch.no_grad():
+        parameter.copy_(torch.tensor([0.4, -0.7, 0.2]))
+        sub_parameter.copy_(torch.tensor([0.4, 0.2]))
+    total, weights = full(torch.tensor([1.5, 0.0, 2.5]), torch.tensor([True, False, True]))
+    expected, expected_weights = subset(torch.tensor([1.5, 2.5]), torch.tensor([True, True]))
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(weights[[0, 2]], expected_weights)
+    assert weights[1] == 0
+    total.backward()
+    expected.backward()
+    torch.testing.assert_close(parameter.grad[[0, 2]], sub_parameter.grad)
+    assert parameter.grad[1] == 0
+
+
+@pytest.mark.parametrize("cls", [UW, IMTLL])
+def test_one_parameter_tensor_whatever_the_number_of_tasks(cls):
+    balancer = ready(cls, [f"t{k}" for k in range(10)])
+    assert [tuple(p.shape) for p in balancer.parameters()] == [(10,)]
+
+
+def test_per_task_scalarizer_refuses_a_scalarizer_without_a_neutral_term():
+    from torch import nn
+
+    from lightning_mtl.balancers.base import PerTaskScalarizer
+
+    class Offset(nn.Module):  # e^s L + 1: not 0 at L = 0, s = 0, so an absent task could not be masked
+        def __init__(self, k):
+            super().__init__()
+            self.scale = nn.Parameter(torch.zeros(k))
+
+        def forward(self, values):
+            return (self.scale.exp() * values).sum() + 1
+
+    class Bad(PerTaskScalarizer):
+        scalarizer_class = Offset
+
+    with pytest.raises(TypeError, match="not 0 at a zero loss"):
+        ready(Bad)
 
 
 def test_imtll_matches_the_hand_computed_loss():
