@@ -17,14 +17,16 @@ def task_data(seed=0, n=32):
     return {"a": TensorDataset(xa, xa[:, 0] * 2), "b": TensorDataset(xb, (xb[:, 1] > 0).long())}
 
 
-def make_module(batch_norm=False):
+def make_module(batch_norm=False, **kwargs):
     torch.manual_seed(0)
     layers = [nn.Linear(4, 8)] + ([nn.BatchNorm1d(8)] if batch_norm else []) + [nn.Tanh()]
     tasks = [
         Task("a", nn.Sequential(nn.Linear(8, 1), nn.Flatten(0)), nn.MSELoss()),
         Task("b", nn.Linear(8, 2), nn.CrossEntropyLoss()),
     ]
-    return MultiTaskModule(nn.Sequential(*layers), tasks, optimizer=lambda params: torch.optim.Adam(params, lr=1e-2))
+    return MultiTaskModule(
+        nn.Sequential(*layers), tasks, optimizer=lambda params: torch.optim.Adam(params, lr=1e-2), **kwargs
+    )
 
 
 class Snapshots(pl.Callback):
@@ -103,14 +105,17 @@ def test_resume_after_the_switch_restores_the_split_optimizer(tmp_path):
     assert len(trainer.optimizers[0].param_groups) == 2
 
 
-def test_freeze_at_step_on_shared_input_batches():
+@pytest.mark.parametrize("balancer, gradients", [(None, "parameters"), ("upgrad", "parameters"), ("mgda", "representation")])
+def test_freeze_at_step_on_shared_input_batches(balancer, gradients):
+    """Also with a gradient balancer: balanced until the switch, then the heads train on their plain losses."""
     x = torch.randn(40, 4)
     loader = DataLoader(TensorDataset(x), batch_size=8, collate_fn=lambda items: (
         torch.stack([i[0] for i in items]), {"a": torch.stack([i[0][0] for i in items]), "b": (torch.stack([i[0][1] for i in items]) > 0).long()}
     ))  # fmt: skip
-    module, snapshots = make_module(), Snapshots()
+    module, snapshots = make_module(balancer=balancer, gradients=gradients), Snapshots()
     quiet_trainer(max_epochs=1, callbacks=[SequentialTransfer(at_step=2), snapshots]).fit(module, loader)
     assert changes(snapshots.rows, 1) == [True, True, False, False]  # steps 0 and 1 train it, 2 on do not
+    assert all(changes(snapshots.rows, 2))  # the head of b learns at every step, before and after
 
 
 def test_source_tasks_need_per_task_batches():
