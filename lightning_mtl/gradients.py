@@ -61,6 +61,11 @@ def output_cotangents(
         grads = torch.autograd.grad(total, [*leaves, *params], allow_unused=True)
     else:  # no task has a loss (a DDP process without labels this step): zero cotangents
         grads = (None,) * (len(leaves) + len(params))
+    reached = [(p, g) for p, g in zip(params, grads[len(leaves) :]) if g is not None]
+    shared = used[0][1][0] if used else None
+    every_task_reads_it = len(used) == num_tasks and all(pair[0] is shared for _, pair in used)
+    if every_task_reads_it and all(g is not None for g in grads[:num_tasks]):
+        return [shared], [torch.stack(grads[:num_tasks])], reached  # the usual case: every head reads one output
     outputs: list[Tensor] = []
     cotangents: list[Tensor] = []
     position: dict[int, int] = {}
@@ -72,7 +77,6 @@ def output_cotangents(
             cotangents.append(output.new_zeros((num_tasks, *output.shape)))
         if grad is not None:
             cotangents[i][k] = grad
-    reached = [(p, g) for p, g in zip(params, grads[len(leaves) :]) if g is not None]
     return outputs, cotangents, reached
 
 

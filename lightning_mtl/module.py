@@ -293,7 +293,9 @@ class MultiTaskModule(LightningModule):
         with torch.autocast(losses.device.type, enabled=False) if autocast else nullcontext():
             losses = losses.float()
             if by_gradients:
-                if not self._is_finite(losses.sum(), losses, batch_idx):
+                # in one process the loss check joins the Gramian's (one host sync instead of two)
+                distributed = self._trainer is not None and self._trainer.world_size > 1
+                if distributed and not self._is_finite(losses.sum(), losses, batch_idx):
                     return None
                 total, weights = self._gradient_balanced_loss(losses, present, outputs, captured, batch_idx)
                 if total is None:
@@ -356,7 +358,11 @@ class MultiTaskModule(LightningModule):
             )
         backbone_params, all_params = self._parameter_lists()
         params = [p for p in backbone_params if p.requires_grad]
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        check_losses = world_size == 1  # else checked (and all-reduced) by the caller
         if not captured or not params:  # a frozen backbone (e.g. SequentialTransfer): nothing shared to balance
+            if check_losses and not self._is_finite(total, losses, batch_idx):
+                return None, None
             return total, None
         loss_scale = self._loss_scale()
         features, cotangents, plain = output_cotangents(
@@ -381,9 +387,13 @@ class MultiTaskModule(LightningModule):
             jacobian = TaskJacobian(features, cotangents)
         if loss_scale != 1.0:  # unscale before balancing, like Lightning before clipping
             jacobian.scale_(1.0 / loss_scale)
-        world_size = self._trainer.world_size if self._trainer is not None else 1
         gramian = global_gramian(jacobian, self.gradients, world_size, self._all_reduce)
-        if not bool(torch.isfinite(gramian).all()):  # same verdict on every rank: the Gramian is global
+        finite = torch.isfinite(gramian).all()  # same verdict on every rank: the Gramian is global
+        if check_losses:
+            finite = finite & torch.isfinite(total)
+        if not bool(finite):
+            if check_losses and not self._is_finite(total, losses, batch_idx):  # a non-finite loss: named
+                return None, None
             bad = [name for name, g in zip(self.task_names, gramian.diagonal().tolist()) if not math.isfinite(g)]
             if loss_scale != 1.0:
                 # fp16 overflow: the non-finite static direction makes the scaler skip this step and lower
