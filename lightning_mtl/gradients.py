@@ -137,10 +137,6 @@ class TaskJacobian:
         self.blocks.append(block)
         self.groups.append([x for x, _ in items])
 
-    @property
-    def num_tasks(self) -> int:
-        return self.blocks[0].shape[0]
-
     def scale_(self, factor: float) -> None:
         self.blocks = [block * factor for block in self.blocks]
 

@@ -281,7 +281,7 @@ class MultiTaskModule(LightningModule):
         self._last_batch = None
         empty = not task_losses
         if empty:
-            if self._trainer is None or self._trainer.world_size == 1:
+            if self._world_size == 1:
                 rank_zero_warn(f"step {self.global_step}: no task had a labelled sample; the step is skipped")
                 return None
             # The other processes run this step's collectives (finiteness flag, Jacobian or Gramian, balancer
@@ -294,8 +294,7 @@ class MultiTaskModule(LightningModule):
             losses = losses.float()
             if by_gradients:
                 # in one process the loss check joins the Gramian's (one host sync instead of two)
-                distributed = self._trainer is not None and self._trainer.world_size > 1
-                if distributed and not self._is_finite(losses.sum(), losses, batch_idx):
+                if self._world_size > 1 and not self._is_finite(losses.sum(), losses, batch_idx):
                     return None
                 total, weights = self._gradient_balanced_loss(losses, present, outputs, captured, batch_idx)
                 if total is None:
@@ -358,7 +357,7 @@ class MultiTaskModule(LightningModule):
             )
         backbone_params, all_params = self._parameter_lists()
         params = [p for p in backbone_params if p.requires_grad]
-        world_size = self._trainer.world_size if self._trainer is not None else 1
+        world_size = self._world_size
         check_losses = world_size == 1  # else checked (and all-reduced) by the caller
         if not captured or not params:  # a frozen backbone (e.g. SequentialTransfer): nothing shared to balance
             if check_losses and not self._is_finite(total, losses, batch_idx):
@@ -377,12 +376,7 @@ class MultiTaskModule(LightningModule):
             factors = torch.where(present, 1.0 / (losses.detach() + self.balancer.log_eps), 0.0)
             cotangents = [c * factors.view(-1, *([1] * (c.ndim - 1))).to(c.dtype) for c in cotangents]
         if self.gradients == "parameters":
-            rows = (
-                parameter_jacobian(features, cotangents, params)
-                if total.requires_grad
-                else [p.new_zeros((len(self.task_names), *p.shape)) for p in params]  # no task in this process
-            )
-            jacobian = TaskJacobian(params, rows)
+            jacobian = TaskJacobian(params, parameter_jacobian(features, cotangents, params))
         else:
             jacobian = TaskJacobian(features, cotangents)
         if loss_scale != 1.0:  # unscale before balancing, like Lightning before clipping
@@ -394,26 +388,28 @@ class MultiTaskModule(LightningModule):
         if not bool(finite):
             if check_losses and not self._is_finite(total, losses, batch_idx):  # a non-finite loss: named
                 return None, None
-            bad = [name for name, g in zip(self.task_names, gramian.diagonal().tolist()) if not math.isfinite(g)]
-            if loss_scale != 1.0:
-                # fp16 overflow: the non-finite static direction makes the scaler skip this step and lower
-                # its scale; the balancer is not called, so its state is untouched
-                static = self.balancer.task_weights.to(losses.dtype) * present
-                return total.detach() + surrogate(
-                    [*jacobian.combine(static), *head_grads], [*jacobian.inputs, *head_params]
-                ), static
-            message = f"non-finite task gradient for task(s) {bad} at global step {self.global_step} (batch {batch_idx})"
-            if self.nonfinite_loss == "skip":
-                rank_zero_warn(message + "; the step is skipped (nonfinite_loss='skip')")
-                return None, None
-            raise FloatingPointError(message + ". Check the data and learning rate, or pass nonfinite_loss='skip'.")
-        if self.balancer.needs == "gramian":
+            if loss_scale == 1.0:
+                bad = [name for name, g in zip(self.task_names, gramian.diagonal().tolist()) if not math.isfinite(g)]
+                message = f"non-finite task gradient for task(s) {bad} at global step {self.global_step} (batch {batch_idx})"
+                if self.nonfinite_loss == "skip":
+                    rank_zero_warn(message + "; the step is skipped (nonfinite_loss='skip')")
+                    return None, None
+                raise FloatingPointError(message + ". Check the data and learning rate, or pass nonfinite_loss='skip'.")
+            # fp16 overflow: the non-finite static direction makes the scaler skip this step and lower its
+            # scale; the balancer is not called, so its state is untouched
+            weights = self.balancer.task_weights.to(losses.dtype) * present
+            directions = jacobian.combine(weights)
+        elif self.balancer.needs == "gramian":
             weights = self.balancer.weights(gramian, losses.detach(), present)
             directions = jacobian.combine(weights)
         else:
             directions, weights = jacobian.split(self.balancer(jacobian.flat())), None
         loss = total.detach() + surrogate([*directions, *head_grads], [*jacobian.inputs, *head_params])
         return loss, weights
+
+    @property
+    def _world_size(self) -> int:
+        return self._trainer.world_size if self._trainer is not None else 1
 
     def _parameter_lists(self) -> tuple[tuple[nn.Parameter, ...], tuple[nn.Parameter, ...]]:
         """(backbone parameters, all parameters), gathered once per fit: walking the tree costs ~0.2 ms."""
@@ -480,7 +476,7 @@ class MultiTaskModule(LightningModule):
         Checks the combined loss only (one reduction; a NaN/inf task loss makes it non-finite), then
         names the culprit tasks. Under DDP the flag is all-reduced so every rank raises or skips alike.
         """
-        distributed = self._trainer is not None and self._trainer.world_size > 1
+        distributed = self._world_size > 1
         if not distributed and bool(torch.isfinite(total)):
             return True
         nonfinite = ~torch.isfinite(total.detach())
@@ -554,13 +550,10 @@ class MultiTaskModule(LightningModule):
     def setup(self, stage: str) -> None:
         self._parameters_cache = None
         strategy = self.trainer.strategy
-        self._ddp_needs_every_parameter = (
-            self.trainer.world_size > 1
-            and isinstance(strategy, DDPStrategy)
-            and not strategy._ddp_kwargs.get("find_unused_parameters", False)
-        )
+        plain_ddp = isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False)
+        self._ddp_needs_every_parameter = plain_ddp and self.trainer.world_size > 1
         if stage == "fit":
-            self._check_ddp_unused_parameters()
+            self._check_ddp_unused_parameters(plain_ddp)
             self._check_gradient_strategy()
             if self.trainer.world_size > 1:
                 self.balancer.all_reduce_mean = partial(self._all_reduce, op="mean")
@@ -577,14 +570,13 @@ class MultiTaskModule(LightningModule):
                 "output) or a loss-level balancer."
             )
 
-    def _check_ddp_unused_parameters(self) -> None:
+    def _check_ddp_unused_parameters(self, plain_ddp: bool) -> None:
         """Single-task sampling leaves the other heads without gradient; plain DDP rejects that mid-run."""
         datamodule = self.trainer.datamodule
         sampling = getattr(datamodule, "sampling", None)
         if sampling in (None, "zip", "zip_shortest") or getattr(datamodule, "task_names", None) is None:
             return
-        strategy = self.trainer.strategy
-        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+        if plain_ddp:
             raise ValueError(
                 f"sampling={sampling!r} trains one task per step, so the other tasks' heads get no gradient in "
                 "that step, which plain DDP rejects. Use Trainer(strategy='ddp_find_unused_parameters_true') "
