@@ -107,17 +107,6 @@ def all_present(present: Tensor) -> bool:
     return present.device.type == "cpu" and bool(present.all())
 
 
-def reduced_losses(balancer: Any, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
-    """``balancer._reduced_losses(losses, present)``: the losses that drive a method's state, reduced over
-    DDP ranks. In a single process (``all_reduce_mean`` is the identity) that is ``(losses, present)``
-    (detached), returned without the reduction's dozen small ops."""
-    from lightning_mtl.balancers.base import _identity  # base imports this module
-
-    if balancer.all_reduce_mean is _identity:
-        return losses.detach(), present
-    return balancer._reduced_losses(losses, present)
-
-
 def scalarize(fn: Callable[[Tensor], Tensor], losses: Tensor) -> tuple[Tensor, Tensor]:
     """Apply a scalarization ``fn`` to ``losses``; return the loss and the weights ``∂fn/∂L_k``.
 
@@ -146,31 +135,13 @@ def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, probabilities, 0.0)
 
 
-def adam_step(tensor: Tensor, grad: Tensor, state: Optional[dict[str, Any]], **options: Any) -> dict[str, Any]:
-    """One ``torch.optim.Adam`` step on ``tensor`` (in place) from the optimizer ``state``; return the new state.
-
-    A method's private optimizer (FAMO's logits, GradNorm's weights) lives here, not in
-    ``configure_optimizers``: extra Lightning optimizers would advance ``global_step``. The optimizer
-    is rebuilt each step around the current tensor, so moving the balancer to another device or
-    loading a checkpoint never leaves it pointing at a stale tensor; its state is kept by the caller
-    in its extra state.
-    """
-    optimizer = torch.optim.Adam([tensor], **options)
-    if state is not None:
-        optimizer.load_state_dict(state)
-    tensor.grad = grad.to(tensor.dtype)
-    optimizer.step()
-    tensor.grad = None
-    return optimizer.state_dict()
-
-
 class PrivateAdam:
-    """A method's private ``torch.optim.Adam`` on one tensor (FAMO's logits), kept from step to step.
+    """A method's private ``torch.optim.Adam`` on one tensor (FAMO's logits, GradNorm's weights), kept from step to step.
 
-    Like :func:`adam_step`, it lives outside ``configure_optimizers`` (an extra Lightning optimizer
-    would advance ``global_step``), but the optimizer is built once rather than at every step: it is
-    rebuilt, carrying its state over, only when the tensor it updates is another object (the balancer
-    was moved to another device or dtype). :meth:`state_dict` / :meth:`load_state_dict` go in the
+    It lives outside ``configure_optimizers`` (an extra Lightning optimizer would advance
+    ``global_step``). The optimizer is built once, and rebuilt, carrying its state over, only when the
+    tensor it updates is another object (the balancer was moved to another device or dtype, or its
+    state was loaded). :meth:`state_dict` / :meth:`load_state_dict` go in the
     method's extra state; a loaded state is applied when the optimizer is next built.
     """
 

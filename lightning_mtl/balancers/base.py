@@ -115,8 +115,11 @@ class Balancer(nn.Module):
         """Per-task mean loss over the ranks where the task is present, and whether any rank has it.
 
         One collective: sums and counts are reduced together, so a task absent on some ranks is
-        averaged over the others only. With the default identity this is ``(losses, present)``.
+        averaged over the others only. In a single process (the default identity) it is
+        ``(losses, present)``, returned without the reduction's small ops.
         """
+        if self.all_reduce_mean is _identity:
+            return losses.detach(), present
         mask = present.to(losses.dtype)
         reduced = self.all_reduce_mean(torch.stack([losses.detach() * mask, mask]))
         total, count = reduced[0], reduced[1]

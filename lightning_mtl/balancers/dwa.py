@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._utils import all_present, check_range, reduced_losses
+from lightning_mtl.balancers._utils import all_present, check_range
 from lightning_mtl.balancers.base import Balancer
 
 
@@ -47,7 +47,7 @@ class DWA(Balancer):
     def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         self._require_setup(losses)
         weights = self._epoch_weights().to(losses, copy=True)
-        mean, seen = reduced_losses(self, losses, present)
+        mean, seen = self._reduced_losses(losses, present)
         if all_present(seen) and (present is seen or all_present(present)):  # the common step: no masks
             self.loss_sum += mean.to(self.loss_sum.dtype)
             self.loss_count += 1

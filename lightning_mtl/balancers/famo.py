@@ -13,7 +13,6 @@ from lightning_mtl.balancers._utils import (
     all_present,
     check_range,
     masked_softmax,
-    reduced_losses,
 )
 from lightning_mtl.balancers.base import Balancer
 
@@ -75,7 +74,7 @@ class FAMO(Balancer):
 
     def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         self._require_setup(losses)
-        mean, seen = reduced_losses(self, losses, present)
+        mean, seen = self._reduced_losses(losses, present)
         every = all_present(seen)  # the common step takes the path without masks
         shifted = mean - self.lower_bounds.to(mean) + self.eps
         if every:
@@ -93,7 +92,7 @@ class FAMO(Balancer):
         """Update the logits from this step's losses recomputed on the same batch after the optimizer step."""
         self._require_setup(losses)
         seen_before = self.seen_before
-        after, seen_after = reduced_losses(self, losses, seen_before)
+        after, seen_after = self._reduced_losses(losses, seen_before)
         if all_present(seen_before) and (seen_after is seen_before or all_present(seen_after)):
             z = torch.softmax(self.logits, dim=0)
             delta = self._log_shifted(self.losses_before) - self._log_shifted(after)

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._utils import adam_step, at_least_float32, check_range
+from lightning_mtl.balancers._utils import PrivateAdam, at_least_float32, check_range
 from lightning_mtl.balancers.base import GramianBalancer
 
 
@@ -44,6 +44,7 @@ class GradNorm(GramianBalancer):
         super().__init__()
         self.alpha = check_range("alpha", alpha, 0.0)
         self.lr = check_range("lr", lr, 0.0, open_low=True)
+        self._adam = PrivateAdam(lr=self.lr)
         self.reset()
 
     def weights(self, gramian: Tensor, losses: Optional[Tensor] = None, present: Optional[Tensor] = None) -> Tensor:
@@ -61,7 +62,7 @@ class GradNorm(GramianBalancer):
         if self.task_weights_ is None or self.task_weights_.shape != norms.shape:
             self.task_weights_ = torch.ones_like(norms)
             self.initial_losses = torch.full_like(norms, float("nan"))
-            self._optimizer_state = None
+            self._adam.reset()
         w = self.task_weights_
         first = present & torch.isnan(self.initial_losses)
         self.initial_losses = torch.where(first, losses, self.initial_losses)
@@ -74,23 +75,23 @@ class GradNorm(GramianBalancer):
         grad_norms = w * norms
         targets = (grad_norms * mask).sum() / count * inverse_rates**self.alpha
         grad = torch.sign(grad_norms - targets) * norms * mask
-        self._optimizer_state = adam_step(w, grad, self._optimizer_state, lr=self.lr)
+        self._adam.step(w, grad)
         w.mul_(w.numel() / w.sum())
         return current
 
     def reset(self) -> None:
         self.task_weights_: Optional[Tensor] = None  # w, one per task
         self.initial_losses: Optional[Tensor] = None  # L(0); NaN until a task is first present
-        self._optimizer_state: Optional[dict[str, Any]] = None
+        self._adam.reset()
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
             "weights": self.task_weights_,
             "initial_losses": self.initial_losses,
-            "optimizer": self._optimizer_state,
+            "optimizer": self._adam.state_dict(),
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.task_weights_ = state["weights"]
         self.initial_losses = state["initial_losses"]
-        self._optimizer_state = state["optimizer"]
+        self._adam.load_state_dict(state["optimizer"])
