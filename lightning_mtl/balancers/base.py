@@ -180,7 +180,7 @@ class GradientBalancer(Balancer):
         raise NotImplementedError
 
 
-class PerTaskScalarizer(Balancer):
+class MaskedScalarizer(Balancer):
     """A loss-level method wrapping a torchjd scalarizer with one learned parameter per task (UW, IMTL-L).
 
     One ``scalarizer_class(K)`` over the K losses holds the parameters (one K-vector each: one tensor

@@ -6,10 +6,10 @@ import torch
 from torch import Tensor
 from torchjd.scalarization import IMTLL as _TorchjdIMTLL
 
-from lightning_mtl.balancers.base import PerTaskScalarizer
+from lightning_mtl.balancers.base import MaskedScalarizer
 
 
-class IMTLL(PerTaskScalarizer):
+class IMTLL(MaskedScalarizer):
     """IMTL-L, from `Towards Impartial Multi-task Learning <https://openreview.net/forum?id=IMPnRXEWpvr>`_
     (Liu et al., ICLR 2021).
 
@@ -17,7 +17,7 @@ class IMTLL(PerTaskScalarizer):
     over ``s_k`` every scaled loss ``e^{s_k} L_k`` equals 1, so all tasks keep the same scale. Wraps
     ``torchjd.scalarization.IMTLL``: one ``IMTLL(K)`` over the K losses, with an absent task masked
     out so that its term (``−s_k``) is left out (see
-    :class:`~lightning_mtl.balancers.base.PerTaskScalarizer`). The ``s_k`` are one K-vector
+    :class:`~lightning_mtl.balancers.base.MaskedScalarizer`). The ``s_k`` are one K-vector
     ``nn.Parameter`` (:attr:`log_scales`), initialised to 0, trained by the module's optimizer. The
     gradient-balancing half is :class:`~lightning_mtl.balancers.IMTLG`.
     """

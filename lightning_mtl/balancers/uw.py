@@ -6,10 +6,10 @@ import torch
 from torch import Tensor
 from torchjd.scalarization import UW as _TorchjdUW
 
-from lightning_mtl.balancers.base import PerTaskScalarizer
+from lightning_mtl.balancers.base import MaskedScalarizer
 
 
-class UW(PerTaskScalarizer):
+class UW(MaskedScalarizer):
     """Uncertainty weighting, from `Multi-Task Learning Using Uncertainty to Weigh Losses for Scene
     Geometry and Semantics <https://arxiv.org/abs/1705.07115>`_ (Kendall, Gal & Cipolla, CVPR 2018).
 
@@ -17,7 +17,7 @@ class UW(PerTaskScalarizer):
     (the paper's Gaussian-likelihood form, Eq. 7, with ``s = log σ²``; the convention of
     ``torchjd.scalarization.UW``, which this wraps: one ``UW(K)`` over the K losses, with an absent
     task masked out, so that its term, ``½ s_k``, is left out instead of pulling ``s_k`` towards -∞;
-    see :class:`~lightning_mtl.balancers.base.PerTaskScalarizer`). Some libraries drop the ½
+    see :class:`~lightning_mtl.balancers.base.MaskedScalarizer`). Some libraries drop the ½
     (``e^{-s}L + s``): same optimum, weights twice as large. The ``s_k`` are one K-vector
     ``nn.Parameter`` (:attr:`log_vars`), initialised to 0, trained by the module's optimizer with the
     model.

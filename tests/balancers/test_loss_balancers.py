@@ -62,9 +62,9 @@ def test_returned_weights_are_the_gradient_of_the_returned_loss(make, mask):
 def test_per_task_scalarizer_without_closed_form_weights_takes_them_from_autograd(mask):
     from torchjd.scalarization import UW as TorchjdUW
 
-    from lightning_mtl.balancers.base import PerTaskScalarizer
+    from lightning_mtl.balancers.base import MaskedScalarizer
 
-    class AutogradUW(PerTaskScalarizer):
+    class AutogradUW(MaskedScalarizer):
         scalarizer_class = TorchjdUW
 
     generic, closed = ready(AutogradUW), ready(UW)
@@ -133,7 +133,7 @@ def test_one_parameter_tensor_whatever_the_number_of_tasks(cls):
 def test_per_task_scalarizer_refuses_a_scalarizer_without_a_neutral_term():
     from torch import nn
 
-    from lightning_mtl.balancers.base import PerTaskScalarizer
+    from lightning_mtl.balancers.base import MaskedScalarizer
 
     class Offset(nn.Module):  # e^s L + 1: not 0 at L = 0, s = 0, so an absent task could not be masked
         def __init__(self, k):
@@ -143,7 +143,7 @@ def test_per_task_scalarizer_refuses_a_scalarizer_without_a_neutral_term():
         def forward(self, values):
             return (self.scale.exp() * values).sum() + 1
 
-    class Bad(PerTaskScalarizer):
+    class Bad(MaskedScalarizer):
         scalarizer_class = Offset
 
     with pytest.raises(TypeError, match="not 0 at a zero loss"):
