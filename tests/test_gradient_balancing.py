@@ -28,12 +28,16 @@ def per_task_gradients(module, x, labels, inputs_of):
             nn.functional.mse_loss(module.heads["reg"](z), labels["reg"]),
         ]
     )
-    inputs = inputs_of(z)
+    return losses, loop_jacobian(losses, inputs_of(z)), z
+
+
+def loop_jacobian(losses, inputs):
+    """Reference Jacobian: one backward per loss, rows flattened over ``inputs`` (zeros where unused)."""
     rows = []
-    for k in range(2):
-        grads = torch.autograd.grad(losses[k], inputs, retain_graph=True, allow_unused=True)
+    for loss in losses:
+        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
         rows.append(torch.cat([(g if g is not None else torch.zeros_like(i)).flatten() for g, i in zip(grads, inputs)]))
-    return losses, torch.stack(rows), z
+    return torch.stack(rows)
 
 
 def head_gradients(module, x, labels):
@@ -285,15 +289,6 @@ def test_frozen_backbone_leaves_nothing_to_balance_and_heads_train_plainly():
             torch.testing.assert_close(got.grad, want)
 
 
-def loop_jacobian(module, losses):
-    params = list(module.backbone.parameters())
-    rows = []
-    for loss in losses:
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]))
-    return torch.stack(rows)
-
-
 def test_parameter_mode_with_one_backbone_output_per_task_matches_the_loop_reference():
     """MMoE returns {task: tensor}: each task's cotangent goes back through its own output."""
     from lightning_mtl.architectures import MMoE
@@ -309,7 +304,7 @@ def test_parameter_mode_with_one_backbone_output_per_task_matches_the_loop_refer
             nn.functional.mse_loss(module.heads["reg"](features["reg"]), labels["reg"]),
         ]
     )
-    jacobian = loop_jacobian(module, losses)
+    jacobian = loop_jacobian(losses, list(module.backbone.parameters()))
     expected = UPGrad().weights(jacobian @ jacobian.T) @ jacobian
     backbone_grad, _ = step_gradients(module, x, labels)
     torch.testing.assert_close(backbone_grad, expected, rtol=1e-5, atol=1e-6)
@@ -326,7 +321,7 @@ def test_parameter_mode_with_per_task_inputs_matches_the_loop_reference():
             nn.functional.mse_loss(module.heads["reg"](module.backbone(second.x)), second.reg),
         ]
     )
-    jacobian = loop_jacobian(module, losses)
+    jacobian = loop_jacobian(losses, list(module.backbone.parameters()))
     expected = MGDA().weights(jacobian @ jacobian.T) @ jacobian
     module.zero_grad()
     module.training_step(per_task, 0).backward()
