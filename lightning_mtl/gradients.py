@@ -11,9 +11,12 @@ one plain backward, every task's cotangent ``∂L_k/∂output`` (:func:`output_c
     batching rule (cuDNN RNNs, reentrant checkpointing). :func:`parameter_jacobian`.
 ``gradients="representation"``
     the Jacobian w.r.t. the backbone output itself (MGDA-UB, Sener & Koltun 2018): the cotangents
-    are its rows, so it costs one backward through the heads.
+    are its rows. Here the balancing happens *inside* Lightning's backward (:func:`task_views`):
+    each head reads its own identity view of the output, so the backward hands the view node the K
+    cotangents, which it replaces by the balanced direction before the backbone's backward continues.
+    No second backward, no surrogate: the step costs one backward plus the K × K weighting.
 
-The Jacobian is kept as column blocks (:class:`TaskJacobian`): the Gramian ``J Jᵀ`` is the sum of
+In parameter mode the Jacobian is kept as column blocks (:class:`TaskJacobian`): the Gramian ``J Jᵀ`` is the sum of
 the blocks' Gramians and the combined direction ``Jᵀ w`` is formed block by block, so the K × P
 matrix is never concatenated unless a method needs it whole or DDP must reduce it. The direction
 reaches the shared inputs through the surrogate :func:`surrogate` ``Σ <d, input>``, whose gradient
@@ -30,7 +33,7 @@ message.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -137,9 +140,6 @@ class TaskJacobian:
         self.blocks.append(block)
         self.groups.append([x for x, _ in items])
 
-    def scale_(self, factor: float) -> None:
-        self.blocks = [block * factor for block in self.blocks]
-
     def gramian(self) -> Tensor:
         gramian = self.blocks[0] @ self.blocks[0].T
         for block in self.blocks[1:]:
@@ -203,3 +203,34 @@ def surrogate(directions: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
         torch.dot(d.detach().reshape(-1).to(x.dtype), x.reshape(-1)) for d, x in zip(directions, inputs)
     )
     return total - total.detach()
+
+
+class _TaskViews(torch.autograd.Function):
+    """Identity forward with one view of every output per task; the backward balances the task cotangents."""
+
+    @staticmethod
+    def forward(ctx: Any, num_tasks: int, balance: Callable[[list[Tensor]], list[Tensor]], *outputs: Tensor) -> tuple[Tensor, ...]:
+        ctx.num_tasks, ctx.balance = num_tasks, balance
+        return tuple(output.view_as(output) for output in outputs for _ in range(num_tasks))
+
+    @staticmethod
+    def backward(ctx: Any, *cotangents: Tensor) -> tuple[Optional[Tensor], ...]:
+        k = ctx.num_tasks
+        stacks = [torch.stack(cotangents[i : i + k]) for i in range(0, len(cotangents), k)]
+        return (None, None, *ctx.balance(stacks))
+
+
+def task_views(
+    outputs: Sequence[Tensor], num_tasks: int, balance: Callable[[list[Tensor]], list[Tensor]]
+) -> list[list[Tensor]]:
+    """``views[j][k]``: task k's view of ``outputs[j]`` (representation mode), balanced in the backward.
+
+    The views equal the outputs. When the backward reaches them it calls ``balance(stacks)`` once, with
+    ``stacks[j]`` of shape ``(K, *outputs[j].shape)`` holding every task's cotangent of output j (zero
+    rows for a task whose loss does not reach it), and continues into the backbone with the returned
+    directions (one per output) instead of the cotangents' sum. Everything Lightning does around the
+    backward (DDP gradient sync, AMP loss scaling, clipping, accumulation) sees these directions as
+    the backbone's gradient.
+    """
+    flat = _TaskViews.apply(num_tasks, balance, *outputs)
+    return [list(flat[j * num_tasks : (j + 1) * num_tasks]) for j in range(len(outputs))]

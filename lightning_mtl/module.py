@@ -7,7 +7,8 @@ import math
 import warnings
 from contextlib import nullcontext
 from functools import partial
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -27,12 +28,24 @@ from lightning_mtl.gradients import (
     output_cotangents,
     parameter_jacobian,
     surrogate,
+    task_views,
 )
 from lightning_mtl.task import Task
 
 Stage = Literal["train", "val", "test"]
 # One backbone input with the labels of the tasks it carries: `(x, {task: y})`.
 _Group = tuple[Any, dict[str, Tensor]]
+
+
+@dataclass
+class _RepresentationStep:
+    """What a representation-mode backward needs to weight its step (filled in by ``training_step``), and the weights."""
+
+    batch_idx: int
+    losses: Optional[Tensor] = None
+    present: Optional[Tensor] = None
+    loss_scale: float = 1.0
+    weights: Optional[Tensor] = None
 
 
 class MultiTaskModule(LightningModule):
@@ -122,6 +135,9 @@ class MultiTaskModule(LightningModule):
         self._parameters_cache: Optional[tuple[tuple[nn.Parameter, ...], tuple[nn.Parameter, ...]]] = None
         # plain DDP (no find_unused_parameters): every parameter needs a gradient at every step
         self._ddp_needs_every_parameter = False
+        # representation mode: what to log once the backward has weighted the step; a skip it asked for
+        self._pending_log: Optional[tuple[_RepresentationStep, Tensor, int, bool]] = None
+        self._skip_optimizer_step = False
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Any) -> dict[str, Tensor]:
@@ -193,27 +209,49 @@ class MultiTaskModule(LightningModule):
         self,
         groups: list[_Group],
         captured: Optional[dict[str, tuple[Tensor, Tensor]]] = None,
+        balance: Optional[Callable[[list[Tensor]], list[Tensor]]] = None,
     ) -> tuple[list[Any], list[tuple[str, Tensor, Tensor, bool]]]:
         """Run the backbone and the heads on every group of the batch.
 
-        Returns the backbone outputs actually computed (the representation gradient-level balancers
-        differentiate) and ``(task, prediction, target, may have unlabelled samples)`` for every task.
-        Per-task inputs of identical shape go through the backbone in one call (one concatenated batch).
+        Returns what the heads read (the backbone outputs actually computed; in representation mode
+        ``views[j][k]``, task k's view of output j) and ``(task, prediction, target, may have
+        unlabelled samples)`` for every task. Per-task inputs of identical shape go through the
+        backbone in one call (one concatenated batch). ``captured`` (parameter mode) makes the heads
+        read detached leaves (:meth:`_head`); ``balance`` (representation mode) gives each head its own
+        view of the outputs, which the backward balances with it (:func:`~lightning_mtl.gradients.task_views`).
         """
         inputs = [x for x, _ in groups]
-        if len(groups) > 1 and _stackable(inputs):
-            features = self.backbone(torch.cat(inputs))
-            outputs = [features]
-            chunks = _split_features(features, [x.shape[0] for x in inputs])
-        else:
-            chunks = outputs = [self.backbone(x) for x in inputs]
+        stacked = len(groups) > 1 and _stackable(inputs)
+        outputs = [self.backbone(torch.cat(inputs))] if stacked else [self.backbone(x) for x in inputs]
+        sources: list[Any] = outputs  # what group i's heads read: sources[0 if stacked else i]
+        if balance is not None and any(isinstance(output, Mapping) for output in outputs):
+            raise ValueError(
+                f"gradients='representation' needs a backbone that returns one shared tensor; "
+                f"{type(self.backbone).__name__} returns one tensor per task, so the tasks share no "
+                "representation. Use gradients='parameters'."
+            )
+        if balance is not None and any(output.requires_grad for output in outputs):  # else a frozen backbone
+            sources = task_views(outputs, len(self.task_names), balance)
+        sizes = [x.shape[0] for x in inputs]
+        parts: dict[int, list[Any]] = {}  # a stacked output (or view) cut into the groups' parts, once
+
+        def features(i: int, name: str) -> Any:
+            source = sources[0 if stacked else i]
+            if sources is not outputs:
+                source = source[self._task_index[name]]
+            if not stacked:
+                return source
+            if id(source) not in parts:
+                parts[id(source)] = _split_features(source, sizes)
+            return parts[id(source)][i]
+
         predictions = []
-        for features, (_, labels) in zip(chunks, groups):
+        for i, (_, labels) in enumerate(groups):
             flagged = self._tasks_missing_labels(labels)
             for name, target in labels.items():
-                prediction = self._head(name, features, captured)
+                prediction = self._head(name, features(i, name), captured)
                 predictions.append((name, prediction, target, name in flagged))
-        return outputs, predictions
+        return sources, predictions
 
     def _tasks_missing_labels(self, labels: Mapping[str, Tensor]) -> set[str]:
         """Names of the tasks whose targets hold an unlabelled sample.
@@ -265,8 +303,10 @@ class MultiTaskModule(LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
         groups = self._groups(batch)
         by_gradients = self.balancer.needs != "losses"
-        captured: Optional[dict[str, tuple[Tensor, Tensor]]] = {} if by_gradients else None
-        outputs, predictions = self._forward_groups(groups, captured)
+        in_backward = by_gradients and self.gradients == "representation"
+        captured: Optional[dict[str, tuple[Tensor, Tensor]]] = {} if by_gradients and not in_backward else None
+        step = _RepresentationStep(batch_idx) if in_backward else None
+        read, predictions = self._forward_groups(groups, captured, partial(self._balance_in_backward, step) if step else None)
         task_losses: dict[str, Tensor] = {}
         counts: dict[str, int] = {}
         for name, prediction, target, maybe_missing in predictions:
@@ -279,6 +319,7 @@ class MultiTaskModule(LightningModule):
             for _, metric in self._train_metric_items[name]:
                 metric.update(prediction.detach(), target)
         self._last_batch = None
+        self._pending_log = None
         empty = not task_losses
         if empty:
             if self._world_size == 1:
@@ -288,26 +329,32 @@ class MultiTaskModule(LightningModule):
             # state) and backward: this one takes part with every task absent and contributes zero gradients.
             warnings.warn(f"step {self.global_step}: no task had a labelled sample in this process's batch")
         losses, present = self._stack_losses(task_losses)
+        batch_size = max(counts.values(), default=1)
+        log_tasks = self._is_logging_step()
         # Balancing runs in full precision: under autocast a K x K matmul or a solver would run in bf16/fp16.
         autocast = torch.is_autocast_enabled(losses.device.type)
         with torch.autocast(losses.device.type, enabled=False) if autocast else nullcontext():
             losses = losses.float()
-            if by_gradients:
+            if by_gradients and not in_backward:
                 # in one process the loss check joins the Gramian's (one host sync instead of two)
                 if self._world_size > 1 and not self._is_finite(losses.sum(), losses, batch_idx):
                     return None
-                total, weights = self._gradient_balanced_loss(losses, present, outputs, captured, batch_idx)
+                total, weights = self._parameter_balanced_loss(losses, present, captured, batch_idx)
                 if total is None:
                     return None
             else:
-                total, weights = self.balancer(losses, present)
+                total, weights = self.balancer(losses, present) if not in_backward else (losses.sum(), None)
                 if not self._is_finite(total, losses, batch_idx):
                     return None
         if self.balancer.needs_losses_after_step:
             self._last_batch = batch
-        batch_size = max(counts.values(), default=1)
-        combined = weights.detach() @ losses.detach() if by_gradients and weights is not None else total
-        self.log("train/loss", combined, prog_bar=True, batch_size=batch_size)
+        if step is not None:  # representation mode: the weights come in the backward; logged after it
+            step.losses, step.present, step.loss_scale = losses.detach(), present, self._loss_scale()
+            self._pending_log = (step, losses.detach(), batch_size, log_tasks)
+            if empty and read and isinstance(read[0], list):  # the backward must reach the views (a collective)
+                total = total + sum(views[0].reshape(-1)[0] for views in read) * 0.0
+        else:
+            self._log_balance(losses.detach(), total, weights, batch_size, log_tasks)
         if empty or (self._ddp_needs_every_parameter and len(task_losses) < len(self.task_names)):
             # plain DDP fails on a parameter without gradient (an absent task's head, its UW term)
             total = total + self._zero_touching_parameters()
@@ -316,51 +363,61 @@ class MultiTaskModule(LightningModule):
 
         # Each `self.log` call costs ~0.1 ms; per-task step values only reach the logger on its logging
         # steps (every `log_every_n_steps`), so they are logged only then.
-        log_tasks = self._is_logging_step()
         for name, loss in task_losses.items():
             if log_tasks:
                 self.log(f"train/{name}/loss", loss, prog_bar=True, batch_size=counts[name])
             for metric_name, metric in self._train_metric_items[name]:
                 self.log(f"train/{name}/{metric_name}", metric, on_step=False, on_epoch=True)
+        return total
+
+    def _log_balance(
+        self, losses: Tensor, total: Tensor, weights: Optional[Tensor], batch_size: int, log_tasks: bool
+    ) -> None:
+        """Log ``train/loss`` (for a gradient-level balancer the weighted sum ``Σ w_k L_k``) and the weights."""
+        combined = weights.detach() @ losses if self.balancer.needs != "losses" and weights is not None else total
+        self.log("train/loss", combined, prog_bar=True, batch_size=batch_size)
         if log_tasks and weights is not None and not isinstance(self.balancer, Static):
             for name, weight in zip(self.task_names, weights.detach()):
                 self.log(f"train/{name}/weight", weight)
-        return total
 
-    def _gradient_balanced_loss(
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._pending_log is not None:  # representation mode: the backward has set the step's weights
+            step, losses, batch_size, log_tasks = self._pending_log
+            self._pending_log = None
+            self._log_balance(losses, losses.sum(), step.weights, batch_size, log_tasks)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skip_optimizer_step:  # a representation-mode backward found a non-finite task gradient
+            self._skip_optimizer_step = False
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    parameter.grad = None
+
+    def _parameter_balanced_loss(
         self,
         losses: Tensor,
         present: Tensor,
-        outputs: list[Any],
         captured: dict[str, tuple[Tensor, Tensor]],
         batch_idx: int,
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """The loss to back-propagate for a gradient-level balancer, and its task weights (if it has any).
+        """Parameter mode: the loss to back-propagate for a gradient-level balancer, and its task weights.
 
         One backward of ``Σ_k L_k`` through the heads (which read detached features) gives every task's
-        cotangent at the backbone output and the heads' own plain gradients; in parameter mode one
-        batched backward through the backbone turns the cotangents into the task Jacobian of the shared
-        parameters (see :mod:`lightning_mtl.gradients`). The Jacobian is reduced across DDP ranks and
-        handed to the balancer. The returned loss has the value ``Σ_k L_k`` and the gradient of a
-        surrogate that puts the balanced direction (``Jᵀ w`` for a Gramian weighting, the method's own
-        direction otherwise) into the shared parameters (or, in representation mode, into the backbone
-        output, from where Lightning's backward takes it through the backbone once) and each head's
-        plain gradient into the head. Lightning's own backward then runs as usual, so DDP gradient
-        sync, AMP loss scaling, gradient clipping and accumulation all apply.
+        cotangent at the backbone output and the heads' own plain gradients; one batched backward
+        through the backbone turns the cotangents into the task Jacobian of the shared parameters (see
+        :mod:`lightning_mtl.gradients`). The Jacobian is reduced across DDP ranks and handed to the
+        balancer. The returned loss has the value ``Σ_k L_k`` and the gradient of a surrogate that puts
+        the balanced direction (``Jᵀ w`` for a Gramian weighting, the method's own direction otherwise)
+        into the shared parameters and each head's plain gradient into the head. Lightning's own
+        backward then runs as usual, so DDP gradient sync, AMP loss scaling, gradient clipping and
+        accumulation all apply.
         """
         total = losses.sum()
-        if self.gradients == "representation" and any(isinstance(output, Mapping) for output in outputs):
-            raise ValueError(
-                f"gradients='representation' needs a backbone that returns one shared tensor; "
-                f"{type(self.backbone).__name__} returns one tensor per task, so the tasks share no "
-                "representation. Use gradients='parameters'."
-            )
         backbone_params, all_params = self._parameter_lists()
         params = [p for p in backbone_params if p.requires_grad]
-        world_size = self._world_size
-        check_losses = world_size == 1  # else checked (and all-reduced) by the caller
+        single = self._world_size == 1  # else the losses were checked (and all-reduced) by the caller
         if not captured or not params:  # a frozen backbone (e.g. SequentialTransfer): nothing shared to balance
-            if check_losses and not self._is_finite(total, losses, batch_idx):
+            if single and not self._is_finite(total, losses, batch_idx):
                 return None, None
             return total, None
         loss_scale = self._loss_scale()
@@ -372,40 +429,78 @@ class MultiTaskModule(LightningModule):
         # the heads' (and loss modules') plain gradients, through the same surrogate as the direction
         head_params = [p for p, _ in plain]
         head_grads = [g / loss_scale if loss_scale != 1.0 else g for _, g in plain]
-        if self.balancer.log_losses:  # rows of log(L_k + eps): its gradient is ∂L_k / (L_k + eps)
-            factors = torch.where(present, 1.0 / (losses.detach() + self.balancer.log_eps), 0.0)
-            cotangents = [c * factors.view(-1, *([1] * (c.ndim - 1))).to(c.dtype) for c in cotangents]
-        if self.gradients == "parameters":
-            jacobian = TaskJacobian(params, parameter_jacobian(features, cotangents, params))
-        else:
-            jacobian = TaskJacobian(features, cotangents)
-        if loss_scale != 1.0:  # unscale before balancing, like Lightning before clipping
-            jacobian.scale_(1.0 / loss_scale)
-        gramian = global_gramian(jacobian, self.gradients, world_size, self._all_reduce)
+        cotangents = self._log_loss_cotangents(cotangents, losses, present)
+        jacobian = TaskJacobian(params, parameter_jacobian(features, cotangents, params))
+        balanced = self._balance(jacobian, losses, present, loss_scale, batch_idx, total if single else None)
+        if balanced is None:
+            return None, None
+        directions, weights = balanced
+        if loss_scale != 1.0:  # the surrogate's gradient is scaled by Lightning's backward
+            directions = [d / loss_scale for d in directions]
+        loss = total.detach() + surrogate([*directions, *head_grads], [*jacobian.inputs, *head_params])
+        return loss, weights
+
+    def _balance_in_backward(self, step: _RepresentationStep, stacks: list[Tensor]) -> list[Tensor]:
+        """Representation mode, called by the backward: the backbone outputs' balanced directions."""
+        cotangents = self._log_loss_cotangents(stacks, step.losses, step.present)
+        jacobian = TaskJacobian([stack[0] for stack in cotangents], cotangents)
+        balanced = self._balance(jacobian, step.losses, step.present, step.loss_scale, step.batch_idx)
+        if balanced is None:  # non-finite task gradient, nonfinite_loss="skip": the whole optimizer step is skipped
+            self._skip_optimizer_step = True
+            return [torch.zeros_like(stack[0]) for stack in stacks]
+        directions, step.weights = balanced
+        return [d.to(stack.dtype) for d, stack in zip(directions, stacks)]
+
+    def _log_loss_cotangents(self, cotangents: list[Tensor], losses: Tensor, present: Tensor) -> list[Tensor]:
+        """For a method on ``log(L_k + eps)`` (DB-MTL), the cotangents of the logs: ``∂L_k / (L_k + eps)``."""
+        if not self.balancer.log_losses:
+            return cotangents
+        factors = torch.where(present, 1.0 / (losses.detach() + self.balancer.log_eps), 0.0)
+        return [c * factors.view(-1, *([1] * (c.ndim - 1))).to(c.dtype) for c in cotangents]
+
+    def _balance(
+        self,
+        jacobian: TaskJacobian,
+        losses: Tensor,
+        present: Tensor,
+        loss_scale: float,
+        batch_idx: int,
+        total: Optional[Tensor] = None,
+    ) -> Optional[tuple[list[Tensor], Optional[Tensor]]]:
+        """The balancer on the task Jacobian: ``(directions shaped like jacobian.inputs, weights or None)``.
+
+        ``jacobian`` holds the gradients of the loss as back-propagated, i.e. multiplied by
+        ``loss_scale`` under ``16-mixed``; the balancer sees them unscaled (like Lightning unscales
+        before clipping) and the directions come back in the same scaled units. ``total`` (one process,
+        parameter mode) is checked for finiteness in the same host sync as the Gramian. Returns None
+        when the step is to be skipped (``nonfinite_loss="skip"``); raises ``FloatingPointError`` on a
+        non-finite task gradient otherwise. Under ``16-mixed`` an overflow gives the static direction,
+        whose inf/NaN makes the GradScaler skip the step and lower its scale, with the balancer untouched.
+        """
+        gramian = global_gramian(jacobian, self.gradients, self._world_size, self._all_reduce)
+        if loss_scale != 1.0:
+            gramian = gramian / loss_scale**2
         finite = torch.isfinite(gramian).all()  # same verdict on every rank: the Gramian is global
-        if check_losses:
+        if total is not None:
             finite = finite & torch.isfinite(total)
         if not bool(finite):
-            if check_losses and not self._is_finite(total, losses, batch_idx):  # a non-finite loss: named
-                return None, None
+            if total is not None and not self._is_finite(total, losses, batch_idx):  # a non-finite loss: named
+                return None
             if loss_scale == 1.0:
                 bad = [name for name, g in zip(self.task_names, gramian.diagonal().tolist()) if not math.isfinite(g)]
                 message = f"non-finite task gradient for task(s) {bad} at global step {self.global_step} (batch {batch_idx})"
                 if self.nonfinite_loss == "skip":
                     rank_zero_warn(message + "; the step is skipped (nonfinite_loss='skip')")
-                    return None, None
+                    return None
                 raise FloatingPointError(message + ". Check the data and learning rate, or pass nonfinite_loss='skip'.")
-            # fp16 overflow: the non-finite static direction makes the scaler skip this step and lower its
-            # scale; the balancer is not called, so its state is untouched
             weights = self.balancer.task_weights.to(losses.dtype) * present
-            directions = jacobian.combine(weights)
-        elif self.balancer.needs == "gramian":
+            return jacobian.combine(weights), weights
+        if self.balancer.needs == "gramian":
             weights = self.balancer.weights(gramian, losses.detach(), present)
-            directions = jacobian.combine(weights)
-        else:
-            directions, weights = jacobian.split(self.balancer(jacobian.flat())), None
-        loss = total.detach() + surrogate([*directions, *head_grads], [*jacobian.inputs, *head_params])
-        return loss, weights
+            return jacobian.combine(weights), weights
+        flat = jacobian.flat()
+        direction = self.balancer(flat / loss_scale) * loss_scale if loss_scale != 1.0 else self.balancer(flat)
+        return jacobian.split(direction), None
 
     @property
     def _world_size(self) -> int:
@@ -484,8 +579,8 @@ class MultiTaskModule(LightningModule):
             nonfinite = self.trainer.strategy.reduce(nonfinite.float(), reduce_op="sum") > 0
         if not bool(nonfinite):
             return True
-        bad = [name for name, loss in zip(self.task_names, losses.detach().tolist()) if not math.isfinite(loss)]
-        values = {name: float(losses[self.task_names.index(name)]) for name in bad}
+        values = {name: loss for name, loss in zip(self.task_names, losses.detach().tolist()) if not math.isfinite(loss)}
+        bad = list(values)
         message = (
             f"non-finite loss for task(s) {bad or 'none: the balancer ' + type(self.balancer).__name__ + ' or another process'} "
             f"at global step {self.global_step} "

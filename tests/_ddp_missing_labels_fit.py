@@ -1,11 +1,13 @@
 """Two-process plain-DDP fit where rank 0 never sees a label of task "b", and its first batch has no label at all.
 
-Usage: python _ddp_missing_labels_fit.py OUT_DIR BALANCER
+Usage: python _ddp_missing_labels_fit.py OUT_DIR BALANCER [GRADIENTS]
 
 Shared-input batches ``(x, {"a": class, "b": value})``; a fixed sampler (Lightning's own sampler
 injection is off) gives rank r the indices r, r + 2, ...: every even index has a NaN "b" target, and indices 0–15 also have
 "a" = -100, so rank 0's first batch (8 samples) is entirely unlabelled. Under plain DDP (no
 ``find_unused_parameters``) the head of "b" on rank 0 (and a UW log-variance) would get no gradient.
+Every parameter is its own DDP gradient bucket, so the buckets' all-reduces interleave with any collective
+that a balancer runs inside the backward (representation mode) in a different order on each rank.
 Every rank writes OUT_DIR/rank{R}.json with its final parameters and its number of backward passes.
 """
 
@@ -18,6 +20,8 @@ import torch
 from torch import nn
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_mtl import MultiTaskModule, Task
 
@@ -48,7 +52,7 @@ class Backwards(pl.Callback):
         self.count += 1
 
 
-def main(out_dir: str, balancer: str) -> None:
+def main(out_dir: str, balancer: str, gradients: str = "parameters") -> None:
     pl.seed_everything(0, verbose=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 4, generator=g)
@@ -60,12 +64,12 @@ def main(out_dir: str, balancer: str) -> None:
         Task("a", nn.Linear(8, 2), nn.CrossEntropyLoss()),
         Task("b", nn.Sequential(nn.Linear(8, 1), nn.Flatten(0)), nn.MSELoss()),
     ]
-    model = MultiTaskModule(nn.Sequential(nn.Linear(4, 8), nn.Tanh()), tasks, balancer=None if balancer == "none" else balancer)
+    model = MultiTaskModule(nn.Sequential(nn.Linear(4, 8), nn.Tanh()), tasks, balancer=None if balancer == "none" else balancer, gradients=gradients)
     loader = DataLoader(TensorDataset(x, a, b), batch_size=8, sampler=EveryOtherIndex(64), collate_fn=collate)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp",
+        strategy=DDPStrategy(bucket_cap_mb=1e-5),  # one bucket per parameter
         use_distributed_sampler=False,
         max_epochs=2,
         logger=False,

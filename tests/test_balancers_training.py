@@ -97,28 +97,32 @@ def test_grad_scaler_trains_gradient_balancers_with_finite_parameters(name):
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
-def test_grad_scaler_unscales_the_jacobian_before_balancing():
+@pytest.mark.parametrize("mode", ["parameters", "representation"])
+def test_grad_scaler_unscales_the_jacobian_before_balancing(mode):
     """The same batch gives the same weights under a 2^12 loss scale as without scaling."""
     x, labels = SharedInput(16).x, {"cls": SharedInput(16).cls, "reg": SharedInput(16).reg}
-    plain = make_module(tasks=make_tasks(metrics=False), balancer="mgda")
-    plain.training_step((x, labels), 0)
-    scaled = make_module(tasks=make_tasks(metrics=False), balancer="mgda")
+    plain = make_module(tasks=make_tasks(metrics=False), balancer="mgda", gradients=mode)
+    scaled = make_module(tasks=make_tasks(metrics=False), balancer="mgda", gradients=mode)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     scaled._trainer = type("T", (), {"precision_plugin": type("P", (), {"scaler": scaler})()})()
     assert scaled._loss_scale() == 2.0**12  # read from Lightning's precision plugin
     scaled._trainer = None
     scaled._loss_scale = lambda: 2.0**12
     seen = {}
-    for module in (plain, scaled):
+    for module, scale in ((plain, 1.0), (scaled, 2.0**12)):
         original = module.balancer.weights
         module.balancer.weights = lambda g, l=None, p=None, m=module, f=original: (seen.setdefault(id(m), g), f(g, l, p))[1]
-        module.training_step((x, labels), 0)
+        (module.training_step((x, labels), 0) * scale).backward()  # what the GradScaler does to the loss
     # the Gramian the balancer sees is the unscaled one (scaled, it would be 2^24 times larger)
     torch.testing.assert_close(seen[id(plain)], seen[id(scaled)], rtol=1e-4, atol=1e-7)
+    # and the gradients are the scaled ones, for the GradScaler to unscale
+    for p_plain, p_scaled in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(p_scaled.grad, p_plain.grad * 2.0**12, rtol=1e-4, atol=1e-6)
 
 
-def test_grad_scaler_overflow_skips_the_step_and_leaves_balancer_state_alone():
-    module = make_module(tasks=make_tasks(metrics=False), balancer="gradvac")
+@pytest.mark.parametrize("mode", ["parameters", "representation"])
+def test_grad_scaler_overflow_skips_the_step_and_leaves_balancer_state_alone(mode):
+    module = make_module(tasks=make_tasks(metrics=False), balancer="gradvac", gradients=mode)
     before = [p.detach().clone() for p in module.parameters()]
     state_before = {k: v.clone() for k, v in module.balancer.state_dict().items() if torch.is_tensor(v)}
     trainer, scaler = scaler_trainer(2.0**127, max_steps=1)  # overflows every fp16 gradient

@@ -111,6 +111,58 @@ def test_weights_are_logged_per_task(recording_logger):
             assert metrics["train/cls/weight"] + metrics["train/reg/weight"] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_representation_mode_logs_the_weights_found_in_the_backward(recording_logger):
+    module = make_module(balancer="mgda", gradients="representation")
+    trainer = quiet_trainer(logger=recording_logger, log_every_n_steps=1)
+    trainer.fit(module, DataLoader(SharedInput(64), batch_size=16))
+    logged = [metrics for _, metrics in recording_logger.history if "train/cls/weight" in metrics]
+    assert len(logged) == trainer.global_step == 4
+    for metrics in logged:
+        assert metrics["train/cls/weight"] + metrics["train/reg/weight"] == pytest.approx(1.0, abs=1e-5)
+        assert 0 < metrics["train/loss"] < metrics["train/cls/loss"] + metrics["train/reg/loss"]  # Σ w_k L_k
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    """Identity whose backward is infinite: a finite loss with a non-finite task gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("inf"))
+
+
+def infinite_gradient_mse(prediction, target):
+    return nn.functional.mse_loss(_InfiniteGradient.apply(prediction), target)
+
+
+def tasks_with_an_infinite_gradient():
+    tasks = make_tasks(metrics=False)
+    return [task if task.name != "reg" else type(task)("reg", task.head, infinite_gradient_mse) for task in tasks]
+
+
+@pytest.mark.parametrize("mode", ["parameters", "representation"])
+def test_nonfinite_task_gradient_of_a_finite_loss_raises_naming_the_task(mode):
+    module = make_module(tasks=tasks_with_an_infinite_gradient(), balancer="mgda", gradients=mode)
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(FloatingPointError, match=r"non-finite task gradient for task\(s\) \['reg'\] at global step 0 \(batch 0\)"):
+        quiet_trainer(max_epochs=1).fit(module, DataLoader(SharedInput(32), batch_size=16))
+    for p, p0 in zip(module.parameters(), before):
+        torch.testing.assert_close(p.detach(), p0, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["parameters", "representation"])
+def test_nonfinite_task_gradient_skip_mode_skips_every_such_step(mode):
+    module = make_module(tasks=tasks_with_an_infinite_gradient(), balancer="mgda", gradients=mode, nonfinite_loss="skip")
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.warns(UserWarning, match=r"non-finite task gradient for task\(s\) \['reg'\].*skipped"):
+        quiet_trainer(max_epochs=1).fit(module, DataLoader(SharedInput(32), batch_size=16))
+    for p, p0 in zip(module.parameters(), before):  # heads included: no gradient of a skipped step is applied
+        torch.testing.assert_close(p.detach(), p0, rtol=0, atol=0)
+
+
 def test_representation_mode_needs_one_shared_tensor():
     class DictBackbone(nn.Module):
         def __init__(self):
