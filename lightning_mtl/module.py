@@ -232,7 +232,7 @@ class MultiTaskModule(LightningModule):
             )
         if balance is not None and any(output.requires_grad for output in outputs):  # else a frozen backbone
             sources = task_views(outputs, len(self.task_names), balance)
-        sizes = [x.shape[0] for x in inputs]
+        sizes = [x.shape[0] for x in inputs] if stacked else []
         parts: dict[int, list[Any]] = {}  # a stacked output (or view) cut into the groups' parts, once
 
         def features(i: int, name: str) -> Any:

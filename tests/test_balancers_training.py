@@ -84,6 +84,18 @@ def test_bf16_mixed_keeps_every_balancer_finite(name):
     assert all(torch.isfinite(t).all() for t in module.balancer.state_dict().values() if torch.is_tensor(t))
 
 
+@pytest.mark.parametrize("name", GRADIENT_LEVEL)
+def test_bf16_mixed_keeps_gradient_balancers_finite_in_representation_mode(name):
+    """The views' backward gets bf16 cotangents: balanced in float32, handed back to the backbone in bf16."""
+    module = make_module(balancer=name, gradients="representation")
+    before = [p.detach().clone() for p in module.backbone.parameters()]
+    trainer = quiet_trainer(max_epochs=2, precision="bf16-mixed")
+    trainer.fit(module, DataLoader(SharedInput(128), batch_size=32))
+    assert trainer.global_step == 8
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert all(not torch.equal(p, p0) for p, p0 in zip(module.backbone.parameters(), before))  # it trained
+
+
 def scaler_trainer(init_scale, **kwargs):
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     return quiet_trainer(plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], **kwargs), scaler

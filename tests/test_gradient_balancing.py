@@ -379,3 +379,36 @@ def test_parameter_mode_with_per_task_inputs_matches_the_loop_reference():
     module.training_step(per_task, 0).backward()
     got = torch.cat([p.grad.flatten() for p in module.backbone.parameters()])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("same_shape", [True, False])
+def test_representation_mode_with_per_task_inputs_matches_the_loop_reference(same_shape, monkeypatch):
+    """Per-task batches in one backbone call (stackable) or one call each: every head reads its task's
+    view of its own rows, and the backbone receives ``Σ_k w_k ∂L_k/∂z`` with w from the rows' Gramian."""
+    if not same_shape:
+        monkeypatch.setattr("lightning_mtl.module._stackable", lambda inputs: False)
+    module = make_module(tasks=make_tasks(metrics=False), balancer=MGDA(), gradients="representation")
+    first, second = SharedInput(12, seed=1), SharedInput(20 if same_shape else 16, seed=2)
+    per_task = {"cls": (first.x, first.cls), "reg": (second.x, second.reg)}
+    outputs = [module.backbone(torch.cat([first.x, second.x]))] if same_shape else [module.backbone(first.x), module.backbone(second.x)]
+    cls_rows, reg_rows = (outputs[0][:12], outputs[0][12:]) if same_shape else outputs
+    losses = torch.stack(
+        [
+            nn.functional.cross_entropy(module.heads["cls"](cls_rows), first.cls),
+            nn.functional.mse_loss(module.heads["reg"](reg_rows), second.reg),
+        ]
+    )
+    jacobian = loop_jacobian(losses, outputs)
+    weights = MGDA().weights(jacobian @ jacobian.T)
+    expected = torch.cat([g.flatten() for g in torch.autograd.grad(weights @ losses, list(module.backbone.parameters()))])
+    module.zero_grad()
+    module.training_step(per_task, 0).backward()
+    got = torch.cat([p.grad.flatten() for p in module.backbone.parameters()])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    step = module._pending_log[0]  # the weights to be logged, in task order
+    assert not torch.allclose(weights[0], weights[1])
+    torch.testing.assert_close(step.weights, weights, rtol=1e-5, atol=1e-6)
+    for name, (x, y) in per_task.items():  # each head its plain gradient
+        loss = module.tasks[name].loss(module.heads[name](module.backbone(x).detach()), y)
+        for p, want in zip(module.heads[name].parameters(), torch.autograd.grad(loss, list(module.heads[name].parameters()))):
+            torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-6)
