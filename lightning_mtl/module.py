@@ -45,6 +45,7 @@ class _RepresentationStep:
     losses: Optional[Tensor] = None
     present: Optional[Tensor] = None
     loss_scale: float = 1.0
+    total: Optional[Tensor] = None  # set when the backward, not training_step, checks the loss (one process)
     weights: Optional[Tensor] = None
 
 
@@ -344,12 +345,15 @@ class MultiTaskModule(LightningModule):
                     return None
             else:
                 total, weights = self.balancer(losses, present) if not in_backward else (losses.sum(), None)
-                if not self._is_finite(total, losses, batch_idx):
+                # representation mode in one process: the views' backward checks the loss with the Gramian
+                deferred = in_backward and self._world_size == 1 and bool(read) and isinstance(read[0], list)
+                if not deferred and not self._is_finite(total, losses, batch_idx):
                     return None
         if self.balancer.needs_losses_after_step:
             self._last_batch = batch
         if step is not None:  # representation mode: the weights come in the backward; logged after it
             step.losses, step.present, step.loss_scale = losses.detach(), present, self._loss_scale()
+            step.total = total.detach() if deferred else None
             self._pending_log = (step, losses.detach(), batch_size, log_tasks)
             if empty and read and isinstance(read[0], list):  # the backward must reach the views (a collective)
                 total = total + sum(views[0].reshape(-1)[0] for views in read) * 0.0
@@ -444,8 +448,8 @@ class MultiTaskModule(LightningModule):
         """Representation mode, called by the backward: the backbone outputs' balanced directions."""
         cotangents = self._log_loss_cotangents(stacks, step.losses, step.present)
         jacobian = TaskJacobian([stack[0] for stack in cotangents], cotangents)
-        balanced = self._balance(jacobian, step.losses, step.present, step.loss_scale, step.batch_idx)
-        if balanced is None:  # non-finite task gradient, nonfinite_loss="skip": the whole optimizer step is skipped
+        balanced = self._balance(jacobian, step.losses, step.present, step.loss_scale, step.batch_idx, step.total)
+        if balanced is None:  # non-finite loss or task gradient, nonfinite_loss="skip": the optimizer step is skipped
             self._skip_optimizer_step = True
             return [torch.zeros_like(stack[0]) for stack in stacks]
         directions, step.weights = balanced
@@ -471,8 +475,8 @@ class MultiTaskModule(LightningModule):
 
         ``jacobian`` holds the gradients of the loss as back-propagated, i.e. multiplied by
         ``loss_scale`` under ``16-mixed``; the balancer sees them unscaled (like Lightning unscales
-        before clipping) and the directions come back in the same scaled units. ``total`` (one process,
-        parameter mode) is checked for finiteness in the same host sync as the Gramian. Returns None
+        before clipping) and the directions come back in the same scaled units. ``total`` (one process)
+        is checked for finiteness in the same host sync as the Gramian (a named error for a NaN loss). Returns None
         when the step is to be skipped (``nonfinite_loss="skip"``); raises ``FloatingPointError`` on a
         non-finite task gradient otherwise. Under ``16-mixed`` an overflow gives the static direction,
         whose inf/NaN makes the GradScaler skip the step and lower its scale, with the balancer untouched.

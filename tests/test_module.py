@@ -306,18 +306,22 @@ class NaNAfter(Dataset):
         return x, labels
 
 
-@pytest.mark.parametrize("balancer", [None, "mgda"])  # loss level, and the gradient-balanced path
-def test_nonfinite_loss_raises_naming_task_and_step_before_any_update(balancer):
-    module = make_module(tasks=make_tasks(metrics=False), balancer=balancer)
+# loss level, and the gradient-balanced paths (representation mode checks the loss inside the backward)
+BALANCED_PATHS = [(None, "parameters"), ("mgda", "parameters"), ("mgda", "representation")]
+
+
+@pytest.mark.parametrize("balancer, gradients", BALANCED_PATHS)
+def test_nonfinite_loss_raises_naming_task_and_step_before_any_update(balancer, gradients):
+    module = make_module(tasks=make_tasks(metrics=False), balancer=balancer, gradients=gradients)
     trainer = quiet_trainer(max_epochs=1)
     with pytest.raises(FloatingPointError, match=r"non-finite loss for task\(s\) \['reg'\] at global step 2 \(batch 2\)"):
         trainer.fit(module, DataLoader(NaNAfter(64, bad=32), batch_size=16))
-    assert_parameters_after_good_steps(module, NaNAfter(64, bad=32), steps=2, balancer=balancer)
+    assert_parameters_after_good_steps(module, NaNAfter(64, bad=32), steps=2, balancer=balancer, gradients=gradients)
 
 
-def assert_parameters_after_good_steps(module, data, steps, balancer=None):
+def assert_parameters_after_good_steps(module, data, steps, balancer=None, gradients="parameters"):
     """The parameters equal those of a hand-written loop over the first ``steps`` batches only."""
-    reference = make_module(tasks=make_tasks(metrics=False), balancer=balancer)
+    reference = make_module(tasks=make_tasks(metrics=False), balancer=balancer, gradients=gradients)
     optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3)
     for batch in list(DataLoader(data, batch_size=16))[:steps]:
         optimizer.zero_grad()
@@ -327,14 +331,14 @@ def assert_parameters_after_good_steps(module, data, steps, balancer=None):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("balancer", [None, "mgda"])
-def test_nonfinite_loss_skip_mode_skips_the_step(balancer):
-    module = make_module(tasks=make_tasks(metrics=False), nonfinite_loss="skip", balancer=balancer)
+@pytest.mark.parametrize("balancer, gradients", BALANCED_PATHS)
+def test_nonfinite_loss_skip_mode_skips_the_step(balancer, gradients):
+    module = make_module(tasks=make_tasks(metrics=False), nonfinite_loss="skip", balancer=balancer, gradients=gradients)
     trainer = quiet_trainer(max_epochs=1)
     with pytest.warns(UserWarning, match=r"non-finite loss for task\(s\) \['reg'\].*skipped"):
         trainer.fit(module, DataLoader(NaNAfter(64, bad=32), batch_size=16))
     # 4 batches, the last 2 skipped: no parameter moved after the 2 good steps
-    assert_parameters_after_good_steps(module, NaNAfter(64, bad=32), steps=2, balancer=balancer)
+    assert_parameters_after_good_steps(module, NaNAfter(64, bad=32), steps=2, balancer=balancer, gradients=gradients)
 
 
 def test_bad_nonfinite_option():
