@@ -56,7 +56,7 @@ TASKS = list(SyntheticMMoE.TASKS)
 LEARNING_RATES = {"Shared-Bottom": 1e-2, "OMoE": 1e-2, "MMoE": 1e-2}
 
 
-def build_model(name: str, dim: int = 100, lr: float = 3e-3) -> MultiTaskModule:
+def build_model(name: str, dim: int = 100, lr: float = 1e-2) -> MultiTaskModule:
     """One of ``MODELS`` with the paper's sizes, towers of 8 ReLU units, Adam."""
     if name == "Shared-Bottom":
         backbone: nn.Module = MLP(dim, [113], flatten=False)
