@@ -211,10 +211,11 @@ def balanced_gradient(module, x, labels):
     return [p.grad.clone() for p in module.parameters()]
 
 
-def test_accumulation_balances_each_micro_batch():
+@pytest.mark.parametrize("mode", ["parameters", "representation"])
+def test_accumulation_balances_each_micro_batch(mode):
     """With accumulate_grad_batches=2 the update is the mean of the two micro-batches' balanced gradients."""
     data = SharedInput(32)
-    module = sgd_module("mgda")
+    module = sgd_module("mgda", gradients=mode)
     before = [p.detach().clone() for p in module.parameters()]
     grads = [balanced_gradient(module, data.x[i : i + 16], {"cls": data.cls[i : i + 16], "reg": data.reg[i : i + 16]}) for i in (0, 16)]
     quiet_trainer(max_steps=1, accumulate_grad_batches=2).fit(module, DataLoader(data, batch_size=16))
@@ -222,9 +223,10 @@ def test_accumulation_balances_each_micro_batch():
         torch.testing.assert_close(p.detach(), p0 - (g1 + g2) / 2, rtol=1e-5, atol=1e-6)
 
 
-def test_gradient_clipping_clips_the_balanced_gradient():
+@pytest.mark.parametrize("mode", ["parameters", "representation"])
+def test_gradient_clipping_clips_the_balanced_gradient(mode):
     data = SharedInput(16)
-    module = sgd_module("upgrad")
+    module = sgd_module("upgrad", gradients=mode)
     before = [p.detach().clone() for p in module.parameters()]
     grads = balanced_gradient(module, data.x, {"cls": data.cls, "reg": data.reg})
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
