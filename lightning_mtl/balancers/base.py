@@ -8,9 +8,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_mtl.balancers._utils import all_present, scalarize
-
-from lightning_mtl.balancers._utils import at_least_float32
+from lightning_mtl.balancers._utils import all_present, at_least_float32, scalarize
 
 
 def _identity(tensor: Tensor) -> Tensor:
