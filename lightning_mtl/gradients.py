@@ -1,11 +1,10 @@
 """Per-task gradients of the shared part of a multi-task model, and their reduction across DDP ranks.
 
-The heads of a gradient-balanced step read *detached* copies of the backbone output (one leaf per
-task), so back-propagating ``Σ_k L_k`` through the heads stops at the backbone output and gives, in
-one plain backward, every task's cotangent ``∂L_k/∂output`` (:func:`output_cotangents`). From there:
-
 ``gradients="parameters"``
-    the exact Jacobian ``J`` (K × P) of the task losses w.r.t. the shared parameters: the K
+    the heads read *detached* copies of the backbone output (one leaf per task), so
+    back-propagating ``Σ_k L_k`` through the heads stops at the backbone output and gives, in one
+    plain backward, every task's cotangent ``∂L_k/∂output`` (:func:`output_cotangents`). The exact
+    Jacobian ``J`` (K × P) of the task losses w.r.t. the shared parameters follows: the K
     cotangents go back through the *backbone only*, in one batched vector-Jacobian product
     (``torch.autograd.grad(..., is_grads_batched=True)``), with a loop fallback for modules without a
     batching rule (cuDNN RNNs, reentrant checkpointing). :func:`parameter_jacobian`.
@@ -16,8 +15,8 @@ one plain backward, every task's cotangent ``∂L_k/∂output`` (:func:`output_c
     cotangents, which it replaces by the balanced direction before the backbone's backward continues.
     No second backward, no surrogate: the step costs one backward plus the K × K weighting.
 
-In parameter mode the Jacobian is kept as column blocks (:class:`TaskJacobian`): the Gramian ``J Jᵀ`` is the sum of
-the blocks' Gramians and the combined direction ``Jᵀ w`` is formed block by block, so the K × P
+In parameter mode the Jacobian is kept as column blocks (:class:`TaskJacobian`): the Gramian
+``J Jᵀ`` is the sum of the blocks' Gramians and the combined direction ``Jᵀ w`` is formed block by block, so the K × P
 matrix is never concatenated unless a method needs it whole or DDP must reduce it. The direction
 reaches the shared inputs through the surrogate :func:`surrogate` ``Σ <d, input>``, whose gradient
 is exactly ``d``: the backbone is not back-propagated a second time.
