@@ -137,7 +137,7 @@ class MultiTaskModule(LightningModule):
         # plain DDP (no find_unused_parameters): every parameter needs a gradient at every step
         self._ddp_needs_every_parameter = False
         # representation mode: what to log once the backward has weighted the step; a skip it asked for
-        self._pending_log: Optional[tuple[_RepresentationStep, Tensor, int, bool]] = None
+        self._pending_log: Optional[tuple[_RepresentationStep, int, bool]] = None
         self._skip_optimizer_step = False
 
     # ------------------------------------------------------------------ forward
@@ -308,6 +308,7 @@ class MultiTaskModule(LightningModule):
         captured: Optional[dict[str, tuple[Tensor, Tensor]]] = {} if by_gradients and not in_backward else None
         step = _RepresentationStep(batch_idx) if in_backward else None
         read, predictions = self._forward_groups(groups, captured, partial(self._balance_in_backward, step) if step else None)
+        viewed = step is not None and bool(read) and isinstance(read[0], list)  # the backward will balance
         task_losses: dict[str, Tensor] = {}
         counts: dict[str, int] = {}
         for name, prediction, target, maybe_missing in predictions:
@@ -346,7 +347,7 @@ class MultiTaskModule(LightningModule):
             else:
                 total, weights = self.balancer(losses, present) if not in_backward else (losses.sum(), None)
                 # representation mode in one process: the views' backward checks the loss with the Gramian
-                deferred = in_backward and self._world_size == 1 and bool(read) and isinstance(read[0], list)
+                deferred = viewed and self._world_size == 1
                 if not deferred and not self._is_finite(total, losses, batch_idx):
                     return None
         if self.balancer.needs_losses_after_step:
@@ -354,8 +355,8 @@ class MultiTaskModule(LightningModule):
         if step is not None:  # representation mode: the weights come in the backward; logged after it
             step.losses, step.present, step.loss_scale = losses.detach(), present, self._loss_scale()
             step.total = total.detach() if deferred else None
-            self._pending_log = (step, losses.detach(), batch_size, log_tasks)
-            if empty and read and isinstance(read[0], list):  # the backward must reach the views (a collective)
+            self._pending_log = (step, batch_size, log_tasks)
+            if empty and viewed:  # the backward must reach the views (a collective)
                 total = total + sum(views[0].reshape(-1)[0] for views in read) * 0.0
         else:
             self._log_balance(losses.detach(), total, weights, batch_size, log_tasks)
@@ -386,9 +387,9 @@ class MultiTaskModule(LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._pending_log is not None:  # representation mode: the backward has set the step's weights
-            step, losses, batch_size, log_tasks = self._pending_log
+            step, batch_size, log_tasks = self._pending_log
             self._pending_log = None
-            self._log_balance(losses, losses.sum(), step.weights, batch_size, log_tasks)
+            self._log_balance(step.losses, step.losses.sum(), step.weights, batch_size, log_tasks)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._skip_optimizer_step:  # a representation-mode backward found a non-finite task gradient
