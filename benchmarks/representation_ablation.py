@@ -24,7 +24,7 @@ def make_step(workload, name: str, mode: str, ablation: str | None = None):
     module = build_module(workload, make_balancer(name), mode)
     if ablation == "no-weighting":
         uniform = torch.full((workload.num_tasks,), 1.0 / workload.num_tasks)
-        module.balancer.weights = lambda gramian, losses=None, present=None: uniform
+        module.balancer.weights = lambda gramian, losses=None, present=None, nonzero=None: uniform
     elif ablation == "no-balancing":
         module._balance_in_backward = lambda step, stacks: [stack.sum(0) for stack in stacks]
     elif ablation == "no-loss-check":

@@ -119,6 +119,9 @@ class TaskJacobian:
         self.inputs = list(inputs)
         self.blocks: list[Tensor] = []
         self.groups: list[list[Tensor]] = []
+        if len(self.inputs) == 1:  # the usual representation-mode case: one block, no grouping
+            self._add([(self.inputs[0], rows[0])])
+            return
         pending: list[tuple[Tensor, Tensor]] = []
         for x, row in zip(self.inputs, rows):
             if x.numel() < _SMALL_BLOCK:

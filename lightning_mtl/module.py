@@ -485,14 +485,17 @@ class MultiTaskModule(LightningModule):
         gramian = global_gramian(jacobian, self.gradients, self._world_size, self._all_reduce)
         if loss_scale != 1.0:
             gramian = gramian / loss_scale**2
-        finite = torch.isfinite(gramian).all()  # same verdict on every rank: the Gramian is global
-        if total is not None:
-            finite = finite & torch.isfinite(total)
-        if not bool(finite):
+        # One host read of the K x K Gramian (and, in one process, the loss) gives the finiteness verdict
+        # (the same on every rank: the Gramian is global) and the tasks with a nonzero gradient.
+        flat = gramian.reshape(-1)
+        values = (flat if total is None else torch.cat([flat, total.detach().reshape(1).to(flat.dtype)])).tolist()
+        num_tasks = gramian.shape[0]
+        diagonal = values[: num_tasks * num_tasks : num_tasks + 1]
+        if not all(map(math.isfinite, values)):
             if total is not None and not self._is_finite(total, losses, batch_idx):  # a non-finite loss: named
                 return None
             if loss_scale == 1.0:
-                bad = [name for name, g in zip(self.task_names, gramian.diagonal().tolist()) if not math.isfinite(g)]
+                bad = [name for name, g in zip(self.task_names, diagonal) if not math.isfinite(g)]
                 message = f"non-finite task gradient for task(s) {bad} at global step {self.global_step} (batch {batch_idx})"
                 if self.nonfinite_loss == "skip":
                     rank_zero_warn(message + "; the step is skipped (nonfinite_loss='skip')")
@@ -501,7 +504,7 @@ class MultiTaskModule(LightningModule):
             weights = self.balancer.task_weights.to(losses.dtype) * present
             return jacobian.combine(weights), weights
         if self.balancer.needs == "gramian":
-            weights = self.balancer.weights(gramian, losses.detach(), present)
+            weights = self.balancer.weights(gramian, losses.detach(), present, nonzero=[g > 0 for g in diagonal])
             return jacobian.combine(weights), weights
         flat = jacobian.flat()
         direction = self.balancer(flat / loss_scale) * loss_scale if loss_scale != 1.0 else self.balancer(flat)

@@ -136,25 +136,46 @@ class GramianBalancer(Balancer):
     """
 
     needs: ClassVar[str] = "gramian"
+    _every_task_mask: Optional[Tensor] = None
 
-    def weights(self, gramian: Tensor, losses: Optional[Tensor] = None, present: Optional[Tensor] = None) -> Tensor:
+    def weights(
+        self,
+        gramian: Tensor,
+        losses: Optional[Tensor] = None,
+        present: Optional[Tensor] = None,
+        nonzero: Optional[Sequence[bool]] = None,
+    ) -> Tensor:
         """The K task weights from the K × K Gramian (``losses`` and ``present`` are used by GradNorm only).
 
         ``present`` marks the tasks with a loss on *this* process (the Gramian is global under DDP).
+        ``nonzero`` says which tasks have a nonzero gradient (``gramian[k, k] > 0``) when the caller has
+        already read the diagonal on the host (``MultiTaskModule`` reads the Gramian once per step for
+        its finiteness check); left out, it is read here, one device synchronisation.
 
         A half-precision Gramian is weighted in float32, and the weights are float32.
         """
         if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1]:
             raise ValueError(f"gramian must be a square matrix, got shape {tuple(gramian.shape)}")
         gramian = at_least_float32(gramian)
-        present = gramian.diagonal() > 0
-        if bool(present.all()):
-            return self._weights(gramian, present).to(gramian.dtype)
+        if nonzero is None:
+            nonzero = (gramian.diagonal() > 0).tolist()
+        elif len(nonzero) != gramian.shape[0]:
+            raise ValueError(f"nonzero has {len(nonzero)} entries for a {gramian.shape[0]} x {gramian.shape[0]} gramian")
+        if all(nonzero):
+            return self._weights(gramian, self._every_task(len(nonzero), gramian.device)).to(gramian.dtype)
         weights = gramian.new_zeros(gramian.shape[0])
-        if bool(present.any()):
-            index = present.nonzero().squeeze(1)
-            weights[index] = self._weights(gramian[index][:, index], present).to(weights.dtype)
+        if any(nonzero):
+            index = torch.tensor([k for k, has in enumerate(nonzero) if has], device=gramian.device)
+            mask = torch.tensor(list(nonzero), dtype=torch.bool, device=gramian.device)
+            weights[index] = self._weights(gramian[index][:, index], mask).to(weights.dtype)
         return weights
+
+    def _every_task(self, num_tasks: int, device: torch.device) -> Tensor:
+        """An all-True task mask, cached (not a buffer: it is no state)."""
+        mask = self._every_task_mask
+        if mask is None or mask.shape[0] != num_tasks or mask.device != device:
+            mask = self._every_task_mask = torch.ones(num_tasks, dtype=torch.bool, device=device)
+        return mask
 
     def forward(self, G: Tensor, losses: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
         """The combined direction ``Gᵀ w`` for the K × P task-gradient matrix ``G``."""

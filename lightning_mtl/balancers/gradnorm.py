@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -47,7 +48,14 @@ class GradNorm(GramianBalancer):
         self._adam = PrivateAdam(lr=self.lr)
         self.reset()
 
-    def weights(self, gramian: Tensor, losses: Optional[Tensor] = None, present: Optional[Tensor] = None) -> Tensor:
+    def weights(
+        self,
+        gramian: Tensor,
+        losses: Optional[Tensor] = None,
+        present: Optional[Tensor] = None,
+        nonzero: Optional[Sequence[bool]] = None,
+    ) -> Tensor:
+        """The step's weights ``w`` (then updated); ``nonzero`` is not needed: absent tasks are masked on the device."""
         if losses is None:
             raise ValueError("GradNorm needs the step's task losses: call weights(gramian, losses)")
         if gramian.ndim != 2 or gramian.shape != (losses.shape[0], losses.shape[0]):

@@ -128,6 +128,24 @@ def test_absent_task_is_left_out_of_a_gramian_weighting():
         assert weights[1] == 0
 
 
+@pytest.mark.parametrize("cls", [cls for cls in GRADIENT_METHODS if cls.needs == "gramian"])
+def test_nonzero_read_by_the_caller_gives_the_same_weights(cls):
+    """The module passes ``nonzero`` (the diagonal it already read on the host): same weights as without."""
+    G = _random_gradients(5, k=3)
+    G[1] = 0
+    losses = torch.tensor([1.0, 2.0, 0.5])
+    expected = cls().weights(G @ G.T, losses)
+    got = cls().weights(G @ G.T, losses, nonzero=[True, False, True])
+    torch.testing.assert_close(got, expected)
+    assert got[1] == 0
+
+
+def test_nonzero_of_the_wrong_length_is_rejected():
+    G = _random_gradients(6, k=3)
+    with pytest.raises(ValueError, match="nonzero has 2 entries for a 3 x 3 gramian"):
+        MGDA().weights(G @ G.T, nonzero=[True, True])
+
+
 def test_gradvac_keeps_the_targets_of_an_absent_task():
     balancer = GradVac(beta=0.5)
     G = _random_gradients(2, k=3)
