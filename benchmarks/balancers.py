@@ -247,8 +247,31 @@ class Config:
     level: str  # "loss", "gradient" or "torchjd"
     step: Callable[[Any], None]
     key: str = ""  # name:mode, for --profile and the comparisons
+    stopwatch: Stopwatch | None = None  # gradient level: times the method's own weighting call
     per_round: list[float] = field(default_factory=list)  # median seconds per step, one per round
     ratios: list[float] = field(default_factory=list)
+    # median over a round's steps of (step time - time in the method's weighting call), one per round
+    machinery_per_round: list[float] = field(default_factory=list)
+    machinery_ratios: list[float] = field(default_factory=list)
+
+
+class Stopwatch:
+    """Wraps a balancer's own call (``weights`` for a Gramian weighting, ``forward`` for a direction
+    method) and adds up the time spent in it: what the method's math costs inside the real step."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.total = 0.0
+        name = "weights" if balancer.needs == "gramian" else "forward"
+        call = getattr(balancer, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self.total += time.perf_counter() - start
+
+        setattr(balancer, name, timed)
 
 
 def make_balancer(name: str) -> Balancer | None:
@@ -280,7 +303,10 @@ def configurations(
                 continue
             optimizer = module.configure_optimizers()
             level = "loss" if mode == "-" else "gradient"
-            configs.append(Config(workload_key, display, mode, level, our_step(module, optimizer), f"{name}:{mode}"))
+            stopwatch = Stopwatch(module.balancer) if level == "gradient" else None
+            configs.append(
+                Config(workload_key, display, mode, level, our_step(module, optimizer), f"{name}:{mode}", stopwatch)
+            )
     for name, (aggregator, weighting) in TORCHJD.items():
         if name not in names:
             continue
@@ -331,16 +357,22 @@ def check_against_torchjd(workload_key: str, name: str, paths: tuple[str, ...]) 
 # ---------------------------------------------------------------------------------------- timing
 
 
-def time_steps(step: Callable[[Any], None], batches: list[Any], warmup: int, steps: int) -> float:
+def time_steps(
+    step: Callable[[Any], None], batches: list[Any], warmup: int, steps: int, stopwatch: Stopwatch | None = None
+) -> tuple[float, float]:
+    """Median step time, and median of (step time - time in the method's weighting call)."""
     for i in range(warmup):
         step(batches[i % len(batches)])
-    times = []
+    times, machinery = [], []
     for i in range(steps):
         batch = batches[i % len(batches)]
+        inside = stopwatch.total if stopwatch is not None else 0.0
         start = time.perf_counter()
         step(batch)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        elapsed = time.perf_counter() - start
+        times.append(elapsed)
+        machinery.append(elapsed - ((stopwatch.total - inside) if stopwatch is not None else 0.0))
+    return statistics.median(times), statistics.median(machinery)
 
 
 def goal(config: Config, num_tasks: int) -> float | None:
@@ -462,16 +494,23 @@ def main() -> None:
             cnn = workload_key.startswith("cnn")
             warmup, steps = (args.cnn_warmup, args.cnn_steps) if cnn else (args.warmup, args.steps)
             for config in configs:
-                config.per_round.append(time_steps(config.step, batches[workload_key], warmup, steps))
+                step_time, machinery = time_steps(config.step, batches[workload_key], warmup, steps, config.stopwatch)
+                config.per_round.append(step_time)
+                config.machinery_per_round.append(machinery)
             static = configs[0].per_round[-1]
             for config in configs:
                 config.ratios.append(config.per_round[-1] / static)
+                config.machinery_ratios.append(config.machinery_per_round[-1] / static)
         print(f"round {r + 1}/{args.rounds} done ({time.perf_counter() - started:.0f} s, load {load()})", flush=True)
 
     print()
-    print("| workload | K | balancer | mode | ms/step | ratio to static | goal |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| workload | K | balancer | mode | ms/step | ratio to static | goal | method's own call, ms | "
+        "ratio without it | goal without it |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     verdicts = []
+    machinery_verdicts = []
     for workload_key, configs in plan.items():
         workload = WORKLOADS[workload_key]
         for config in configs:
@@ -481,9 +520,17 @@ def main() -> None:
             verdict = "" if bound is None else f"≤ {bound:g}× {'pass' if ratio <= bound else 'FAIL'}"
             if bound is not None:
                 verdicts.append(ratio <= bound)
+            own = without = machinery_verdict = ""
+            if config.stopwatch is not None:
+                machinery_ms = statistics.median(config.machinery_per_round) * 1e3
+                machinery_ratio = statistics.median(config.machinery_ratios)
+                own, without = f"{ms - machinery_ms:.2f}", f"{machinery_ratio:.2f}×"
+                if bound is not None:
+                    machinery_verdict = f"{'pass' if machinery_ratio <= bound else 'FAIL'}"
+                    machinery_verdicts.append(machinery_ratio <= bound)
             print(
                 f"| {workload.name} | {workload.num_tasks} | {config.balancer} | {config.mode} | {ms:.2f} | "
-                f"{ratio:.2f}× | {verdict} |"
+                f"{ratio:.2f}× | {verdict} | {own} | {without} | {machinery_verdict} |"
             )
     print()
     print("Ours against torchjd's own paths (median over rounds of the per-round time ratio; < 1: ours faster):")
@@ -508,7 +555,8 @@ def main() -> None:
                     )
     print()
     print(
-        f"goals: {sum(verdicts)}/{len(verdicts)} pass | total {time.perf_counter() - started:.0f} s | "
+        f"goals: {sum(verdicts)}/{len(verdicts)} pass; gradient level without the method's own call: "
+        f"{sum(machinery_verdicts)}/{len(machinery_verdicts)} pass | total {time.perf_counter() - started:.0f} s | "
         f"load average at end: {load()}"
     )
 
