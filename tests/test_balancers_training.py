@@ -123,7 +123,7 @@ def test_grad_scaler_unscales_the_jacobian_before_balancing(mode):
     seen = {}
     for module, scale in ((plain, 1.0), (scaled, 2.0**12)):
         original = module.balancer.weights
-        module.balancer.weights = lambda g, l=None, p=None, m=module, f=original: (seen.setdefault(id(m), g), f(g, l, p))[1]
+        module.balancer.weights = lambda g, l=None, p=None, m=module, f=original, **kw: (seen.setdefault(id(m), g), f(g, l, p, **kw))[1]
         (module.training_step((x, labels), 0) * scale).backward()  # what the GradScaler does to the loss
     # the Gramian the balancer sees is the unscaled one (scaled, it would be 2^24 times larger)
     torch.testing.assert_close(seen[id(plain)], seen[id(scaled)], rtol=1e-4, atol=1e-7)
