@@ -87,3 +87,50 @@ def test_gradnorm_averages_a_task_loss_over_the_processes_that_have_it():
     gramian = torch.eye(2)  # global: both tasks have a gradient
     balancer.weights(gramian, torch.tensor([3.0, 0.0]), present=torch.tensor([True, False]))
     torch.testing.assert_close(balancer.initial_losses, torch.tensor([2.0, 2.0]))
+
+
+def test_gradnorm_shortcut_for_steps_with_every_task_equals_the_masked_computation():
+    """With ``nonzero`` all true and every L(0) known and > 0, GradNorm skips its masks: same numbers, bit for bit."""
+    generator = torch.Generator().manual_seed(0)
+    general, shortcut = GradNorm(alpha=1.5, lr=0.1), GradNorm(alpha=1.5, lr=0.1)
+    for balancer in (general, shortcut):
+        balancer.setup(["a", "b", "c"])
+    for step in range(12):
+        G = torch.randn(3, 7, generator=generator)
+        losses = torch.rand(3, generator=generator) + 0.1
+        if step in (0, 5):  # task b absent (no gradient): the masked computation, also on the shortcut's side
+            G[1] = 0
+            losses[1] = 0
+        nonzero = [bool(row.any()) for row in G]
+        expected = general.weights(G @ G.T, losses)
+        got = shortcut.weights(G @ G.T, losses, nonzero=nonzero)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"step {step}")
+        torch.testing.assert_close(shortcut.task_weights_, general.task_weights_, rtol=0, atol=0)
+    assert shortcut._initial_losses_positive  # from step 1 on, every step but step 5 took the shortcut
+
+
+def test_gradnorm_keeps_the_masked_computation_while_an_initial_loss_is_zero():
+    balancer = GradNorm()
+    balancer.setup(["a", "b"])
+    G = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    for _ in range(3):
+        balancer.weights(G @ G.T, torch.tensor([1.0, 0.0]), nonzero=[True, True])
+    assert balancer.initial_losses[1] == 0 and not balancer._initial_losses_positive  # b's ratio stays 1
+
+
+def test_gradnorm_takes_the_shortcut_once_every_initial_loss_is_positive_and_after_a_state_load():
+    generator = torch.Generator().manual_seed(1)
+    general, shortcut = GradNorm(), GradNorm()
+    for balancer in (general, shortcut):
+        balancer.setup(["a", "b"])
+    for step in range(8):
+        G = torch.randn(2, 5, generator=generator)
+        losses = torch.rand(2, generator=generator) + 0.5
+        if step == 4:  # a resumed run: the state comes from a checkpoint
+            shortcut.load_state_dict(shortcut.state_dict())
+            assert not shortcut._initial_losses_positive
+        expected = general.weights(G @ G.T, losses)
+        got = shortcut.weights(G @ G.T, losses, nonzero=[True, True])
+        assert shortcut._initial_losses_positive  # set from the first step (and again after the load)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"step {step}")
+        torch.testing.assert_close(shortcut.task_weights_, general.task_weights_, rtol=0, atol=0)
