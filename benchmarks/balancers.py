@@ -31,7 +31,12 @@ Runs are interleaved: each round runs every configuration of a workload for ``--
 ``--steps`` steps (the CNN, ~20x costlier per step: ``--cnn-warmup`` / ``--cnn-steps``), in turn, and
 keeps the median step time. Reported: the median over rounds of each
 configuration's per-round median, and the median over rounds of its per-round ratio to
-``MultiTaskModule`` with static weights.
+``MultiTaskModule`` with static weights, with the quartiles of those ratios. For gradient-level
+methods the balancer's own call (``weights`` for a Gramian weighting, ``forward`` for a direction
+method) is timed inside every step, and the ratio is also given without that time: what the module
+adds and what the wrapped method costs, apart. Ratios depend on what else is interleaved (a run with
+fewer configurations measured the same code up to ±0.2 differently in parameter mode): compare
+figures from one run.
 
     python benchmarks/balancers.py                       # defaults: 5 rounds x 30 steps, all workloads
     python benchmarks/balancers.py --rounds 1 --steps 3 --workloads mlp-k2 --balancers upgrad,mgda
@@ -375,6 +380,14 @@ def time_steps(
     return statistics.median(times), statistics.median(machinery)
 
 
+def quartiles(values: list[float]) -> str:
+    """First and third quartile of the per-round ratios: how much a ratio moves from round to round."""
+    if len(values) < 2:
+        return "-"
+    first, _, third = statistics.quantiles(values, n=4)
+    return f"{first:.2f}–{third:.2f}"
+
+
 def goal(config: Config, num_tasks: int) -> float | None:
     if config.level == "loss":
         return None if config.balancer == "Static" else 1.05
@@ -505,10 +518,10 @@ def main() -> None:
 
     print()
     print(
-        "| workload | K | balancer | mode | ms/step | ratio to static | goal | method's own call, ms | "
-        "ratio without it | goal without it |"
+        "| workload | K | balancer | mode | ms/step | ratio to static | ratio, quartiles over rounds | goal | "
+        "method's own call, ms | ratio without it | goal without it |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     verdicts = []
     machinery_verdicts = []
     for workload_key, configs in plan.items():
@@ -530,7 +543,7 @@ def main() -> None:
                     machinery_verdicts.append(machinery_ratio <= bound)
             print(
                 f"| {workload.name} | {workload.num_tasks} | {config.balancer} | {config.mode} | {ms:.2f} | "
-                f"{ratio:.2f}× | {verdict} | {own} | {without} | {machinery_verdict} |"
+                f"{ratio:.2f}× | {quartiles(config.ratios)} | {verdict} | {own} | {without} | {machinery_verdict} |"
             )
     print()
     print("Ours against torchjd's own paths (median over rounds of the per-round time ratio; < 1: ours faster):")
