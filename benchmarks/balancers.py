@@ -36,7 +36,14 @@ methods the balancer's own call (``weights`` for a Gramian weighting, ``forward`
 method) is timed inside every step, and the ratio is also given without that time: what the module
 adds and what the wrapped method costs, apart. Ratios depend on what else is interleaved (a run with
 fewer configurations measured the same code up to ±0.2 differently in parameter mode): compare
-figures from one run.
+figures from one run. Most of that is glibc's malloc: parameter mode allocates the K × P Jacobian
+every step, and with the default (dynamic) thresholds glibc may hand such blocks back to the OS and
+page-fault them in again at the next step, depending on what ran before. Run with
+
+    MALLOC_MMAP_THRESHOLD_=4294967295 MALLOC_TRIM_THRESHOLD_=4294967295 python benchmarks/balancers.py
+
+(or jemalloc / tcmalloc through LD_PRELOAD) for figures that do not depend on the interleaving; the
+header records the allocator settings of a run.
 
     python benchmarks/balancers.py                       # defaults: 5 rounds x 30 steps, all workloads
     python benchmarks/balancers.py --rounds 1 --steps 3 --workloads mlp-k2 --balancers upgrad,mgda
@@ -405,6 +412,13 @@ def versions() -> str:
     )
 
 
+def allocator() -> str:
+    """The environment that decides how glibc's malloc returns large blocks to the OS (see RESULTS.md)."""
+    keys = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
+    given = [f"{key}={os.environ[key]}" for key in keys if key in os.environ]
+    return ", ".join(given) if given else "glibc defaults (no MALLOC_* / LD_PRELOAD set)"
+
+
 def load() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
@@ -475,6 +489,7 @@ def main() -> None:
     )
     print(f"# {versions()}")
     print(f"# load average at start (1, 5, 15 min): {load()}")
+    print(f"# allocator: {allocator()}")
     if args.profile:
         profile([s.strip() for s in args.profile.split(",") if s.strip()], args.warmup, args.steps, args.top)
         return
