@@ -135,6 +135,13 @@ def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, probabilities, 0.0)
 
 
+def _adam(params: list[Tensor], options: dict[str, Any]) -> torch.optim.Adam:
+    """``torch.optim.Adam`` on CPU/CUDA floating-point tensors fused (one kernel: about a quarter less
+    time a step on a K-vector than the single-tensor loop), elsewhere the single-tensor implementation."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, **({"fused": True} if fused else {"foreach": False}), **options)
+
+
 class PrivateAdam:
     """A method's private ``torch.optim.Adam`` on one tensor (FAMO's logits, GradNorm's weights), kept from step to step.
 
@@ -155,7 +162,7 @@ class PrivateAdam:
         optimizer = self.optimizer
         if optimizer is None or optimizer.param_groups[0]["params"][0] is not tensor:
             state = optimizer.state_dict() if optimizer is not None else self.pending
-            optimizer = torch.optim.Adam([tensor], foreach=False, **self.options)
+            optimizer = _adam([tensor], self.options)
             if state is not None:
                 optimizer.load_state_dict(state)  # casts the moments to the tensor's device and dtype
             self.optimizer, self.pending = optimizer, None

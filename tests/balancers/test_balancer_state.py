@@ -128,3 +128,25 @@ def test_famo_private_optimizer_state_is_a_snapshot_and_follows_a_dtype_change()
     state = balancer.state_dict()["_extra_state"]["optimizer"]["state"][0]
     assert float(state["step"]) == 5 and state["exp_avg"].dtype == torch.float64
     assert balancer.logits.dtype == torch.float64
+
+
+def test_private_adam_steps_like_torch_adam_and_resumes_from_its_state():
+    """FAMO's and GradNorm's private optimizer: the same updates as ``torch.optim.Adam`` (single tensor),
+    also after its state went through ``state_dict`` / ``load_state_dict`` (a checkpoint)."""
+    from lightning_mtl.balancers._utils import PrivateAdam
+
+    generator = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, generator=generator) for _ in range(20)]
+    reference = torch.ones(4)
+    adam = torch.optim.Adam([reference], lr=0.025, weight_decay=0.01, foreach=False)
+    ours, private = torch.ones(4), PrivateAdam(lr=0.025, weight_decay=0.01)
+    for i, grad in enumerate(grads):
+        reference.grad = grad.clone()
+        adam.step()
+        private.step(ours, grad)
+        if i == 9:  # resume into a fresh tensor and a fresh PrivateAdam
+            state, ours = private.state_dict(), ours.clone()
+            private = PrivateAdam(lr=0.025, weight_decay=0.01)
+            private.load_state_dict(state)
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7, msg=f"step {i}")
+    assert ours.grad is None
