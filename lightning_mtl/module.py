@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_mtl.balancers import Balancer, Static, resolve_balancer
+from lightning_mtl.balancers._utils import all_true
 from lightning_mtl.gradients import (
     GRADIENT_MODES,
     GradientMode,
@@ -131,7 +132,7 @@ class MultiTaskModule(LightningModule):
         for stage in ("val", "test"):
             setattr(self, f"{stage}_task_losses", nn.ModuleDict({name: MeanMetric() for name in self.tasks}))
         self._seen_tasks: set[str] = set()
-        self._all_present_mask: Optional[Tensor] = None
+        self._all_present_mask: Optional[Tensor] = None  # cached all-True task mask (no state, not a buffer)
         # (backbone parameters, all parameters), gathered at first use in a fit
         self._parameters_cache: Optional[tuple[tuple[nn.Parameter, ...], tuple[nn.Parameter, ...]]] = None
         # plain DDP (no find_unused_parameters): every parameter needs a gradient at every step
@@ -487,8 +488,8 @@ class MultiTaskModule(LightningModule):
             gramian = gramian / loss_scale**2
         # One host read of the K x K Gramian (and, in one process, the loss) gives the finiteness verdict
         # (the same on every rank: the Gramian is global) and the tasks with a nonzero gradient.
-        flat = gramian.reshape(-1)
-        values = (flat if total is None else torch.cat([flat, total.detach().reshape(1).to(flat.dtype)])).tolist()
+        entries = gramian.reshape(-1)
+        values = (entries if total is None else torch.cat([entries, total.detach().reshape(1).to(entries.dtype)])).tolist()
         num_tasks = gramian.shape[0]
         diagonal = values[: num_tasks * num_tasks : num_tasks + 1]
         if not all(map(math.isfinite, values)):
@@ -562,16 +563,11 @@ class MultiTaskModule(LightningModule):
         """Task losses in registry order (0 for a task without one) and the mask of tasks that have one."""
         if len(task_losses) == len(self.task_names):  # every task present: the common case
             losses = torch.stack([task_losses[name] for name in self.task_names])
-            return losses, self._all_present(losses.device)
+            self._all_present_mask = all_true(self._all_present_mask, len(self.task_names), losses.device)
+            return losses, self._all_present_mask
         zero = next(iter(task_losses.values())).new_zeros(()) if task_losses else torch.zeros((), device=self.device)
         losses = torch.stack([task_losses.get(name, zero) for name in self.task_names])
         return losses, torch.tensor([name in task_losses for name in self.task_names], device=losses.device)
-
-    def _all_present(self, device: torch.device) -> Tensor:
-        """A cached all-True task mask (not a buffer: it is no state)."""
-        if self._all_present_mask is None or self._all_present_mask.device != device:
-            self._all_present_mask = torch.ones(len(self.task_names), dtype=torch.bool, device=device)
-        return self._all_present_mask
 
     def _is_finite(self, total: Tensor, losses: Tensor, batch_idx: int) -> bool:
         """Raise (or, with ``nonfinite_loss="skip"``, warn and return False) on a NaN/inf task loss.

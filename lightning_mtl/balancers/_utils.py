@@ -107,6 +107,13 @@ def all_present(present: Tensor) -> bool:
     return present.device.type == "cpu" and bool(present.all())
 
 
+def all_true(cached: Optional[Tensor], size: int, device: torch.device) -> Tensor:
+    """An all-True mask of ``size`` on ``device``: ``cached`` when it is one, else a new one (to cache)."""
+    if cached is None or cached.shape[0] != size or cached.device != device:
+        return torch.ones(size, dtype=torch.bool, device=device)
+    return cached
+
+
 def scalarize(fn: Callable[[Tensor], Tensor], losses: Tensor) -> tuple[Tensor, Tensor]:
     """Apply a scalarization ``fn`` to ``losses``; return the loss and the weights ``∂fn/∂L_k``.
 

@@ -8,7 +8,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_mtl.balancers._utils import all_present, at_least_float32, scalarize
+from lightning_mtl.balancers._utils import all_present, all_true, at_least_float32, scalarize
 
 
 def _identity(tensor: Tensor) -> Tensor:
@@ -125,6 +125,12 @@ class Balancer(nn.Module):
         return torch.where(seen, total / count.clamp_min(torch.finfo(count.dtype).tiny), 0.0), seen
 
 
+def check_nonzero(nonzero: Optional[Sequence[bool]], gramian: Tensor) -> None:
+    """Raise ``ValueError`` unless ``nonzero`` (a ``weights`` argument) is None or has one entry per task."""
+    if nonzero is not None and len(nonzero) != gramian.shape[0]:
+        raise ValueError(f"nonzero has {len(nonzero)} entries for a {gramian.shape[0]} x {gramian.shape[0]} gramian")
+
+
 class GramianBalancer(Balancer):
     """A gradient-level method that is a weighting of the Gramian: ``d = Gᵀ w`` with ``w = f(G Gᵀ)``.
 
@@ -157,25 +163,18 @@ class GramianBalancer(Balancer):
         if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1]:
             raise ValueError(f"gramian must be a square matrix, got shape {tuple(gramian.shape)}")
         gramian = at_least_float32(gramian)
+        check_nonzero(nonzero, gramian)
         if nonzero is None:
             nonzero = (gramian.diagonal() > 0).tolist()
-        elif len(nonzero) != gramian.shape[0]:
-            raise ValueError(f"nonzero has {len(nonzero)} entries for a {gramian.shape[0]} x {gramian.shape[0]} gramian")
         if all(nonzero):
-            return self._weights(gramian, self._every_task(len(nonzero), gramian.device)).to(gramian.dtype)
+            self._every_task_mask = all_true(self._every_task_mask, len(nonzero), gramian.device)
+            return self._weights(gramian, self._every_task_mask).to(gramian.dtype)
         weights = gramian.new_zeros(gramian.shape[0])
         if any(nonzero):
             index = torch.tensor([k for k, has in enumerate(nonzero) if has], device=gramian.device)
             mask = torch.tensor(list(nonzero), dtype=torch.bool, device=gramian.device)
             weights[index] = self._weights(gramian[index][:, index], mask).to(weights.dtype)
         return weights
-
-    def _every_task(self, num_tasks: int, device: torch.device) -> Tensor:
-        """An all-True task mask, cached (not a buffer: it is no state)."""
-        mask = self._every_task_mask
-        if mask is None or mask.shape[0] != num_tasks or mask.device != device:
-            mask = self._every_task_mask = torch.ones(num_tasks, dtype=torch.bool, device=device)
-        return mask
 
     def forward(self, G: Tensor, losses: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
         """The combined direction ``Gᵀ w`` for the K × P task-gradient matrix ``G``."""

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_mtl.balancers._utils import PrivateAdam, at_least_float32, check_range
-from lightning_mtl.balancers.base import GramianBalancer
+from lightning_mtl.balancers.base import GramianBalancer, check_nonzero
 
 
 class GradNorm(GramianBalancer):
@@ -55,52 +55,36 @@ class GradNorm(GramianBalancer):
         present: Optional[Tensor] = None,
         nonzero: Optional[Sequence[bool]] = None,
     ) -> Tensor:
-        """The step's weights ``w`` (then updated).
-
-        ``nonzero`` (which tasks have a gradient, read on the host by the caller) only selects the
-        shorter computation of a step in which every task has a gradient and every initial loss is
-        known and positive; the result is the same, bit for bit, as the general masked one.
-        """
+        """The step's weights ``w`` (then updated). ``nonzero`` is checked but not needed: absent tasks are
+        masked on the device."""
         if losses is None:
             raise ValueError("GradNorm needs the step's task losses: call weights(gramian, losses)")
         if gramian.ndim != 2 or gramian.shape != (losses.shape[0], losses.shape[0]):
             raise ValueError(
                 f"gramian must be K x K for K = {losses.shape[0]} losses, got shape {tuple(gramian.shape)}"
             )
-        if nonzero is not None and len(nonzero) != gramian.shape[0]:
-            raise ValueError(f"nonzero has {len(nonzero)} entries for a {gramian.shape[0]} x {gramian.shape[0]} gramian")
+        check_nonzero(nonzero, gramian)
         norms = at_least_float32(gramian.detach()).diagonal().clamp_min(0).sqrt()
         # a task's loss is averaged over the processes that have it (``present``: this process's tasks)
         local = norms > 0 if present is None else present.to(norms.device)
         losses, _ = self._reduced_losses(losses.detach().to(norms.dtype), local)
+        present = norms > 0  # the tasks with a gradient in the global batch
         if self.task_weights_ is None or self.task_weights_.shape != norms.shape:
             self.task_weights_ = torch.ones_like(norms)
             self.initial_losses = torch.full_like(norms, float("nan"))
             self._adam.reset()
-            self._initial_losses_positive = False
         w = self.task_weights_
-        if nonzero is not None and all(nonzero) and self._initial_losses_positive:
-            # every task present, every L(0) known and > 0: the general computation below without its masks
-            current = w.clone()
-            ratios = losses / self.initial_losses
-            inverse_rates = ratios / (ratios.sum() / w.numel())
-            grad_norms = w * norms
-            targets = grad_norms.sum() / w.numel() * inverse_rates**self.alpha
-            grad = torch.sign(grad_norms - targets) * norms
-        else:
-            present = norms > 0  # the tasks with a gradient in the global batch
-            first = present & torch.isnan(self.initial_losses)
-            self.initial_losses = torch.where(first, losses, self.initial_losses)
-            if not self._initial_losses_positive:  # one host read per step until every L(0) is known
-                self._initial_losses_positive = bool((self.initial_losses > 0).all())  # NaN > 0 is false
-            current = (w * present).clone()
-            mask = present.to(norms.dtype)
-            count = mask.sum().clamp_min(1)
-            ratios = torch.where(present & (self.initial_losses > 0), losses / self.initial_losses, 1.0)
-            inverse_rates = ratios / ((ratios * mask).sum() / count)
-            grad_norms = w * norms
-            targets = (grad_norms * mask).sum() / count * inverse_rates**self.alpha
-            grad = torch.sign(grad_norms - targets) * norms * mask
+        first = present & torch.isnan(self.initial_losses)
+        self.initial_losses = torch.where(first, losses, self.initial_losses)
+        current = (w * present).clone()
+
+        mask = present.to(norms.dtype)
+        count = mask.sum().clamp_min(1)
+        ratios = torch.where(present & (self.initial_losses > 0), losses / self.initial_losses, 1.0)
+        inverse_rates = ratios / ((ratios * mask).sum() / count)
+        grad_norms = w * norms
+        targets = (grad_norms * mask).sum() / count * inverse_rates**self.alpha
+        grad = torch.sign(grad_norms - targets) * norms * mask
         self._adam.step(w, grad)
         w.mul_(w.numel() / w.sum())
         return current
@@ -108,7 +92,6 @@ class GradNorm(GramianBalancer):
     def reset(self) -> None:
         self.task_weights_: Optional[Tensor] = None  # w, one per task
         self.initial_losses: Optional[Tensor] = None  # L(0); NaN until a task is first present
-        self._initial_losses_positive = False  # known on the host: every L(0) is set and > 0
         self._adam.reset()
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -121,5 +104,4 @@ class GradNorm(GramianBalancer):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.task_weights_ = state["weights"]
         self.initial_losses = state["initial_losses"]
-        self._initial_losses_positive = False  # re-read at the next step
         self._adam.load_state_dict(state["optimizer"])
