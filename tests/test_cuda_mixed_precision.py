@@ -2,8 +2,8 @@
 
 These run only where CUDA is available (a lent GPU machine); on CPU the same paths are covered by the
 CPU GradScaler tests in ``test_balancers_training.py``. They check what the CPU tests cannot: fp16
-autocast on CUDA kernels, the CUDA GradScaler's unscale/inf check, and the balancer's state on the
-device.
+autocast on CUDA kernels, the CUDA GradScaler's unscale/inf check, the balancer's state on the
+device, and the host round trip of the K x K weighting.
 """
 
 import pytest
@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader
 
 from conftest import quiet_trainer
 from test_module import SharedInput, make_module, make_tasks
+
+from lightning_mtl.balancers import BALANCERS, GramianBalancer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -28,9 +30,34 @@ class RecordLossScale(Callback):
         self.scales.append(pl_module._loss_scale())
 
 
+GRADIENT_LEVEL = sorted(name for name, cls in BALANCERS.items() if cls.needs != "losses")
+GRAMIAN = sorted(name for name, cls in BALANCERS.items() if issubclass(cls, GramianBalancer))
+
+
+@pytest.mark.parametrize("name", GRAMIAN)
+def test_gramian_weights_of_a_cuda_gramian_equal_those_of_its_cpu_copy(name):
+    generator = torch.Generator().manual_seed(0)
+    jacobian = torch.randn(3, 40, generator=generator)
+    jacobian[2] = -0.5 * jacobian[0] + 0.1 * jacobian[2]  # a conflict, so the methods do not all agree
+    gramian = jacobian @ jacobian.T
+    on_cpu, on_cuda = BALANCERS[name](), BALANCERS[name]()
+    for balancer in (on_cpu, on_cuda):
+        balancer.setup(["a", "b", "c"])
+    on_cuda.cuda()
+    losses = torch.tensor([0.5, 1.0, 2.0])
+    present = torch.ones(3, dtype=torch.bool)
+    for _ in range(3):  # stateful methods (GradVac's targets, Nash-MTL's warm start, GradNorm) keep state
+        expected = on_cpu.weights(gramian, losses, present)
+        weights = on_cuda.weights(gramian.cuda(), losses.cuda(), present.cuda())
+        assert weights.device.type == "cuda"
+        torch.testing.assert_close(weights.cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["parameters", "representation"])
-@pytest.mark.parametrize("name", ["mgda", "upgrad", "imtlg", "pcgrad", "gradnorm"])
+@pytest.mark.parametrize("name", GRADIENT_LEVEL)
 def test_16_mixed_on_cuda_trains_with_finite_parameters(name, mode):
+    if mode == "representation" and not BALANCERS[name].supports_representation:
+        pytest.skip(f"{name} does not support representation mode")
     module = make_module(balancer=name, gradients=mode)
     before = [p.detach().clone() for p in module.backbone.parameters()]
     record = RecordLossScale()

@@ -159,22 +159,29 @@ class GramianBalancer(Balancer):
         its finiteness check); left out, it is read here, one device synchronisation.
 
         A half-precision Gramian is weighted in float32, and the weights are float32.
+
+        The weighting runs on the CPU whatever the Gramian's device: a K × K problem is a few dozen tiny
+        operations, loops and solver calls (torchjd's Frank–Wolfe and projection loops, cvxpy, quadprog)
+        that an accelerator runs as one kernel launch and often one synchronisation each. A Gramian on
+        an accelerator is copied to the host once (K² numbers) and the K weights are copied back.
         """
         if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1]:
             raise ValueError(f"gramian must be a square matrix, got shape {tuple(gramian.shape)}")
-        gramian = at_least_float32(gramian)
+        device = gramian.device
+        gramian = at_least_float32(gramian).cpu()
         check_nonzero(nonzero, gramian)
         if nonzero is None:
             nonzero = (gramian.diagonal() > 0).tolist()
         if all(nonzero):
             self._every_task_mask = all_true(self._every_task_mask, len(nonzero), gramian.device)
-            return self._weights(gramian, self._every_task_mask).to(gramian.dtype)
-        weights = gramian.new_zeros(gramian.shape[0])
-        if any(nonzero):
-            index = torch.tensor([k for k, has in enumerate(nonzero) if has], device=gramian.device)
-            mask = torch.tensor(list(nonzero), dtype=torch.bool, device=gramian.device)
-            weights[index] = self._weights(gramian[index][:, index], mask).to(weights.dtype)
-        return weights
+            weights = self._weights(gramian, self._every_task_mask).to(gramian.dtype)
+        else:
+            weights = gramian.new_zeros(gramian.shape[0])
+            if any(nonzero):
+                index = torch.tensor([k for k, has in enumerate(nonzero) if has])
+                mask = torch.tensor(list(nonzero), dtype=torch.bool)
+                weights[index] = self._weights(gramian[index][:, index], mask).to(weights.dtype)
+        return weights.to(device, non_blocking=True)
 
     def forward(self, G: Tensor, losses: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
         """The combined direction ``Gᵀ w`` for the K × P task-gradient matrix ``G``."""
