@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from conftest import quiet_trainer
 from lightning_mtl import MultiTaskModule
-from lightning_mtl.balancers import DBMTL, MGDA, UPGrad, GradDrop
+from lightning_mtl.balancers import BALANCERS, DBMTL, MGDA, UPGrad, GradDrop
 from test_module import SharedInput, make_module, make_tasks
 
 
@@ -322,7 +322,7 @@ def test_task_jacobian_blocks_give_the_gramian_and_direction_of_the_whole_matrix
     torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), weights @ whole)
 
 
-@pytest.mark.parametrize("name", sorted(n for n in __import__("lightning_mtl.balancers", fromlist=["BALANCERS"]).BALANCERS ))
+@pytest.mark.parametrize("name", sorted(BALANCERS))
 def test_every_balancer_works_with_clipping_and_accumulation(name):
     module = make_module(balancer=name)
     trainer = quiet_trainer(max_epochs=2, gradient_clip_val=0.1, accumulate_grad_batches=2)
