@@ -72,6 +72,44 @@ def test_parameter_mode_backbone_gets_jacobian_transpose_w_and_heads_their_plain
             torch.testing.assert_close(got, want)
 
 
+class LastHidden(nn.Module):
+    """An RNN over the 6 input features read as a sequence of 6 steps of 1; its last hidden state (8)."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        return self.rnn(x.unsqueeze(-1))[0][:, -1]
+
+
+BACKBONES = {  # modules the batched backward must handle exactly (or hand to its per-task fallback)
+    "batchnorm": lambda: nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(inplace=True)),
+    "lstm": lambda: LastHidden(nn.LSTM(1, 8, batch_first=True)),
+    "gru-2-layers": lambda: LastHidden(nn.GRU(1, 8, num_layers=2, batch_first=True)),
+    "conv-batchnorm": lambda: nn.Sequential(
+        nn.Unflatten(1, (1, 6)), nn.Conv1d(1, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 8)
+    ),
+}
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_parameter_mode_is_exact_for_batchnorm_and_recurrent_backbones(backbone):
+    """Batch statistics, recurrences and in-place activations: the per-task Jacobian equals one backward per task."""
+    torch.manual_seed(0)
+    module = MultiTaskModule(BACKBONES[backbone](), make_tasks(metrics=False), balancer=UPGrad(), gradients="parameters")
+    x, labels = batch()
+    params = list(module.backbone.parameters())
+    _, jacobian, _ = per_task_gradients(module, x, labels, lambda z: params)
+    assert (jacobian.abs().sum(dim=1) > 0).all()
+    expected = UPGrad().weights(jacobian @ jacobian.T) @ jacobian
+    backbone_grad, heads = step_gradients(module, x, labels)
+    torch.testing.assert_close(backbone_grad, expected, rtol=1e-4, atol=1e-6)
+    for name, grads in head_gradients(module, x, labels).items():
+        for got, want in zip(heads[name], grads):
+            torch.testing.assert_close(got, want)
+
+
 def test_representation_mode_weights_come_from_the_output_gramian():
     module = make_module(tasks=make_tasks(metrics=False), balancer=MGDA(), gradients="representation")
     x, labels = batch()
