@@ -40,6 +40,6 @@ class GradDrop(Seeded, GradientBalancer):
     def forward(self, G: Tensor) -> Tensor:  # type: ignore[override]
         if G.ndim != 2:
             raise ValueError(f"G must be a K x P matrix of task gradients, got shape {tuple(G.shape)}")
-        self.aggregator.leak = torch.full((G.shape[0],), self.leak, dtype=G.dtype) if self.leak else None
+        self.aggregator.leak = torch.full((G.shape[0],), self.leak, dtype=G.dtype, device=G.device) if self.leak else None
         with global_rng(self.draw_seed(), G.device):
             return self.aggregator(G)
