@@ -165,3 +165,51 @@ def test_resume_equals_straight_run(tmp_path, name):
     for (key, a), b in zip(straight.balancer.state_dict().items(), resumed.balancer.state_dict().values()):
         if torch.is_tensor(a):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
+
+
+class RecordingFAMO(BALANCERS["famo"]):
+    """FAMO that records the losses of every forward and of every after-step call."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward_losses, self.after_losses, self.before_at_update = [], [], []
+
+    def forward(self, losses, present):
+        self.forward_losses.append(losses.detach().clone())
+        return super().forward(losses, present)
+
+    def after_optimizer_step(self, losses):
+        self.after_losses.append(losses.clone())
+        self.before_at_update.append(self.losses_before.clone())
+        super().after_optimizer_step(losses)
+
+
+def task_losses(module, x, labels):
+    """The module's (unweighted) task losses on one batch, computed by hand."""
+    with torch.no_grad():
+        out = module(x)
+        return torch.stack([nn.functional.cross_entropy(out["cls"], labels["cls"]), nn.functional.mse_loss(out["reg"], labels["reg"])])
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_famo_updates_once_per_optimizer_step_from_the_last_micro_batch(accumulate):
+    """Under accumulation FAMO compares the last micro-batch's losses before and after the optimizer step."""
+    data = SharedInput(16 * accumulate * 2)
+    module = make_module(tasks=make_tasks(metrics=False), balancer=RecordingFAMO())
+    quiet_trainer(max_steps=1, accumulate_grad_batches=accumulate).fit(module, DataLoader(data, batch_size=16))
+    famo = module.balancer
+    assert len(famo.forward_losses) == accumulate and len(famo.after_losses) == 1
+    last = slice(16 * (accumulate - 1), 16 * accumulate)
+    x, labels = data.x[last], {"cls": data.cls[last], "reg": data.reg[last]}
+    torch.testing.assert_close(famo.before_at_update[0], famo.forward_losses[-1])  # the last micro-batch, before
+    torch.testing.assert_close(famo.after_losses[0], task_losses(module, x, labels))  # the same one, after the step
+    assert not torch.allclose(famo.after_losses[0], famo.forward_losses[-1])  # the step changed the model
+    assert not torch.equal(famo.logits, torch.zeros(2))  # and the logits took their update
+
+
+def test_gradnorm_updates_its_weights_once_per_micro_batch():
+    """Balancing is per micro-batch, so is GradNorm's weight update (documented in docs/balancers.md)."""
+    module = make_module(tasks=make_tasks(metrics=False), balancer="gradnorm")
+    quiet_trainer(max_steps=2, accumulate_grad_batches=3).fit(module, DataLoader(SharedInput(16 * 6), batch_size=16))
+    (state,) = module.balancer._adam.optimizer.state.values()
+    assert int(state["step"]) == 6
