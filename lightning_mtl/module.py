@@ -46,8 +46,10 @@ class _RepresentationStep:
     losses: Optional[Tensor] = None
     present: Optional[Tensor] = None
     loss_scale: float = 1.0
+    accumulation: int = 1  # Lightning divides the loss by accumulate_grad_batches before its backward
     total: Optional[Tensor] = None  # set when the backward, not training_step, checks the loss (one process)
     weights: Optional[Tensor] = None
+    skipped: bool = False  # the backward found a non-finite value and skips the step: nothing to log
 
 
 class MultiTaskModule(LightningModule):
@@ -112,6 +114,8 @@ class MultiTaskModule(LightningModule):
                 "use gradients='parameters'"
             )
         self.balancer.setup(self.task_names, [task.weight for task in self.tasks.values()])
+        if self.balancer.needs != "losses":
+            self._check_no_shared_head_parameters()
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.nonfinite_loss = nonfinite_loss
@@ -141,6 +145,19 @@ class MultiTaskModule(LightningModule):
         self._pending_log: Optional[tuple[_RepresentationStep, int, bool]] = None
         self._skip_optimizer_step = False
 
+    def _check_no_shared_head_parameters(self) -> None:
+        """Gradient-level balancing needs the backbone's parameters apart from the heads' and losses'."""
+        backbone = {id(p) for p in self.backbone.parameters()}
+        for name in self.task_names:
+            modules = [self.heads[name]] + ([self.losses[name]] if name in self.losses else [])
+            if any(id(p) in backbone for module in modules for p in module.parameters()):
+                raise ValueError(
+                    f"task {name!r}: its head (or loss) shares parameters with the backbone (tied weights). "
+                    f"Balancer {type(self.balancer).__name__} combines the task gradients at the backbone "
+                    "output, so a shared parameter would also get the head's unbalanced gradient. Untie the "
+                    "weights, or use a loss-level balancer."
+                )
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: Any) -> dict[str, Tensor]:
         """Run the backbone once and every head on its output: ``{task: prediction}``."""
@@ -167,7 +184,14 @@ class MultiTaskModule(LightningModule):
                     "a backbone returning a dict must have one entry per task"
                 )
             features = features[name]
-        if captured is not None and isinstance(features, Tensor) and features.requires_grad:
+        if captured is not None and not isinstance(features, Tensor):
+            raise TypeError(
+                f"task {name!r}: balancer {type(self.balancer).__name__} balances the task gradients at the backbone "
+                f"output, so the backbone must return one tensor (or a {{task: tensor}} dict); "
+                f"{type(self.backbone).__name__} returned a {type(features).__name__}. Return the tensor the heads "
+                "share (put extra outputs in a dict keyed by task), or use a loss-level balancer."
+            )
+        if captured is not None and features.requires_grad:
             leaf = features.detach().requires_grad_()
             captured[name] = (features, leaf)
             features = leaf
@@ -231,6 +255,13 @@ class MultiTaskModule(LightningModule):
                 f"gradients='representation' needs a backbone that returns one shared tensor; "
                 f"{type(self.backbone).__name__} returns one tensor per task, so the tasks share no "
                 "representation. Use gradients='parameters'."
+            )
+        if balance is not None and not all(isinstance(output, Tensor) for output in outputs):
+            kind = next(type(output).__name__ for output in outputs if not isinstance(output, Tensor))
+            raise TypeError(
+                f"gradients='representation' needs a backbone that returns one shared tensor; "
+                f"{type(self.backbone).__name__} returned a {kind}. Return the tensor the heads share, or use a "
+                "loss-level balancer."
             )
         if balance is not None and any(output.requires_grad for output in outputs):  # else a frozen backbone
             sources = task_views(outputs, len(self.task_names), balance)
@@ -314,9 +345,9 @@ class MultiTaskModule(LightningModule):
         counts: dict[str, int] = {}
         for name, prediction, target, maybe_missing in predictions:
             loss, prediction, target, count = self._loss(name, prediction, target, maybe_missing)
-            self._seen_tasks.add(name)
-            if loss is None:
+            if loss is None:  # no labelled sample of this task in the step: it is not trained by it
                 continue
+            self._seen_tasks.add(name)
             task_losses[name] = loss
             counts[name] = count
             for _, metric in self._train_metric_items[name]:
@@ -346,15 +377,25 @@ class MultiTaskModule(LightningModule):
                 if total is None:
                     return None
             else:
-                total, weights = self.balancer(losses, present) if not in_backward else (losses.sum(), None)
-                # representation mode in one process: the views' backward checks the loss with the Gramian
-                deferred = viewed and self._world_size == 1
+                deferred = False
+                if in_backward:
+                    total, weights = losses.sum(), None
+                    # representation mode in one process: the views' backward checks the loss with the Gramian
+                    deferred = viewed and self._world_size == 1
+                else:
+                    # A method with state (DWA's loss history, FAMO's pre-step losses, RLW's generator) must not
+                    # see the losses of a step that is then skipped: check them first. Static has no state, and
+                    # its check of the weighted sum below is the only host sync of its step.
+                    if not isinstance(self.balancer, Static) and not self._is_finite(losses.sum(), losses, batch_idx):
+                        return None
+                    total, weights = self.balancer(losses, present)
                 if not deferred and not self._is_finite(total, losses, batch_idx):
                     return None
         if self.balancer.needs_losses_after_step:
             self._last_batch = batch
         if step is not None:  # representation mode: the weights come in the backward; logged after it
             step.losses, step.present, step.loss_scale = losses.detach(), present, self._loss_scale()
+            step.accumulation = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
             step.total = total.detach() if deferred else None
             self._pending_log = (step, batch_size, log_tasks)
             if empty and viewed:  # the backward must reach the views (a collective)
@@ -386,11 +427,21 @@ class MultiTaskModule(LightningModule):
             for name, weight in zip(self.task_names, weights.detach()):
                 self.log(f"train/{name}/weight", weight)
 
+    def on_after_backward(self) -> None:
+        # Right after the backward, before any callback's on_train_batch_end reads the logged values
+        # (ModelCheckpoint monitoring train/loss every n steps, ...).
+        self._log_pending_balance()
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._pending_log is not None:  # representation mode: the backward has set the step's weights
+        self._log_pending_balance()  # in case a subclass's on_after_backward does not call this class's
+
+    def _log_pending_balance(self) -> None:
+        """Representation mode: log the step's loss and weights, which its backward has set (not a skipped step's)."""
+        if self._pending_log is not None:
             step, batch_size, log_tasks = self._pending_log
             self._pending_log = None
-            self._log_balance(step.losses, step.losses.sum(), step.weights, batch_size, log_tasks)
+            if not step.skipped:
+                self._log_balance(step.losses, step.losses.sum(), step.weights, batch_size, log_tasks)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._skip_optimizer_step:  # a representation-mode backward found a non-finite task gradient
@@ -450,9 +501,11 @@ class MultiTaskModule(LightningModule):
         """Representation mode, called by the backward: the backbone outputs' balanced directions."""
         cotangents = self._log_loss_cotangents(stacks, step.losses, step.present)
         jacobian = TaskJacobian([stack[0] for stack in cotangents], cotangents)
-        balanced = self._balance(jacobian, step.losses, step.present, step.loss_scale, step.batch_idx, step.total)
+        balanced = self._balance(
+            jacobian, step.losses, step.present, step.loss_scale, step.batch_idx, step.total, step.accumulation
+        )
         if balanced is None:  # non-finite loss or task gradient, nonfinite_loss="skip": the optimizer step is skipped
-            self._skip_optimizer_step = True
+            self._skip_optimizer_step = step.skipped = True
             return [torch.zeros_like(stack[0]) for stack in stacks]
         directions, step.weights = balanced
         return [d.to(stack.dtype) for d, stack in zip(directions, stacks)]
@@ -472,20 +525,24 @@ class MultiTaskModule(LightningModule):
         loss_scale: float,
         batch_idx: int,
         total: Optional[Tensor] = None,
+        accumulation: int = 1,
     ) -> Optional[tuple[list[Tensor], Optional[Tensor]]]:
         """The balancer on the task Jacobian: ``(directions shaped like jacobian.inputs, weights or None)``.
 
         ``jacobian`` holds the gradients of the loss as back-propagated, i.e. multiplied by
-        ``loss_scale`` under ``16-mixed``; the balancer sees them unscaled (like Lightning unscales
-        before clipping) and the directions come back in the same scaled units. ``total`` (one process)
+        ``loss_scale`` under ``16-mixed`` and, in representation mode, divided by ``accumulation``
+        (Lightning divides the loss by ``accumulate_grad_batches`` before its backward); the balancer
+        sees the task gradients themselves (like Lightning unscales before clipping) and the
+        directions come back in the same units as the Jacobian. ``total`` (one process)
         is checked for finiteness in the same host sync as the Gramian (a named error for a NaN loss). Returns None
         when the step is to be skipped (``nonfinite_loss="skip"``); raises ``FloatingPointError`` on a
         non-finite task gradient otherwise. Under ``16-mixed`` an overflow gives the static direction,
         whose inf/NaN makes the GradScaler skip the step and lower its scale, with the balancer untouched.
         """
+        units = loss_scale / accumulation  # the Jacobian's rows are the task gradients times this
         gramian = global_gramian(jacobian, self.gradients, self._world_size, self._all_reduce)
-        if loss_scale != 1.0:
-            gramian = gramian / loss_scale**2
+        if units != 1.0:
+            gramian = gramian / units**2
         # One host read of the K x K Gramian (and, in one process, the loss) gives the finiteness verdict
         # (the same on every rank: the Gramian is global) and the tasks with a nonzero gradient.
         entries = gramian.reshape(-1)
@@ -508,7 +565,7 @@ class MultiTaskModule(LightningModule):
             weights = self.balancer.weights(gramian, losses.detach(), present, nonzero=[g > 0 for g in diagonal])
             return jacobian.combine(weights), weights
         flat = jacobian.flat()
-        direction = self.balancer(flat / loss_scale) * loss_scale if loss_scale != 1.0 else self.balancer(flat)
+        direction = self.balancer(flat / units) * units if units != 1.0 else self.balancer(flat)
         return jacobian.split(direction), None
 
     @property

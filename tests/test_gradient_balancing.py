@@ -1,5 +1,6 @@
 """Gradient-level balancing inside MultiTaskModule: the update equals the method applied by hand."""
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from conftest import quiet_trainer
-from lightning_mtl import MultiTaskModule
+from lightning_mtl import MultiTaskModule, Task
 from lightning_mtl.balancers import BALANCERS, DBMTL, MGDA, UPGrad, GradDrop
 from test_module import SharedInput, make_module, make_tasks
 
@@ -452,3 +453,88 @@ def test_representation_mode_with_per_task_inputs_matches_the_loop_reference(sam
         loss = module.tasks[name].loss(module.heads[name](module.backbone(x).detach()), y)
         for p, want in zip(module.heads[name].parameters(), torch.autograd.grad(loss, list(module.heads[name].parameters()))):
             torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["parameters", "representation"])
+def test_accumulation_balances_the_micro_batch_gradients_themselves_for_a_scale_dependent_method(mode):
+    """Lightning divides the loss by accumulate_grad_batches; Nash-MTL (weights ~ 1/‖g‖) must see the undivided gradients."""
+    pytest.importorskip("cvxpy")
+    from lightning_mtl.balancers import NashMTL
+
+    data = SharedInput(32)
+    module = make_module(tasks=make_tasks(metrics=False), balancer=NashMTL(max_norm=0.0), gradients=mode,
+                         optimizer=lambda p: torch.optim.SGD(p, lr=1.0))  # fmt: skip
+    reference = copy.deepcopy(module)
+    before = [p.detach().clone() for p in module.parameters()]
+    grads = [balanced_gradient(reference, data.x[i : i + 16], {"cls": data.cls[i : i + 16], "reg": data.reg[i : i + 16]}) for i in (0, 16)]
+    quiet_trainer(max_steps=1, accumulate_grad_batches=2).fit(module, DataLoader(data, batch_size=16))
+    for p, p0, g1, g2 in zip(module.parameters(), before, *grads):
+        torch.testing.assert_close(p.detach(), p0 - (g1 + g2) / 2, rtol=1e-5, atol=1e-6)
+
+
+class TupleBackbone(nn.Module):
+    """Returns (features, auxiliary output): heads read ``features[0]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(6, 8)
+
+    def forward(self, x):
+        z = torch.tanh(self.layer(x))
+        return z, z.sum(dim=1)
+
+
+class FirstOf(nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, features):
+        return self.head(features[0])
+
+
+@pytest.mark.parametrize("mode", ["parameters", "representation"])
+def test_a_backbone_returning_a_tuple_is_refused_by_gradient_balancers(mode):
+    torch.manual_seed(0)
+    tasks = [Task("cls", FirstOf(nn.Linear(8, 2)), nn.CrossEntropyLoss()),
+             Task("reg", FirstOf(nn.Sequential(nn.Linear(8, 1), nn.Flatten(0))), nn.MSELoss())]  # fmt: skip
+    module = MultiTaskModule(TupleBackbone(), tasks, balancer="mgda", gradients=mode)
+    x, labels = batch()
+    with pytest.raises(TypeError, match="TupleBackbone returned a tuple.*use a loss-level balancer"):
+        module.training_step((x, labels), 0)
+    plain = MultiTaskModule(TupleBackbone(), tasks, balancer="uw")  # a loss-level method does not need one tensor
+    assert torch.isfinite(plain.training_step((x, labels), 0))
+
+
+class TiedHead(nn.Module):
+    def __init__(self, shared):
+        super().__init__()
+        self.shared, self.out = shared, nn.Linear(6, 2)
+
+    def forward(self, z):
+        return self.out(z @ self.shared.weight)
+
+
+@pytest.mark.parametrize("mode", ["parameters", "representation"])
+def test_a_head_tied_to_the_backbone_is_refused_by_gradient_balancers(mode):
+    shared = nn.Linear(6, 6, bias=False)
+    tasks = [Task("cls", TiedHead(shared), nn.CrossEntropyLoss()),
+             Task("reg", nn.Sequential(nn.Linear(6, 1), nn.Flatten(0)), nn.MSELoss())]  # fmt: skip
+    with pytest.raises(ValueError, match="task 'cls': its head .*shares parameters with the backbone.*Untie"):
+        MultiTaskModule(nn.Sequential(shared, nn.Tanh()), tasks, balancer="upgrad", gradients=mode)
+    MultiTaskModule(nn.Sequential(shared, nn.Tanh()), tasks, balancer="dwa")  # loss level: fine
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_a_step_skipped_in_representation_mode_logs_nothing(what, recording_logger):
+    data = SharedInput(16)
+    if what == "loss":
+        data.reg[3] = float("inf")
+        tasks = make_tasks(metrics=False)
+    else:
+        tasks = tasks_with_an_infinite_gradient()
+    module = make_module(tasks=tasks, balancer="mgda", gradients="representation", nonfinite_loss="skip")
+    with pytest.warns(UserWarning, match="the step is skipped"):
+        quiet_trainer(max_steps=1, logger=recording_logger, log_every_n_steps=1).fit(module, DataLoader(data, batch_size=16))
+    logged = [metrics for _, metrics in recording_logger.history]
+    assert not any("train/loss" in metrics or "train/cls/weight" in metrics for metrics in logged)

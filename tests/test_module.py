@@ -1,5 +1,6 @@
 import math
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -401,3 +402,52 @@ def test_architecture_built_for_other_tasks_is_refused():
     backbone = MMoE(in_features=6, expert_features=8, num_experts=2, tasks=["cls", "depth"])
     with pytest.raises(ValueError, match=r"\['reg'\]"):
         MultiTaskModule(backbone, make_tasks(metrics=False))
+
+
+def test_a_task_with_no_label_in_the_epoch_is_reported_as_never_trained():
+    data = SharedInput(64, missing_reg=range(64))  # the reg task is in every batch, never labelled
+    module = make_module(tasks=make_tasks(metrics=False))
+    with pytest.warns(UserWarning, match=r"task\(s\) \['reg'\]: no training batch of the epoch had labels"):
+        quiet_trainer(max_epochs=1).fit(module, DataLoader(data, batch_size=16))
+    assert module._seen_tasks == {"cls"}
+
+
+def test_a_skipped_step_does_not_reach_a_stateful_loss_level_balancer():
+    """nonfinite_loss='skip': DWA's loss history gets the good steps only (and RLW draws for them only)."""
+    bad = SharedInput(64)
+    bad.reg[5] = float("inf")  # the first of 4 batches is skipped
+    module = make_module(tasks=make_tasks(metrics=False), balancer="dwa", nonfinite_loss="skip")
+    with pytest.warns(UserWarning, match="skipped"):
+        quiet_trainer(max_steps=4).fit(module, DataLoader(bad, batch_size=16))
+    assert torch.isfinite(module.balancer.history[-1]).all()  # the epoch's mean loss, from the 3 good steps
+
+    rlw = make_module(tasks=make_tasks(metrics=False), balancer="rlw", nonfinite_loss="skip")
+    with pytest.warns(UserWarning, match="skipped"):
+        quiet_trainer(max_steps=4).fit(rlw, DataLoader(bad, batch_size=16))
+    reference = torch.Generator().manual_seed(rlw.balancer.seed)
+    for _ in range(3):
+        torch.randn(2, generator=reference)
+    assert torch.equal(rlw.balancer.generator.get_state(), reference.get_state())
+
+
+class CallbackMetrics(L.Callback):
+    """``train/loss`` as callbacks see it at the end of each batch (what ModelCheckpoint monitors)."""
+
+    def __init__(self):
+        self.values = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        value = trainer.callback_metrics.get("train/loss")
+        self.values.append(None if value is None else value.item())
+
+
+@pytest.mark.parametrize("gradients", ["parameters", "representation"])
+def test_callbacks_see_the_current_steps_train_loss(gradients, recording_logger):
+    seen = CallbackMetrics()
+    module = make_module(balancer="mgda", gradients=gradients)
+    quiet_trainer(max_steps=4, logger=recording_logger, log_every_n_steps=1, callbacks=[seen]).fit(
+        module, DataLoader(SharedInput(64), batch_size=16)
+    )
+    logged = [metrics["train/loss"] for _, metrics in recording_logger.history if "train/loss" in metrics]
+    assert len(logged) == 4
+    assert seen.values == pytest.approx(logged)
