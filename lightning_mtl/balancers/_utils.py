@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.util import find_spec
@@ -27,22 +29,30 @@ def at_least_float32(tensor: Tensor) -> Tensor:
 
 
 def check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    return seed
+    """``seed`` as an ``int``; ``ValueError`` unless it is an integer (not a bool; NumPy's are accepted) in
+    ``[0, 2**64)``, the seeds ``torch.Generator.manual_seed`` takes."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    return int(seed)
 
 
 def check_range(
-    name: str, value: float, low: float, high: float = float("inf"), *, open_low: bool = False, open_high: bool = False
+    name: str, value: float, low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False
 ) -> float:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` lies in the interval."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    above = number and (value > low if open_low else value >= low)
-    below = number and (value < high if open_high else value <= high)
-    if not (above and below):
-        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high or high == float('inf') else ']'}"
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
-    return float(value)
+    """``value`` as a ``float``; ``ValueError`` naming ``name`` unless it is a real number in the interval.
+
+    Any ``numbers.Real`` but a bool is accepted (a NumPy scalar too). With no upper bound (``high`` is
+    ``inf``) the value must be finite: an infinite setting (``FAMO(lr=inf)``) only gives NaN later.
+    """
+    number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+    unbounded = high == math.inf
+    above = number > low if open_low else number >= low
+    below = number < high if open_high or unbounded else number <= high
+    if not (above and below):  # NaN (a non-number too) fails both comparisons
+        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high or unbounded else ']'}"
+        kind = "a finite number" if unbounded else "a number"
+        raise ValueError(f"{name} must be {kind} in {interval}, got {value!r}")
+    return number
 
 
 class Seeded:
@@ -94,6 +104,28 @@ def global_rng(seed: int, device: torch.device) -> Iterator[None]:
             index = device.index if device.index is not None else torch.cuda.current_device()
             torch.cuda.default_generators[index].manual_seed(seed)
         yield
+
+
+def unit_trace(gramian: Tensor) -> Tensor:
+    """``gramian / tr(gramian)``, for the torchjd weightings that do not depend on the Gramian's scale.
+
+    torchjd normalises the Gramian by its trace itself, but zeroes it when the trace is below an
+    absolute ``norm_eps`` (1e-4: every ‖g_k‖ below about 0.007, common late in training); UPGrad and
+    DualProj then return the mean, which may conflict, and CAGrad zero weights. Given a unit-trace
+    Gramian, torchjd's normalisation is the identity and the weights are those of any scale. The trace
+    is positive: :meth:`GramianBalancer.weights` passes the tasks with a nonzero gradient only.
+    """
+    return gramian / gramian.trace()
+
+
+def loaded_copy(tensor: Optional[Tensor]) -> Optional[Tensor]:
+    """A copy of a state tensor read by ``set_extra_state`` (``None`` stays ``None``).
+
+    Like ``load_state_dict`` for parameters and buffers (which copies into them), a loaded extra state
+    must not share memory with the dictionary: that dictionary holds the source balancer's live tensors,
+    which it keeps updating in place, and it may be loaded into several balancers.
+    """
+    return None if tensor is None else tensor.clone()
 
 
 def all_present(present: Tensor) -> bool:
@@ -184,7 +216,9 @@ class PrivateAdam:
         return copy.deepcopy(self.optimizer.state_dict())
 
     def load_state_dict(self, state: Optional[dict[str, Any]]) -> None:
-        self.optimizer, self.pending = None, state
+        """Resume from ``state`` (applied at the next step); a copy is kept, so the optimizer never shares its
+        moments with ``state`` (``torch.optim`` keeps a loaded tensor as is when its device and dtype match)."""
+        self.optimizer, self.pending = None, copy.deepcopy(state)
 
     def reset(self) -> None:
         self.optimizer = self.pending = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_mtl.balancers._utils import check_range, require_modules
+from lightning_mtl.balancers._utils import check_range, require_modules, unit_trace
 from lightning_mtl.balancers.base import GramianBalancer
 
 
@@ -16,12 +16,15 @@ class CAGrad(GramianBalancer):
     gradient ``g₀``; the solution is ``g₀ + (c‖g₀‖ / ‖G_w‖) G_w`` with ``G_w = Gᵀ w`` and ``w`` solving
     a small convex problem on the Gramian. Wraps ``torchjd.aggregation.CAGradWeighting``, which
     solves it with cvxpy: building this class without cvxpy raises ``ImportError`` (install
-    ``lightning-mtl[solvers]``).
+    ``lightning-mtl[solvers]``). The weights do not depend on the gradients' scale: the Gramian is
+    divided by its trace before torchjd sees it (torchjd would zero a Gramian of trace below
+    ``norm_eps`` and return zero weights).
 
     Args:
         c: the radius scale ``c ≥ 0`` (0 gives the mean gradient); default 0.4, the value used with
             the official code on NYUv2.
-        norm_eps: guards the normalisation of the Gramian.
+        norm_eps: relative threshold: when ``‖Gᵀ w‖ < norm_eps ‖G‖_F`` (``w`` the problem's solution)
+            the gradients are taken to be on the Pareto front and the weights are 0.
     """
 
     def __init__(self, c: float = 0.4, norm_eps: float = 0.0001) -> None:
@@ -34,4 +37,4 @@ class CAGrad(GramianBalancer):
         self.weighting = CAGradWeighting(c=c, norm_eps=norm_eps)
 
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
-        return self.weighting(gramian)
+        return self.weighting(unit_trace(gramian))

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._utils import check_range
+from lightning_mtl.balancers._utils import check_range, loaded_copy
 from lightning_mtl.balancers.base import GradientBalancer
 
 
@@ -56,4 +56,4 @@ class DBMTL(GradientBalancer):
         return {"ema": self.ema}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.ema = state["ema"]
+        self.ema = loaded_copy(state["ema"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 from torchjd.aggregation import DualProjWeighting
 
+from lightning_mtl.balancers._utils import unit_trace
 from lightning_mtl.balancers.base import GramianBalancer
 
 
@@ -17,7 +18,8 @@ class DualProj(GramianBalancer):
 
     A quadratic program on the Gramian. Wraps ``torchjd.aggregation.DualProjWeighting`` (needs
     ``quadprog`` and ``qpsolvers``); as for :class:`~lightning_mtl.balancers.UPGrad`, "conflicts with
-    no task" holds to the solver's regularisation, about 1e-3 of the largest squared gradient norm.
+    no task" holds to the solver's regularisation, about 1e-3 of the largest squared gradient norm,
+    and the weights do not depend on the gradients' scale (the Gramian is divided by its trace first).
     """
 
     def __init__(self) -> None:
@@ -25,4 +27,4 @@ class DualProj(GramianBalancer):
         self.weighting = DualProjWeighting()
 
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
-        return self.weighting(gramian)
+        return self.weighting(unit_trace(gramian))

@@ -37,7 +37,9 @@ class FAMO(Balancer):
     logits as an ``nn.Parameter`` that gets no gradient in the model's backward (which DDP rejects)
     and its Adam state and pre-step losses as plain attributes (lost on checkpoint), and cannot leave
     out absent tasks. Here the logits and the pre-step losses are buffers and the Adam state is extra
-    state; the losses that drive the weights and the update are reduced over DDP ranks.
+    state; the losses that drive the weights and the update are reduced over DDP ranks, each task's
+    over the ranks where it has labels, before and after the step alike. A task absent from the step
+    (on every rank) gets weight 0 and keeps its logit exactly.
 
     Args:
         lr: learning rate of the logits' private Adam; the paper uses 0.025.
@@ -66,6 +68,8 @@ class FAMO(Balancer):
         self.register_buffer("logits", torch.zeros(k))
         self.register_buffer("losses_before", torch.zeros(k))
         self.register_buffer("seen_before", torch.zeros(k, dtype=torch.bool))
+        # this process's own mask of the step: the recomputed losses are reduced with it (not saved)
+        self.register_buffer("present_before", torch.zeros(k, dtype=torch.bool), persistent=False)
 
     def _log_shifted(self, losses: Tensor, seen: Optional[Tensor] = None) -> Tensor:
         """``log(L_k − b_k + ε)``; with ``seen``, for the tasks seen only (0 for the others)."""
@@ -86,22 +90,30 @@ class FAMO(Balancer):
             weights = torch.where(present, weights, 0.0)
         self.losses_before.copy_(mean)
         self.seen_before.copy_(seen)
+        self.present_before.copy_(present)
         return weights @ losses, weights
 
     def after_optimizer_step(self, losses: Tensor) -> None:
-        """Update the logits from this step's losses recomputed on the same batch after the optimizer step."""
+        """Update the logits from this step's losses recomputed on the same batch after the optimizer step.
+
+        ``losses`` are this process's, on the batch ``forward`` saw: they are reduced over the ranks that
+        had each task in that step (this process's ``present`` then, not the global mask: a rank without
+        a task's labels must not add its zero loss to the mean). Tasks seen on no rank in the step keep
+        their logit exactly (Adam's momentum and weight decay would otherwise still move it).
+        """
         self._require_setup(losses)
-        seen_before = self.seen_before
-        after, seen_after = self._reduced_losses(losses, seen_before)
-        if all_present(seen_before) and (seen_after is seen_before or all_present(seen_after)):
+        seen = self.seen_before
+        after, _ = self._reduced_losses(losses, self.present_before)  # seen on the same ranks as before
+        if all_present(seen):
             z = torch.softmax(self.logits, dim=0)
             delta = self._log_shifted(self.losses_before) - self._log_shifted(after)
-        else:
-            seen = seen_before & seen_after
-            z = masked_softmax(self.logits, seen_before)
-            delta = self._log_shifted(self.losses_before, seen) - self._log_shifted(after, seen)
-        grad = z * (delta - z @ delta)
-        self._adam.step(self.logits, grad)
+            self._adam.step(self.logits, z * (delta - z @ delta))
+            return
+        z = masked_softmax(self.logits, seen)
+        delta = self._log_shifted(self.losses_before, seen) - self._log_shifted(after, seen)
+        kept = self.logits.clone()
+        self._adam.step(self.logits, z * (delta - z @ delta))
+        self.logits.copy_(torch.where(seen, self.logits, kept))
 
     @property
     def task_probabilities(self) -> Tensor:
@@ -112,6 +124,7 @@ class FAMO(Balancer):
         self.logits.zero_()
         self.losses_before.zero_()
         self.seen_before.zero_()
+        self.present_before.zero_()
         self._adam.reset()
 
     def get_extra_state(self) -> dict[str, Any]:

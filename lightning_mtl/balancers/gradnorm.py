@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._utils import PrivateAdam, at_least_float32, check_range
+from lightning_mtl.balancers._utils import PrivateAdam, at_least_float32, check_range, loaded_copy
 from lightning_mtl.balancers.base import GramianBalancer, check_nonzero
 
 
@@ -21,14 +21,18 @@ class GradNorm(GramianBalancer):
     ``r_k = L̃_k / mean_j L̃_j`` the relative inverse training rate and ``L̃_k = L_k / L_k(0)``. Each
     call returns the current ``w`` (the step's loss weights) and then updates it: one step of a
     private Adam on ``L_grad = Σ_k |G_k − Ḡ r_k^α|``, the target held constant as in the paper, so
-    ``∂L_grad/∂w_k = sign(G_k − Ḡ r_k^α) ‖∇L_k‖``; then ``w`` is renormalised to ``Σ w = K``.
+    ``∂L_grad/∂w_k = sign(G_k − Ḡ r_k^α) ‖∇L_k‖``; then every ``w_k`` is floored at
+    :attr:`min_weight` (``1e-3``; without it a task with a dominant gradient is pushed to a zero or
+    negative weight, which would stop or reverse its descent) and ``w`` is renormalised to ``Σ w = K``.
 
     ``‖∇L_k‖ = √(G Gᵀ)_kk``: the norms of the unweighted task gradients at the layer whose Gramian
     the module passes (the paper uses the last shared layer; the module's representation mode is the
     closest). ``weights(gramian, losses)`` needs the step's losses; ``L_k(0)`` is a task's loss the
     first time it is present. The losses are reduced over DDP ranks before use, each task's over the
     ranks where it has a loss (``present``; the module passes it). Absent tasks (zero
-    gradient) get weight 0, keep their ``w_k`` and are left out of ``Ḡ`` and of the mean loss ratio.
+    gradient) get weight 0, keep their ``w_k`` exactly (their Adam moments decay meanwhile) and are left
+    out of ``Ḡ`` and of the mean loss ratio; the present tasks' ``w_k`` are renormalised to
+    ``K − Σ_absent w_k``, so that ``Σ w = K`` still holds.
     State (``w``, ``L(0)``, the Adam state) is extra state, created at the first call.
 
     Native (torchjd has no GradNorm). The paper updates ``w`` with "standard update rules" and sets no
@@ -40,6 +44,9 @@ class GradNorm(GramianBalancer):
             LibMTL's GradNorm.
         lr: learning rate of the private Adam on ``w``.
     """
+
+    #: Floor of every ``w_k`` after the Adam step, before renormalising: the weights stay positive.
+    min_weight: ClassVar[float] = 1e-3
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025) -> None:
         super().__init__()
@@ -76,7 +83,7 @@ class GradNorm(GramianBalancer):
         w = self.task_weights_
         first = present & torch.isnan(self.initial_losses)
         self.initial_losses = torch.where(first, losses, self.initial_losses)
-        current = (w * present).clone()
+        current = w * present  # this step's weights (absent tasks: 0)
 
         mask = present.to(norms.dtype)
         count = mask.sum().clamp_min(1)
@@ -85,8 +92,13 @@ class GradNorm(GramianBalancer):
         grad_norms = w * norms
         targets = (grad_norms * mask).sum() / count * inverse_rates**self.alpha
         grad = torch.sign(grad_norms - targets) * norms * mask
+        before = w.clone()
         self._adam.step(w, grad)
-        w.mul_(w.numel() / w.sum())
+        # Absent tasks keep w_k exactly (Adam's momentum would still move it). Present ones are floored
+        # (a weight <= 0 would drop or ascend its task), then share what the absent ones leave of Σ w = K.
+        stepped = torch.where(present, w.clamp_min(self.min_weight), 0.0)
+        share = (w.numel() - (before * ~present).sum()) / stepped.sum().clamp_min(torch.finfo(w.dtype).tiny)
+        w.copy_(torch.where(present, stepped * share, before))
         return current
 
     def reset(self) -> None:
@@ -102,6 +114,6 @@ class GradNorm(GramianBalancer):
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.task_weights_ = state["weights"]
-        self.initial_losses = state["initial_losses"]
+        self.task_weights_ = loaded_copy(state["weights"])
+        self.initial_losses = loaded_copy(state["initial_losses"])
         self._adam.load_state_dict(state["optimizer"])

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchjd.aggregation import GradVacWeighting
 
-from lightning_mtl.balancers._utils import Seeded, check_range, global_rng
+from lightning_mtl.balancers._utils import Seeded, check_range, global_rng, loaded_copy
 from lightning_mtl.balancers.base import GramianBalancer
 
 
@@ -67,4 +67,4 @@ class GradVac(Seeded, GramianBalancer):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
-        self.targets = state["targets"]
+        self.targets = loaded_copy(state["targets"])

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._utils import check_range, require_modules
+from lightning_mtl.balancers._utils import check_range, loaded_copy, require_modules
 from lightning_mtl.balancers.base import GramianBalancer
 
 
@@ -90,5 +90,5 @@ class NashMTL(GramianBalancer):
         return {"warm_start": self._warm_start}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self._warm_start = state["warm_start"]
+        self._warm_start = loaded_copy(state["warm_start"])
         self._solver = None

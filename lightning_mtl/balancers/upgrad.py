@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 from torchjd.aggregation import UPGradWeighting
 
+from lightning_mtl.balancers._utils import unit_trace
 from lightning_mtl.balancers.base import GramianBalancer
 
 
@@ -16,8 +17,10 @@ class UPGrad(GramianBalancer):
     conflict with none) and averages the projections; each projection is a quadratic program on the
     Gramian. The result never conflicts with a task, and is invariant to the order of the tasks.
     Wraps ``torchjd.aggregation.UPGradWeighting`` (needs ``quadprog`` and ``qpsolvers``: ``torchjd``'s
-    ``quadprog-projector`` extra). The solver works on the normalised, slightly regularised Gramian,
-    so "never conflicts" holds to about 1e-3 of the largest squared gradient norm.
+    ``quadprog-projector`` extra). The weights do not depend on the gradients' scale: the Gramian is
+    divided by its trace before torchjd sees it (torchjd would zero a Gramian of trace below 1e-4 and
+    fall back to the mean). The solver works on that normalised, slightly regularised Gramian, so
+    "never conflicts" holds to about 1e-3 of the largest squared gradient norm.
     """
 
     def __init__(self) -> None:
@@ -25,4 +28,4 @@ class UPGrad(GramianBalancer):
         self.weighting = UPGradWeighting()
 
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
-        return self.weighting(gramian)
+        return self.weighting(unit_trace(gramian))

@@ -47,3 +47,31 @@ def test_per_task_arguments_are_checked_against_the_tasks():
 def test_losses_before_setup_say_what_to_do():
     with pytest.raises(RuntimeError, match="call setup"):
         DWA()(pytest.importorskip("torch").ones(2), pytest.importorskip("torch").ones(2, dtype=bool))
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "name"),
+    [(FAMO, {"lr": float("inf")}, "lr"), (GradNorm, {"lr": float("inf")}, "lr"), (STCH, {"mu": float("inf")}, "mu"),
+     (DWA, {"temperature": float("inf")}, "temperature"), (MGDA, {"epsilon": float("inf")}, "epsilon")],
+)  # fmt: skip
+def test_infinity_is_rejected_where_the_range_is_unbounded(cls, kwargs, name):
+    with pytest.raises(ValueError, match=rf"^{name} must be a finite number in [([]0\.0, inf\), got inf$"):
+        cls(**kwargs)
+
+
+def test_numpy_scalars_are_accepted_as_plain_numbers():
+    np = pytest.importorskip("numpy")
+    dwa = DWA(temperature=np.float32(2.0))
+    assert dwa.temperature == 2.0 and type(dwa.temperature) is float
+    assert GradDrop(leak=np.float64(0.5)).leak == 0.5
+    rlw = RLW(seed=np.int64(3))
+    assert rlw.seed == 3 and type(rlw.seed) is int
+    with pytest.raises(ValueError, match=r"^leak must be a number in \[0\.0, 1\.0\], got np\.True_$"):
+        GradDrop(leak=np.bool_(True))
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**70])
+def test_a_seed_beyond_64_bits_is_rejected_naming_the_range(seed):
+    with pytest.raises(ValueError, match=rf"^seed must be an int in \[0, 2\*\*64\), got {seed}$"):
+        RLW(seed=seed)
+    assert RLW(seed=2**64 - 1).seed == 2**64 - 1  # the largest seed torch.Generator takes

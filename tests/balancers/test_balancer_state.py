@@ -5,7 +5,11 @@ import io
 import pytest
 import torch
 
-from lightning_mtl.balancers import DBMTL, DWA, FAMO, IMTLL, RLW, UW, Balancer, GradDrop, GradNorm, GradVac, PCGrad
+from lightning_mtl.balancers import (
+    DBMTL, DWA, FAMO, IMTLL, RLW, UW, Balancer, GradDrop, GradNorm, GradVac, NashMTL, PCGrad,
+)  # fmt: skip
+
+from balancer_helpers import HAS_SOLVERS
 
 NAMES = ["a", "b", "c"]
 EVERYONE = torch.ones(3, dtype=torch.bool)
@@ -68,6 +72,24 @@ def test_state_dict_round_trip_resumes_exactly(cls):
     resumed.load_state_dict(state)
     for step in range(5, 9):
         torch.testing.assert_close(_step(resumed, step), _step(original, step), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", STATEFUL + ([NashMTL] if HAS_SOLVERS else []))
+def test_a_loaded_state_is_a_copy_not_shared_with_the_source(cls):
+    """``load_state_dict`` in memory (no ``torch.save``): stepping the source, or another balancer loaded
+    from the same dictionary, leaves the copy alone; the copy then continues exactly as the source did."""
+    source = _build(cls)
+    for step in range(5):
+        _step(source, step)
+    state = source.state_dict()
+    copy, other = _build(cls), _build(cls)
+    copy.load_state_dict(state)
+    other.load_state_dict(state)
+    expected = [_step(source, step) for step in range(5, 9)]
+    for step in range(5, 9):
+        _step(other, step)
+    for step, output in zip(range(5, 9), expected):
+        torch.testing.assert_close(_step(copy, step), output, rtol=0, atol=0, msg=f"step {step}")
 
 
 @pytest.mark.parametrize("cls", STATEFUL)

@@ -3,12 +3,12 @@ import torch
 import torchjd.aggregation as jd
 
 from lightning_mtl.balancers import (
-    DBMTL, MGDA, AlignedMTL, ConFIG, DualProj, GradDrop, GradNorm, GradVac, IMTLG, PCGrad, UPGrad,
+    DBMTL, MGDA, AlignedMTL, CAGrad, ConFIG, DualProj, GradDrop, GradNorm, GradVac, IMTLG, PCGrad, UPGrad,
 )  # fmt: skip
 from lightning_mtl.balancers._utils import global_rng
 from lightning_mtl.balancers.nashmtl import gramian_factor
 
-from balancer_helpers import GRADIENT_METHODS, direction
+from balancer_helpers import GRADIENT_METHODS, HAS_SOLVERS, direction
 
 
 def _random_gradients(seed: int, k: int = 4, p: int = 10) -> torch.Tensor:
@@ -138,6 +138,26 @@ def test_nonzero_read_by_the_caller_gives_the_same_weights(cls):
     got = cls().weights(G @ G.T, losses, nonzero=[True, False, True])
     torch.testing.assert_close(got, expected)
     assert got[1] == 0
+
+
+SCALE_INVARIANT = [UPGrad, DualProj] + ([CAGrad] if HAS_SOLVERS else [])
+
+
+@pytest.mark.parametrize("scale", [4e-3, 1e-6])
+@pytest.mark.parametrize("cls", SCALE_INVARIANT)
+def test_scale_invariant_weightings_keep_their_weights_for_small_gradients(cls, scale):
+    """torchjd zeroes a Gramian whose trace is below 1e-4 (every ‖g_k‖ below about 0.007): UPGrad and
+    DualProj fell back to the conflicting mean and CAGrad to zero weights. These weightings do not
+    depend on the Gramian's scale, so small gradients must give the weights of the unit-scale ones."""
+    G = torch.tensor([[1.0, 0.0], [-2.0, 0.3]])  # the mean (-0.5, 0.15) conflicts with task a
+    small = G * scale
+    expected = cls().weights(G @ G.T)
+    weights = cls().weights(small @ small.T)
+    torch.testing.assert_close(weights, expected, rtol=1e-4, atol=1e-5)
+    assert (weights > 0).all()
+    if cls is not CAGrad:  # CAGrad may conflict by design (c > 0); the other two may not
+        d = weights @ small
+        assert (small @ d >= -NON_CONFLICTING[cls] * small.norm(dim=1).max() ** 2).all()
 
 
 def test_nonzero_of_the_wrong_length_is_rejected():

@@ -262,6 +262,23 @@ def test_famo_after_step_uses_the_all_reduced_losses_and_skips_absent_tasks():
     assert balancer.logits[0] > 0 > balancer.logits[2]  # task c improved more: it loses weight
 
 
+def test_famo_logit_of_a_task_absent_from_the_step_stays_exactly():
+    """Once task c has Adam momentum (and with weight decay), steps without c leave its logit as it was."""
+    balancer = FAMO(lr=0.1, weight_decay=0.1)
+    balancer.setup(["a", "b", "c"])
+    for _ in range(3):
+        losses = torch.tensor([1.0, 1.2, 0.8])
+        balancer(losses, torch.ones(3, dtype=torch.bool))
+        balancer.after_optimizer_step(losses * torch.tensor([0.5, 0.9, 0.99]))
+    before = balancer.logits.clone()
+    without_c = torch.tensor([True, True, False])
+    for _ in range(3):
+        balancer(torch.tensor([1.0, 1.0, 0.0]), without_c)
+        balancer.after_optimizer_step(torch.tensor([0.8, 0.9, 0.0]))
+    assert torch.equal(balancer.logits[2], before[2])
+    assert not torch.equal(balancer.logits[:2], before[:2])  # the present tasks did take their updates
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cls", LOSS_METHODS)
 def test_half_precision_losses(cls, dtype):

@@ -125,3 +125,38 @@ def test_gradnorm_rejects_nonzero_of_the_wrong_length():
     balancer.setup(["a", "b"])
     with pytest.raises(ValueError, match="nonzero has 3 entries for a 2 x 2 gramian"):
         balancer.weights(torch.eye(2), torch.ones(2), nonzero=[True, True, True])
+
+
+def test_gradnorm_absent_task_keeps_its_weight_and_the_present_ones_take_the_rest():
+    """Task c is absent at step 2: its w_c stays exactly (no Adam momentum, no rescaling); a and b take
+    their Adam step and are renormalised so that Σ w = K with w_c held fixed."""
+    balancer = GradNorm(alpha=1.5, lr=0.025)
+    balancer.setup(["a", "b", "c"])
+    # Step 1: ‖∇L‖ = (2, 1, 1), L = L(0): r = 1, G = (2, 1, 1), Ḡ = 4/3, ∂L_grad/∂w = (2, −1, −1).
+    balancer.weights(torch.diag(torch.tensor([4.0, 1.0, 1.0])), torch.ones(3))
+    first = torch.tensor([_adam([2.0], 0.025)[0], _adam([-1.0], 0.025)[0], _adam([-1.0], 0.025)[0]])
+    w1 = (1 + first) * 3 / (1 + first).sum()
+    torch.testing.assert_close(balancer.task_weights_, w1)
+    kept = balancer.task_weights_[2].clone()
+    # Step 2, c absent: ‖∇L‖ = (2, 1, 0), r = 1, G = (2 w₁, w₂) with 2 w₁ > Ḡ > w₂: ∂L_grad/∂w = (2, −1, 0).
+    weights = balancer.weights(torch.diag(torch.tensor([4.0, 1.0, 0.0])), torch.tensor([1.0, 1.0, 0.0]))
+    torch.testing.assert_close(weights, w1 * torch.tensor([1.0, 1.0, 0.0]))  # this step's weights: w(t), c at 0
+    assert torch.equal(balancer.task_weights_[2], kept)
+    stepped = w1[:2] + torch.tensor([_adam([2.0, 2.0], 0.025)[1], _adam([-1.0, -1.0], 0.025)[1]])
+    torch.testing.assert_close(balancer.task_weights_[:2], stepped * (3 - w1[2]) / stepped.sum())
+    assert balancer.task_weights_.sum().item() == pytest.approx(3.0)
+
+
+def test_gradnorm_weights_stay_positive_against_a_dominant_gradient():
+    """A task whose gradient is 100 times the others' is pushed down step after step; its weight is
+    floored before the renormalisation, so it never reaches 0 or below (it did at step 35)."""
+    balancer = GradNorm()
+    balancer.setup(["a", "b", "c"])
+    gramian = torch.diag(torch.tensor([100.0**2, 1.0, 1.0]))
+    lowest = float("inf")
+    for step in range(200):
+        weights = balancer.weights(gramian, torch.ones(3))
+        assert (weights > 0).all(), f"step {step}: {weights.tolist()}"
+        lowest = min(lowest, weights[0].item())
+    assert balancer.task_weights_.sum().item() == pytest.approx(3.0)
+    assert lowest < 2 * GradNorm.min_weight  # the floor, not the dynamics, is what kept it positive
