@@ -383,10 +383,10 @@ class MultiTaskModule(LightningModule):
                     # representation mode in one process: the views' backward checks the loss with the Gramian
                     deferred = viewed and self._world_size == 1
                 else:
-                    # A method with state (DWA's loss history, FAMO's pre-step losses, RLW's generator) must not
-                    # see the losses of a step that is then skipped: check them first. Static has no state, and
-                    # its check of the weighted sum below is the only host sync of its step.
-                    if not isinstance(self.balancer, Static) and not self._is_finite(losses.sum(), losses, batch_idx):
+                    # A method whose forward updates state (DWA's loss history, FAMO's pre-step losses, RLW's
+                    # generator) must not see the losses of a step that is then skipped: check them first. For
+                    # the others the check of the combined loss below is the step's only host sync.
+                    if self.balancer.forward_changes_state and not self._is_finite(losses.sum(), losses, batch_idx):
                         return None
                     total, weights = self.balancer(losses, present)
                 if not deferred and not self._is_finite(total, losses, batch_idx):

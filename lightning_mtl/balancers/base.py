@@ -62,6 +62,10 @@ class Balancer(nn.Module):
     needs: ClassVar[str] = "losses"
     #: Whether the module must call :meth:`after_optimizer_step` with the losses after the update.
     needs_losses_after_step: ClassVar[bool] = False
+    #: Loss level: whether ``forward`` updates state (DWA's loss history, FAMO's pre-step losses, RLW's
+    #: generator). The module then checks the losses for NaN/inf *before* calling it, so that a step
+    #: skipped by ``nonfinite_loss="skip"`` leaves that state untouched (one more host read per step).
+    forward_changes_state: ClassVar[bool] = False
     #: ``"gradients"`` methods only: the rows of ``G`` are gradients of ``log(L_k + log_eps)``.
     log_losses: ClassVar[bool] = False
     log_eps: ClassVar[float] = 1e-8

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor
@@ -30,6 +30,8 @@ class DWA(Balancer):
     Args:
         temperature: ``T > 0``; the paper uses 2.
     """
+
+    forward_changes_state: ClassVar[bool] = True
 
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()

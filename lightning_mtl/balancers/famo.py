@@ -49,6 +49,7 @@ class FAMO(Balancer):
     """
 
     needs_losses_after_step: ClassVar[bool] = True
+    forward_changes_state: ClassVar[bool] = True
     eps: ClassVar[float] = 1e-8
 
     def __init__(self, lr: float = 0.025, weight_decay: float = 1e-3, min_losses: Optional[list[float]] = None) -> None:

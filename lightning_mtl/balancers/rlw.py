@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -22,6 +24,8 @@ class RLW(Seeded, Balancer):
     Args:
         seed: seed of the balancer's generator.
     """
+
+    forward_changes_state: ClassVar[bool] = True
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -289,3 +290,33 @@ def test_half_precision_losses(cls, dtype):
     assert torch.isfinite(total) and torch.isfinite(weights).all() and torch.isfinite(losses.grad).all()
     if balancer.needs_losses_after_step:
         balancer.after_optimizer_step(losses.detach() * 0.9)
+
+
+def _state(balancer):
+    """Everything a balancer keeps: its state_dict tensors, and any generator state in it."""
+    state = {}
+    for key, value in balancer.state_dict().items():
+        if torch.is_tensor(value):
+            state[key] = value.clone()
+        elif isinstance(value, dict):
+            state[key] = copy.deepcopy(value)
+    return state
+
+
+def _same(a, b):
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+@pytest.mark.parametrize("cls", LOSS_METHODS, ids=lambda cls: cls.__name__)
+def test_a_loss_balancer_whose_forward_changes_state_declares_it(cls):
+    """The module checks the losses before such a forward (a skipped step must not reach the state)."""
+    balancer = cls()
+    balancer.setup(["a", "b", "c"])
+    before = _state(balancer)
+    balancer(torch.tensor([0.5, 1.0, 2.0]), torch.ones(3, dtype=torch.bool))
+    changed = not _same(before, _state(balancer))
+    assert changed == cls.forward_changes_state
