@@ -210,11 +210,14 @@ class MultiTaskDataModule(LightningDataModule):
             return []
         training = split == "train"
         if not isinstance(data, Mapping):
-            generator = torch.Generator().manual_seed(self.seed) if training and self.shuffle else None
+            # An IterableDataset yields its own order: a DataLoader refuses any shuffle option for it.
+            iterable = isinstance(data, IterableDataset)
+            shuffle = training and self.shuffle and not iterable
+            generator = torch.Generator().manual_seed(self.seed) if shuffle else None
             return DataLoader(
                 data,
                 batch_size=self.batch_size,  # type: ignore[arg-type]
-                shuffle=training and self.shuffle,
+                shuffle=None if iterable else shuffle,
                 drop_last=training and self.drop_last,
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,

@@ -160,6 +160,13 @@ class MultiDigits(Dataset):
 
         sources, classes = _load_sources()
         pool = self.source_partition(val_fraction, test_fraction, split_seed)[split].numpy()
+        classes_in_pool = len(np.unique(classes[pool]))
+        if classes_in_pool < self.NUM_CLASSES:
+            fraction = "1 - val_fraction - test_fraction" if split == "train" else f"`{split}_fraction`"
+            raise ValueError(
+                f"{fraction} leaves the {split!r} split source images of {classes_in_pool} of the "
+                f"{self.NUM_CLASSES} digit classes; raise it (each class gets round(n * fraction) of its n images)."
+            )
         rng = np.random.default_rng([seed, _SPLITS.index(split)])
         source_indices = pool[rng.integers(len(pool), size=(size, 2))]
         rows = rng.integers(_MAX_ROW_OFFSET + 1, size=(size, 2))
@@ -224,8 +231,12 @@ class MultiDigits(Dataset):
             )
         if indices is None:
             return TensorDataset(self.images, self.targets[task])
-        index = torch.as_tensor(indices, dtype=torch.long)
-        return TensorDataset(self.images[index], self.targets[task][index])
+        index = torch.as_tensor(indices)
+        if index.dtype == torch.bool:  # a mask over the items
+            if index.shape != (len(self),):
+                raise ValueError(f"a boolean `indices` mask must have one entry per item ({len(self)}), got {tuple(index.shape)}.")
+            index = index.nonzero().flatten()
+        return TensorDataset(self.images[index.long()], self.targets[task][index.long()])
 
     def __len__(self) -> int:
         return len(self.images)
@@ -263,6 +274,8 @@ def multidigits_per_task(
         raise ValueError(f"`split` must be one of {_SPLITS}, got {split!r}.")
     if size is None or _is_int(size):
         sizes = {task: MultiDigits.DEFAULT_SIZES[split] if size is None else size for task in tasks}
+    elif not isinstance(size, Mapping):
+        raise ValueError(f"`size` must be an int, a mapping {{task: int}} or None, got {size!r}.")
     else:
         missing = [task for task in tasks if task not in size]
         extra = [task for task in size if task not in tasks]

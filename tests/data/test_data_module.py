@@ -272,3 +272,8 @@ def test_bad_input(kwargs: dict, error: type, match: str) -> None:
     args = {"train": task_data(), **kwargs}
     with pytest.raises(error, match=match):
         MultiTaskDataModule(**args)
+
+
+def test_a_shared_input_iterable_dataset_trains_in_its_own_order_with_the_default_shuffle() -> None:
+    dm = MultiTaskDataModule(Stream(), batch_size=2)  # shuffle=True by default: nothing to shuffle here
+    assert [batch.tolist() for batch in dm.train_dataloader()] == [[0, 1], [2]]

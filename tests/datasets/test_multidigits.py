@@ -322,3 +322,24 @@ def test_datamodule_with_trainer():
     )
     trainer.fit(TwoHeads(), datamodule=data)
     assert trainer.state.finished
+
+
+def test_task_dataset_takes_a_boolean_mask_as_a_mask(train):
+    mask = torch.zeros(len(train), dtype=torch.bool)
+    mask[[1, 2, 4, 5]] = True
+    subset = train.task_dataset("left", mask)
+    assert len(subset) == 4
+    assert torch.equal(subset.tensors[1], train.targets["left"][[1, 2, 4, 5]])
+    with pytest.raises(ValueError, match="boolean `indices` mask must have one entry per item"):
+        train.task_dataset("left", mask[:10])
+
+
+@pytest.mark.parametrize("split, argument", [("val", "val_fraction"), ("test", "test_fraction")])
+def test_a_fraction_too_small_to_cover_every_digit_class_is_refused_naming_it(split, argument):
+    with pytest.raises(ValueError, match=rf"`{argument}` leaves the '{split}' split source images of \d of the 10"):
+        MultiDigits(split, size=10, **{argument: 0.002})
+
+
+def test_per_task_size_of_the_wrong_type_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"`size` must be an int, a mapping \{task: int\} or None, got 100.0"):
+        multidigits_per_task(size=100.0)
