@@ -55,6 +55,13 @@ def resolve_balancer(balancer: Balancer | str | None) -> Balancer:
         return balancer
     if isinstance(balancer, str):
         cls = BALANCERS.get(balancer.lower())
+        if cls is None and ("class_path" in balancer or balancer.lstrip().startswith("{")):
+            # jsonargparse passes a class_path config that failed to validate on as a plain string
+            raise ValueError(
+                f"balancer {balancer!r} is a class_path config that did not validate: a misspelt class_path or an "
+                "init_args option the class does not take. Put it in the YAML config (the parser then names the "
+                f"bad option) or check the class's arguments; registered names: {sorted(BALANCERS)}"
+            )
         if cls is None:
             raise ValueError(f"unknown balancer {balancer!r}; valid names: {sorted(BALANCERS)}")
         return cls()

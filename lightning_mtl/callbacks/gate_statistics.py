@@ -30,9 +30,11 @@ class GateStatistics(pl.Callback):
     The backbone must keep its last forward's gate weights in ``last_gate_weights`` (``{gate:
     (batch, num_experts)}``, as the architectures of :mod:`lightning_mtl.architectures` do); a
     forward hook accumulates them after every training forward (so per-task batches that run the
-    backbone several times per step all count). Under DDP the sums are reduced over processes, so
-    every rank logs the global mean. The values accumulate as tensors, without synchronising the
-    device in the training loop.
+    backbone several times per step all count), counting the forwards of the training loop (the
+    trainer's stage, so a backbone frozen in eval mode by ``SequentialTransfer`` still counts), not
+    validation's or no-grad ones. Under DDP the sums are reduced over processes, so every rank logs
+    the global mean; a gate that no training sample reached in the epoch is not logged. The values
+    accumulate as tensors, without synchronising the device in the training loop.
 
     Args:
         log_entropy: also log the entropy of each gate's mean weights.
@@ -44,6 +46,7 @@ class GateStatistics(pl.Callback):
         self._counts: dict[str, Tensor] = {}
         self._names: dict[str, list[str]] = {}
         self._handle: Optional[RemovableHandle] = None
+        self._trainer: Optional[pl.Trainer] = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         backbone = getattr(pl_module, "backbone", None)
@@ -55,6 +58,7 @@ class GateStatistics(pl.Callback):
         if isinstance(backbone, MultiTaskBackbone) and hasattr(pl_module, "task_names"):
             backbone.check_tasks(pl_module.task_names)
         self._names = dict(getattr(backbone, "gate_expert_names", {}))
+        self._trainer = trainer
         if self._handle is None:
             self._handle = backbone.register_forward_hook(self._accumulate)
 
@@ -64,7 +68,9 @@ class GateStatistics(pl.Callback):
             self._handle = None
 
     def _accumulate(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
-        if not module.training or not torch.is_grad_enabled():
+        # The trainer's stage, not the module's mode, tells a training forward: a backbone may run in eval mode
+        # while it trains (SequentialTransfer(mode="freeze")); no-grad forwards (FAMO's recompute) do not count.
+        if self._trainer is None or not self._trainer.training or not torch.is_grad_enabled():
             return
         for gate, weights in module.last_gate_weights.items():
             total = weights.float().sum(dim=0)
@@ -92,7 +98,9 @@ class GateStatistics(pl.Callback):
             if trainer.world_size > 1:
                 total = trainer.strategy.reduce(total, reduce_op="sum")
                 count = trainer.strategy.reduce(count, reduce_op="sum")
-            mean = total / count.clamp_min(1.0)
+            if not count.item():  # no training sample reached this gate in the epoch: nothing to average
+                continue
+            mean = total / count
             names = names or [f"expert_{i}" for i in range(mean.numel())]
             for name, value in zip(names, mean):
                 pl_module.log(f"train/{gate}/{name}", value, on_step=False, on_epoch=True)

@@ -14,6 +14,11 @@ from lightning_mtl.architectures.base import MultiTaskBackbone
 _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr", "base_lr")
 
 
+# A scheduler's per-group lists, extended for the new group (torch zips them with the param groups):
+# learning rates scaled like the group, the rest (lambdas, momenta, ReduceLROnPlateau's floors) copied.
+_PER_GROUP_LISTS = ("base_lrs", "_last_lr", "max_lrs", "min_lrs", "lr_lambdas", "base_momentums", "max_momentums")
+_SCALED_LISTS = ("base_lrs", "_last_lr", "max_lrs")
+
 class SequentialTransfer(pl.Callback):
     """Switches a module (the backbone by default) from learning to transfer once, mid-training.
 
@@ -40,7 +45,9 @@ class SequentialTransfer(pl.Callback):
       ``strategy="ddp_find_unused_parameters_true"`` (which per-task sampling needs anyway).
     - ``"scale_lr"``: the module's parameters move into their own optimizer parameter group(s) with
       the learning rate multiplied by ``lr_scale``; optimizer state (e.g. Adam moments) is kept, and
-      learning-rate schedulers with per-group ``base_lrs`` (and ``ReduceLROnPlateau``) follow.
+      learning-rate schedulers follow: their per-group lists (``base_lrs``, ``max_lrs``, ``lr_lambdas``,
+      momenta, ``ReduceLROnPlateau``'s ``min_lrs``) get an entry for the new group (learning rates scaled).
+      A callback reused for another ``fit`` applies a switch it has made again at that fit's start.
 
     The callback's state (whether it has switched) is saved in checkpoints; resuming re-applies the
     switch before the optimizer state is restored.
@@ -102,6 +109,7 @@ class SequentialTransfer(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._applied = False  # a new fit (the callback reused, or resumed): a made switch is applied again at its start
         self._target(pl_module)
         tasks = getattr(pl_module, "task_names", None)
         backbone = getattr(pl_module, "backbone", None)
@@ -176,11 +184,11 @@ class SequentialTransfer(pl.Callback):
                     scheduler = config.scheduler
                     if getattr(scheduler, "optimizer", None) is not optimizer:
                         continue
-                    for attribute in ("base_lrs", "min_lrs", "_last_lr"):
+                    for attribute in _PER_GROUP_LISTS:
                         values = getattr(scheduler, attribute, None)
                         if isinstance(values, list) and len(values) == len(optimizer.param_groups) - 1:
-                            scale = 1.0 if attribute == "min_lrs" else self.lr_scale
-                            values.append(values[index] * scale)
+                            value = values[index]
+                            values.append(value * self.lr_scale if attribute in _SCALED_LISTS else value)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

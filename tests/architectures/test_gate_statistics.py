@@ -88,3 +88,22 @@ def test_an_architecture_with_a_task_the_model_lacks_is_refused():
     tasks = [Task(name, nn.Linear(4, 1), nn.MSELoss()) for name in ("a", "b")]
     with pytest.raises(ValueError, match=r"its task\(s\) \['extra'\] have no head"):
         MultiTaskModule(MMoE(10, 4, 2, ["a", "b", "extra"]), tasks)  # refused before any callback runs
+
+
+def test_a_backbone_frozen_in_eval_mode_still_has_its_gate_loads_counted():
+    """SequentialTransfer(mode='freeze') runs the backbone in eval mode while it trains: its gates still count."""
+    from lightning_mtl.callbacks import SequentialTransfer
+
+    torch.manual_seed(0)
+    backbone = MMoE(10, 4, 3, ["a", "b"])
+    tasks = [Task(name, nn.Sequential(nn.Linear(4, 1), nn.Flatten(0)), nn.MSELoss()) for name in ("a", "b")]
+    module = MultiTaskModule(backbone, tasks, optimizer=lambda params: torch.optim.SGD(params, lr=0.0))
+    logger = RecordingLogger()
+    callbacks = [GateStatistics(), SequentialTransfer(at_epoch=1, mode="freeze")]
+    quiet_trainer(logger=logger, max_epochs=2, callbacks=callbacks).fit(module, DataLoader(Pairs(), batch_size=16))
+    epochs = [metrics for _, metrics in logger.history if "train/a/gate/expert_0" in metrics]
+    assert len(epochs) == 2
+    for metrics in epochs:  # lr=0: the same loads both epochs, a distribution over the 3 experts
+        loads = [metrics[f"train/a/gate/expert_{i}"] for i in range(3)]
+        assert sum(loads) == pytest.approx(1.0, abs=1e-5)
+        assert loads == pytest.approx([epochs[0][f"train/a/gate/expert_{i}"] for i in range(3)], abs=1e-6)

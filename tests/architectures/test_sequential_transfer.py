@@ -155,3 +155,47 @@ def test_freeze_under_plain_ddp_is_refused_with_the_fix():
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
     with pytest.raises(ValueError, match="ddp_find_unused_parameters_true"):
         SequentialTransfer(at_epoch=1).setup(trainer, make_module(), "fit")
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.5**epoch),
+        lambda optimizer: torch.optim.lr_scheduler.MultiplicativeLR(optimizer, lambda epoch: 0.5),
+    ],
+    ids=["LambdaLR", "MultiplicativeLR"],
+)
+def test_scale_lr_splits_schedulers_with_per_group_lambdas(scheduler):
+    module = make_module()
+    module.lr_scheduler_factory = scheduler
+    data = MultiTaskDataModule(task_data(), batch_size=8, sampling="round_robin")
+    trainer = quiet_trainer(max_epochs=3, callbacks=[SequentialTransfer(at_epoch=1, mode="scale_lr", lr_scale=0.1)])
+    trainer.fit(module, datamodule=data)
+    groups = trainer.optimizers[0].param_groups
+    assert groups[0]["lr"] == pytest.approx(1e-2 / 8) and groups[1]["lr"] == pytest.approx(1e-3 / 8)
+
+
+def test_scale_lr_splits_a_cyclic_schedule():
+    module = make_module()
+    module.optimizer_factory = lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9)
+    module.lr_scheduler_factory = lambda optimizer: torch.optim.lr_scheduler.CyclicLR(
+        optimizer, base_lr=1e-3, max_lr=1e-2, step_size_up=2
+    )  # stepped once per epoch: the switch (step 3) comes before the first step of the split schedule
+    data = MultiTaskDataModule(task_data(), batch_size=8, sampling="round_robin")
+    trainer = quiet_trainer(max_epochs=2, callbacks=[SequentialTransfer(at_step=3, mode="scale_lr", lr_scale=0.1)])
+    trainer.fit(module, datamodule=data)
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.base_lrs == pytest.approx([1e-3, 1e-4]) and scheduler.max_lrs == pytest.approx([1e-2, 1e-3])
+    groups = trainer.optimizers[0].param_groups
+    assert groups[1]["lr"] == pytest.approx(0.1 * groups[0]["lr"])
+
+
+def test_a_reused_callback_applies_its_switch_again_in_the_next_fit():
+    data = MultiTaskDataModule(task_data(), batch_size=8, sampling="round_robin")
+    transfer = SequentialTransfer(at_epoch=1, mode="scale_lr", lr_scale=0.1)
+    quiet_trainer(max_epochs=2, callbacks=[transfer]).fit(make_module(), datamodule=data)
+    assert transfer.switched
+    trainer = quiet_trainer(max_epochs=1, callbacks=[transfer])
+    trainer.fit(make_module(), datamodule=data)  # a new module and optimizer: the switch holds from the start
+    groups = trainer.optimizers[0].param_groups
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(1e-3)
