@@ -514,7 +514,11 @@ class MultiTaskModule(LightningModule):
         """For a method on ``log(L_k + eps)`` (DB-MTL), the cotangents of the logs: ``∂L_k / (L_k + eps)``."""
         if not self.balancer.log_losses:
             return cotangents
-        factors = torch.where(present, 1.0 / (losses.detach() + self.balancer.log_eps), 0.0)
+        losses = losses.detach()
+        if self._world_size > 1:  # log of the global batch's loss, which DDP takes as the mean over processes
+            losses = self._all_reduce(losses * present, "mean")
+            present = losses > 0
+        factors = torch.where(present, 1.0 / (losses + self.balancer.log_eps), 0.0)
         return [c * factors.view(-1, *([1] * (c.ndim - 1))).to(c.dtype) for c in cotangents]
 
     def _balance(
@@ -565,8 +569,25 @@ class MultiTaskModule(LightningModule):
             weights = self.balancer.weights(gramian, losses.detach(), present, nonzero=[g > 0 for g in diagonal])
             return jacobian.combine(weights), weights
         flat = jacobian.flat()
+        columns = None
+        if self.gradients == "representation" and self._world_size > 1:
+            flat, columns = self._in_global_columns(flat)
         direction = self.balancer(flat / units) * units if units != 1.0 else self.balancer(flat)
-        return jacobian.split(direction), None
+        return jacobian.split(direction if columns is None else direction[columns]), None
+
+    def _in_global_columns(self, flat: Tensor) -> tuple[Tensor, slice]:
+        """Representation mode under DDP, a direction method (GradDrop): this process's K x P columns at their place
+        in the global batch's K x (world_size P) matrix, zero elsewhere, and that place.
+
+        The columns are this process's samples. A method that draws per column (GradDrop's uniforms, seeded
+        alike on every process) then draws for the global batch, as one process would, instead of giving
+        sample i of every process the same draw. The blocks are ``P`` wide, the widest process's width.
+        """
+        width = int(self._all_reduce(torch.tensor(float(flat.shape[1]), device=flat.device), "max"))
+        start = self.global_rank * width
+        padded = flat.new_zeros(flat.shape[0], width * self._world_size)
+        padded[:, start : start + flat.shape[1]] = flat
+        return padded, slice(start, start + flat.shape[1])
 
     @property
     def _world_size(self) -> int:

@@ -4,7 +4,7 @@ Usage: python _ddp_balancer_fit.py OUT_DIR
 
 Each rank trains on its half of every global batch (no DistributedSampler: the split is explicit), so
 the run can be compared with one process on the whole global batch. Rank 0 writes OUT_DIR/results.json
-with the final parameters for every (balancer, gradient mode).
+with the final parameters for every (balancer, gradient mode) of ``CASES``.
 """
 
 import json
@@ -19,6 +19,15 @@ from test_module import SharedInput, make_module, make_tasks
 
 BALANCERS = ("mgda", "upgrad", "imtlg", "pcgrad")
 MODES = ("parameters", "representation")
+# (balancer, mode): the four above in both modes, and methods whose DDP path differs: DB-MTL (the log of the
+# global loss), GradDrop in representation mode (per-column draws for the global batch), GLS and STCH (weights
+# that are a nonlinear function of the losses: those of the global batch).
+CASES = [(balancer, mode) for balancer in BALANCERS for mode in MODES] + [
+    ("dbmtl", "parameters"),
+    ("graddrop", "representation"),
+    ("gls", "parameters"),
+    ("stch", "parameters"),
+]
 PER_RANK, STEPS = 16, 3
 
 
@@ -40,22 +49,21 @@ def rank_loader(rank: int, world_size: int) -> DataLoader:
 
 def main(out_dir: str) -> None:
     results = {}
-    for balancer in BALANCERS:
-        for mode in MODES:
-            module = build(balancer, mode)
-            trainer = pl.Trainer(
-                accelerator="cpu",
-                devices=2,
-                strategy="ddp",
-                use_distributed_sampler=False,
-                max_steps=STEPS,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-            )
-            trainer.fit(module, rank_loader(trainer.global_rank, 2))
-            results[f"{balancer}/{mode}"] = torch.cat([p.detach().flatten() for p in module.parameters()]).tolist()
+    for balancer, mode in CASES:
+        module = build(balancer, mode)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp",
+            use_distributed_sampler=False,
+            max_steps=STEPS,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, rank_loader(trainer.global_rank, 2))
+        results[f"{balancer}/{mode}"] = torch.cat([p.detach().flatten() for p in module.parameters()]).tolist()
     if trainer.global_rank == 0:
         with open(os.path.join(out_dir, "results.json"), "w") as f:
             json.dump(results, f)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from _ddp_balancer_fit import BALANCERS, MODES, PER_RANK, STEPS, build
+from _ddp_balancer_fit import CASES, PER_RANK, STEPS, build
 from _ddp_famo_absent import LR as FAMO_LR
 from _ddp_famo_absent import STEPS as FAMO_STEPS
 from _ddp_famo_absent import TASKS as FAMO_TASKS
@@ -28,8 +28,7 @@ def ddp_results(tmp_path_factory):
     return json.loads((out / "results.json").read_text())
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("balancer", BALANCERS)
+@pytest.mark.parametrize("balancer, mode", CASES)
 def test_two_processes_equal_one_process_on_the_global_batch(ddp_results, balancer, mode):
     module = build(balancer, mode)
     data = SharedInput(PER_RANK * 2 * STEPS)

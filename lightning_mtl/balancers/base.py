@@ -94,6 +94,11 @@ class Balancer(nn.Module):
     def num_tasks(self) -> int:
         return len(self.task_names)
 
+    @property
+    def distributed(self) -> bool:
+        """Whether the module runs it in a multi-process run (it has set :attr:`all_reduce_mean`)."""
+        return self.all_reduce_mean is not _identity
+
     def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torchjd.scalarization import GeometricMean
 
-from lightning_mtl.balancers._utils import all_present
+from lightning_mtl.balancers._utils import all_present, weighted_by_global_losses
 from lightning_mtl.balancers.base import Balancer
 
 
@@ -19,6 +19,8 @@ class GLS(Balancer):
     makes the method invariant to each loss's scale. Wraps ``torchjd.scalarization.GeometricMean``
     (applied as is when every task is present; otherwise with absent losses set to 1 and raised to
     ``K/K'``, which keeps the shape fixed). Losses of present tasks must be strictly positive.
+    Under DDP every process weighs its losses by the weights at the global batch's losses (see
+    :func:`~lightning_mtl.balancers._utils.weighted_by_global_losses`).
     """
 
     def __init__(self) -> None:
@@ -26,6 +28,11 @@ class GLS(Balancer):
         self.geometric_mean = GeometricMean()
 
     def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        if self.distributed:  # the weights are a nonlinear function of the losses: those of the global batch
+            return weighted_by_global_losses(self, losses, present)
+        return self._scalarize(losses, present)
+
+    def _scalarize(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         # torchjd's geometric mean, with its graph: the model's gradient comes from torchjd's own math.
         # The effective weights ∂GLS/∂L_k = GLS / (K' L_k), returned for logging, are taken in closed
         # form (a separate autograd.grad would cost more than the rest of the method on a small model;

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torchjd.scalarization import STCH as _TorchjdSTCH
 
-from lightning_mtl.balancers._utils import all_present, at_least_float32, check_range
+from lightning_mtl.balancers._utils import all_present, at_least_float32, check_range, weighted_by_global_losses
 from lightning_mtl.balancers.base import Balancer
 
 
@@ -22,7 +22,9 @@ class STCH(Balancer):
     are worst off. ``λ_k = 1/K`` (K counting every task, present or not) and the ideal point ``z`` defaults to 0. Wraps
     ``torchjd.scalarization.STCH``; absent tasks are given the lowest finite loss, so that their term
     vanishes. The official multi-task recipe also normalises ``log L_k`` by a nadir point estimated
-    over warm-up epochs; that schedule is not part of this class.
+    over warm-up epochs; that schedule is not part of this class. Under DDP every process weighs its
+    losses by the weights at the global batch's losses (see
+    :func:`~lightning_mtl.balancers._utils.weighted_by_global_losses`).
 
     Args:
         mu: the smoothing ``μ > 0``; the paper evaluates 0.01 to 1.
@@ -45,6 +47,11 @@ class STCH(Balancer):
 
     def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         self._require_setup(losses)
+        if self.distributed:  # the weights are a nonlinear function of the losses: those of the global batch
+            return weighted_by_global_losses(self, losses, present)
+        return self._scalarize(losses, present)
+
+    def _scalarize(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         scalarizer = self.scalarizer
         reference = self.reference_point
         if reference is not None:

@@ -320,3 +320,42 @@ def test_a_loss_balancer_whose_forward_changes_state_declares_it(cls):
     balancer(torch.tensor([0.5, 1.0, 2.0]), torch.ones(3, dtype=torch.bool))
     changed = not _same(before, _state(balancer))
     assert changed == cls.forward_changes_state
+
+
+def _two_ranks(cls, losses, present):
+    """Each of two "ranks" of ``cls`` with an all_reduce_mean that averages with the other's contribution."""
+    ranks = [cls() for _ in losses]
+    for rank, balancer in enumerate(ranks):
+        balancer.setup(["a", "b"])
+        other = 1 - rank
+        mask = present[other].to(losses[other].dtype)
+        received = torch.stack([losses[other] * mask, mask])  # what the other rank contributes to the reduction
+        balancer.all_reduce_mean = lambda t, received=received: (t + received) / 2
+    return ranks
+
+
+@pytest.mark.parametrize("cls", [GLS, STCH], ids=lambda cls: cls.__name__)
+def test_under_ddp_every_rank_weighs_by_the_global_losses(cls):
+    """A nonlinear scalarization on each rank's own losses gives each rank other weights (GLS, STCH)."""
+    losses = [torch.tensor([0.5, 2.0]), torch.tensor([1.5, 1.0])]
+    present = [torch.ones(2, dtype=torch.bool)] * 2
+    single = cls()
+    single.setup(["a", "b"])
+    _, expected = single((losses[0] + losses[1]) / 2, present[0])  # one process on the global batch
+    for rank, balancer in enumerate(_two_ranks(cls, losses, present)):
+        value, weights = balancer(losses[rank], present[rank])
+        torch.testing.assert_close(weights, expected)
+        torch.testing.assert_close(value, expected @ losses[rank])
+
+
+def test_rlw_under_ddp_normalises_over_the_tasks_present_on_any_rank():
+    """A rank without task b's labels must not hand b's weight to a (the ranks would use other weights)."""
+    losses = [torch.tensor([0.5, 0.0]), torch.tensor([1.5, 1.0])]
+    present = [torch.tensor([True, False]), torch.tensor([True, True])]
+    draws = torch.randn(2, generator=torch.Generator().manual_seed(0))
+    everywhere = torch.softmax(draws, dim=0)
+    rank0, rank1 = _two_ranks(RLW, losses, present)
+    _, weights0 = rank0(losses[0], present[0])
+    _, weights1 = rank1(losses[1], present[1])
+    torch.testing.assert_close(weights1, everywhere)
+    torch.testing.assert_close(weights0, torch.stack([everywhere[0], torch.tensor(0.0)]))  # a keeps its global weight
