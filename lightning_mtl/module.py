@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 
 from lightning_mtl.balancers import Balancer, Static, resolve_balancer
 from lightning_mtl.balancers._utils import all_true
@@ -144,6 +144,8 @@ class MultiTaskModule(LightningModule):
         # representation mode: what to log once the backward has weighted the step; a skip it asked for
         self._pending_log: Optional[tuple[_RepresentationStep, int, bool]] = None
         self._skip_optimizer_step = False
+        # metrics and task losses of the evaluation dataloaders after the first: {(stage, index): (metrics, losses)}
+        self._more_evaluation_metrics: dict[tuple[str, int], tuple[nn.ModuleDict, nn.ModuleDict]] = {}
 
     def _check_no_shared_head_parameters(self) -> None:
         """Gradient-level balancing needs the backbone's parameters apart from the heads' and losses'."""
@@ -410,11 +412,9 @@ class MultiTaskModule(LightningModule):
 
         # Each `self.log` call costs ~0.1 ms; per-task step values only reach the logger on its logging
         # steps (every `log_every_n_steps`), so they are logged only then.
-        for name, loss in task_losses.items():
-            if log_tasks:
+        if log_tasks:
+            for name, loss in task_losses.items():
                 self.log(f"train/{name}/loss", loss, prog_bar=True, batch_size=counts[name])
-            for metric_name, metric in self._train_metric_items[name]:
-                self.log(f"train/{name}/{metric_name}", metric, on_step=False, on_epoch=True)
         return total
 
     def _log_balance(
@@ -676,23 +676,37 @@ class MultiTaskModule(LightningModule):
             "or pass nonfinite_loss='skip' to skip such steps."
         )
 
-    def _evaluation_step(self, batch: Any, stage: Stage) -> None:
-        task_losses = getattr(self, f"{stage}_task_losses")
+    def _evaluation_step(self, batch: Any, stage: Stage, dataloader_idx: int) -> None:
+        """Update the task losses and metrics of ``stage`` (of this dataloader); they are logged at the epoch's end."""
+        metrics, task_losses = self._evaluation_metrics(stage, dataloader_idx)
         for name, prediction, target, maybe_missing in self._forward_groups(self._groups(batch))[1]:
             loss, prediction, target, count = self._loss(name, prediction, target, maybe_missing)
             if loss is None:
                 continue
             task_losses[name].update(loss.detach(), weight=count)
-            self.log(f"{stage}/{name}/loss", task_losses[name], on_step=False, on_epoch=True)
-            for metric_name, metric in getattr(self, f"{stage}_metrics")[name].items():
+            for metric in metrics[name].values():
                 metric.update(prediction, target)
-                self.log(f"{stage}/{name}/{metric_name}", metric, on_step=False, on_epoch=True)
+
+    def _evaluation_metrics(self, stage: Stage, dataloader_idx: int) -> tuple[nn.ModuleDict, nn.ModuleDict]:
+        """``({task: {name: metric}}, {task: mean loss})`` of one evaluation dataloader: the module's own for the
+        first, fresh copies (created at first use) for the others, so several dataloaders are never pooled."""
+        own = (getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_task_losses"))
+        if dataloader_idx == 0:
+            return own
+        key = (stage, dataloader_idx)
+        if key not in self._more_evaluation_metrics:
+            copies = copy.deepcopy(nn.ModuleList(own)).to(self.device)
+            for module in copies.modules():
+                if isinstance(module, Metric):
+                    module.reset()
+            self._more_evaluation_metrics[key] = (copies[0], copies[1])
+        return self._more_evaluation_metrics[key]
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluation_step(batch, "val")
+        self._evaluation_step(batch, "val", dataloader_idx)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluation_step(batch, "test")
+        self._evaluation_step(batch, "test", dataloader_idx)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """``{task: prediction}``: for a per-task batch, each task's head on its own input."""
@@ -706,23 +720,67 @@ class MultiTaskModule(LightningModule):
         return self(x)
 
     # ------------------------------------------------------------------ epoch ends
-    def _log_combined_loss(self, stage: Stage) -> None:
-        """``{stage}/loss``: the static-weighted sum of the epoch's task losses (tasks with data only)."""
-        total, found = 0.0, False
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a task without data this epoch computes NaN; it is left out
-            for name, mean in getattr(self, f"{stage}_task_losses").items():
-                value = mean.compute()
+    def _log_evaluation(self, stage: Stage) -> None:
+        """Log ``{stage}/{task}/loss``, ``{stage}/{task}/{metric}`` and ``{stage}/loss`` for the epoch, then reset.
+
+        Every process computes every task's values in the same order (each ``compute`` synchronises the
+        processes), including tasks it had no label of: a key logged on some processes only would leave
+        the others waiting in its synchronisation. A task with no labelled sample on any process is not
+        logged. ``{stage}/loss`` is the static-weighted sum of the task losses of the tasks with data.
+        With several dataloaders every key ends in ``/dataloader_idx_{i}``, one set per dataloader
+        (Lightning's convention), never pooled; ``{stage}/loss`` without suffix is then the first
+        dataloader's (which ``lr_scheduler``'s ``ReduceLROnPlateau`` and checkpoints monitoring it follow).
+        """
+        batches = getattr(self.trainer, f"num_{stage}_batches", None) if self._trainer is not None else None
+        count = max(len(batches), 1) if isinstance(batches, list) else 1
+        for index in range(count):
+            metrics, task_losses = self._evaluation_metrics(stage, index)
+            suffix = f"/dataloader_idx_{index}" if count > 1 else ""
+            total, found = 0.0, False
+            for name in self.task_names:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # a task without data computes NaN (and warns): not logged
+                    value = task_losses[name].compute()
                 if torch.isfinite(value):
+                    self.log(f"{stage}/{name}/loss{suffix}", value, add_dataloader_idx=False)
                     total, found = total + self.tasks[name].weight * value, True
-        if found:
-            self.log(f"{stage}/loss", total, prog_bar=stage == "val")
+                    for metric_name, metric in metrics[name].items():
+                        self.log(f"{stage}/{name}/{metric_name}{suffix}", metric.compute(), add_dataloader_idx=False)
+                task_losses[name].reset()
+                for metric in metrics[name].values():
+                    metric.reset()
+            if found:
+                self.log(f"{stage}/loss{suffix}", total, prog_bar=stage == "val", add_dataloader_idx=False)
+                if index == 0 and suffix:  # what a scheduler or checkpoint monitoring {stage}/loss follows
+                    self.log(f"{stage}/loss", total, add_dataloader_idx=False)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_combined_loss("val")
+        self._log_evaluation("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_combined_loss("test")
+        self._log_evaluation("test")
+
+    def _log_train_metrics(self) -> None:
+        """``train/{task}/{metric}`` for the epoch, computed on every process in the same order, then reset.
+
+        A task's metrics are computed when any process updated them (one small reduction of that
+        flag per task under DDP), so every process takes part in the same synchronisations.
+        """
+        for name in self.task_names:
+            items = self._train_metric_items[name]
+            if not items:
+                continue
+            updated = torch.tensor(float(any(metric.update_count > 0 for _, metric in items)), device=self.device)
+            if self._world_size > 1:
+                updated = self._all_reduce(updated, "sum")
+            if updated.item() > 0:
+                for metric_name, metric in items:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # a process that had no label of the task warns
+                        value = metric.compute()
+                    self.log(f"train/{name}/{metric_name}", value)
+            for _, metric in items:
+                metric.reset()
 
     def setup(self, stage: str) -> None:
         self._parameters_cache = None
@@ -771,6 +829,7 @@ class MultiTaskModule(LightningModule):
             self._warn_missing(set(data_tasks), "the data module provides no training data")
 
     def on_train_epoch_end(self) -> None:
+        self._log_train_metrics()
         self.balancer.on_train_epoch_end()
         if self.current_epoch == 0 or not self._seen_tasks:
             self._warn_missing(self._seen_tasks, "no training batch of the epoch had labels")

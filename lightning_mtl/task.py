@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 import re
 from collections.abc import Callable, Mapping
 from typing import Union
@@ -64,15 +66,18 @@ class Task:
         self.name = validate_task_name(name)
         if not isinstance(head, nn.Module):
             raise TypeError(f"task {name!r}: head must be an nn.Module, got {type(head).__name__}")
+        if isinstance(loss, type):
+            raise TypeError(
+                f"task {name!r}: loss is the class {loss.__name__}, not a loss; pass an instance, e.g. {loss.__name__}()"
+            )
         if not callable(loss):
             raise TypeError(
                 f"task {name!r}: loss must be callable as loss(prediction, target), got {type(loss).__name__} "
                 f"{loss!r}; pass e.g. torch.nn.CrossEntropyLoss() or torch.nn.functional.mse_loss"
             )
-        try:
-            weight = float(weight)
-        except (TypeError, ValueError):
-            raise TypeError(f"task {name!r}: weight must be a number, got {weight!r}") from None
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            raise TypeError(f"task {name!r}: weight must be a number, got {weight!r}")
+        weight = float(weight)
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"task {name!r}: weight must be finite and >= 0, got {weight}")
         self.head = head
@@ -82,7 +87,10 @@ class Task:
 
     @property
     def ignore_index(self) -> int:
-        """Class target value that marks a missing label: the loss's ``ignore_index``, else -100."""
+        """Class target value that marks a missing label: the loss's ``ignore_index`` (an attribute, or a
+        ``functools.partial`` keyword such as ``partial(F.cross_entropy, ignore_index=255)``), else -100."""
+        if isinstance(self.loss, functools.partial):
+            return int(self.loss.keywords.get("ignore_index", -100))
         return int(getattr(self.loss, "ignore_index", -100))
 
     def __repr__(self) -> str:
@@ -92,7 +100,26 @@ class Task:
         )
 
 
+#: Log keys the module writes under ``{stage}/{task}/`` itself: a metric may not take these names.
+RESERVED_METRIC_NAMES = ("loss", "weight")
+
+
 def _metrics_as_dict(task: str, metrics: MetricsSpec) -> dict[str, Metric]:
+    return {_metric_name(task, key): metric for key, metric in _named_metrics(task, metrics).items()}
+
+
+def _metric_name(task: str, key: str) -> str:
+    """``key`` checked as a log-key component that does not clash with the module's own keys."""
+    validate_task_name(key, what=f"task {task!r}: metric name")
+    if key in RESERVED_METRIC_NAMES:
+        raise ValueError(
+            f"task {task!r}: a metric named {key!r} would clash with the module's own '{{stage}}/{task}/{key}' "
+            f"log key; rename it (reserved: {list(RESERVED_METRIC_NAMES)})"
+        )
+    return key
+
+
+def _named_metrics(task: str, metrics: MetricsSpec) -> dict[str, Metric]:
     if metrics is None:
         return {}
     if isinstance(metrics, MetricCollection):
@@ -102,7 +129,6 @@ def _metrics_as_dict(task: str, metrics: MetricsSpec) -> dict[str, Metric]:
     if isinstance(metrics, Mapping):
         out = {}
         for key, metric in metrics.items():
-            validate_task_name(key, what=f"task {task!r}: metric name")
             if not isinstance(metric, Metric):
                 raise TypeError(
                     f"task {task!r}: metric {key!r} must be a torchmetrics Metric, got {type(metric).__name__}"

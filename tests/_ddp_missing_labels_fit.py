@@ -8,7 +8,8 @@ injection is off) gives rank r the indices r, r + 2, ...: every even index has a
 ``find_unused_parameters``) the head of "b" on rank 0 (and a UW log-variance) would get no gradient.
 Every parameter is its own DDP gradient bucket, so the buckets' all-reduces interleave with any collective
 that a balancer runs inside the backward (representation mode) in a different order on each rank.
-Every rank writes OUT_DIR/rank{R}.json with its final parameters and its number of backward passes.
+Both tasks have a metric, and the same data is the validation set. Every rank writes
+OUT_DIR/rank{R}.json with its final parameters, its number of backward passes and the epoch metrics.
 """
 
 import json
@@ -22,6 +23,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning.pytorch.strategies import DDPStrategy
+
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.regression import MeanAbsoluteError
 
 from lightning_mtl import MultiTaskModule, Task
 
@@ -60,9 +64,10 @@ def main(out_dir: str, balancer: str, gradients: str = "parameters") -> None:
     b = x[:, 1] * 2
     b[0::2] = float("nan")
     a[:16:2] = -100
+    # Metrics on both tasks: rank 0 never updates b's, which must not leave rank 1 alone in their synchronisation.
     tasks = [
-        Task("a", nn.Linear(8, 2), nn.CrossEntropyLoss()),
-        Task("b", nn.Sequential(nn.Linear(8, 1), nn.Flatten(0)), nn.MSELoss()),
+        Task("a", nn.Linear(8, 2), nn.CrossEntropyLoss(), {"acc": MulticlassAccuracy(2, average="micro")}),
+        Task("b", nn.Sequential(nn.Linear(8, 1), nn.Flatten(0)), nn.MSELoss(), {"mae": MeanAbsoluteError()}),
     ]
     model = MultiTaskModule(nn.Sequential(nn.Linear(4, 8), nn.Tanh()), tasks, balancer=None if balancer == "none" else balancer, gradients=gradients)
     loader = DataLoader(TensorDataset(x, a, b), batch_size=8, sampler=EveryOtherIndex(64), collate_fn=collate)
@@ -78,8 +83,9 @@ def main(out_dir: str, balancer: str, gradients: str = "parameters") -> None:
         enable_model_summary=False,
         callbacks=[backwards := Backwards()],
     )
-    trainer.fit(model, loader)
+    trainer.fit(model, loader, loader)  # the same data for validation: rank 0 has no label of b there either
     record = {
+        "metrics": {key: float(value) for key, value in trainer.callback_metrics.items() if "/" in key},
         "parameters": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
         "steps": trainer.global_step,
         "backwards": backwards.count,

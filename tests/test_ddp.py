@@ -64,3 +64,6 @@ def test_plain_ddp_survives_a_rank_without_labels_of_a_task(tmp_path, balancer, 
     assert rank0["backwards"] == rank1["backwards"] == 8
     assert rank0["parameters"] == pytest.approx(rank1["parameters"], abs=1e-7)
     assert all(abs(p) < 1e3 for p in rank0["parameters"])
+    # the metrics of b, which rank 0 never updates, are computed on both ranks alike (no hang), over rank 1's labels
+    for key in ("val/b/mae", "val/b/loss", "val/a/acc", "val/loss", "train/b/mae", "train/a/acc"):
+        assert rank0["metrics"][key] == pytest.approx(rank1["metrics"][key]), key

@@ -451,3 +451,25 @@ def test_callbacks_see_the_current_steps_train_loss(gradients, recording_logger)
     logged = [metrics["train/loss"] for _, metrics in recording_logger.history if "train/loss" in metrics]
     assert len(logged) == 4
     assert seen.values == pytest.approx(logged)
+
+
+def test_several_validation_dataloaders_are_evaluated_apart():
+    module = make_module()
+    first, second = SharedInput(24, seed=1), SharedInput(20, seed=2)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=0)
+    results = trainer.validate(module, [DataLoader(first, batch_size=7), DataLoader(second, batch_size=6)], verbose=False)
+    for index, data in enumerate((first, second)):
+        with torch.no_grad():
+            out = module(data.x)
+        cls = nn.functional.cross_entropy(out["cls"], data.cls)
+        reg = nn.functional.mse_loss(out["reg"], data.reg)
+        logged = results[index]
+        suffix = f"/dataloader_idx_{index}"
+        assert logged[f"val/cls/loss{suffix}"] == pytest.approx(cls.item(), rel=1e-5)
+        assert logged[f"val/reg/loss{suffix}"] == pytest.approx(reg.item(), rel=1e-5)
+        assert logged[f"val/reg/mse{suffix}"] == pytest.approx(reg.item(), rel=1e-5)
+        accuracy = (out["cls"].argmax(dim=1) == data.cls).float().mean().item()
+        assert logged[f"val/cls/multiclass_accuracy{suffix}"] == pytest.approx(accuracy)
+        assert logged[f"val/loss{suffix}"] == pytest.approx(cls.item() + reg.item(), rel=1e-5)
+        if index == 0:  # the key a ReduceLROnPlateau from lr_scheduler monitors: the first dataloader's
+            assert trainer.callback_metrics["val/loss"].item() == pytest.approx(logged[f"val/loss{suffix}"])

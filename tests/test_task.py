@@ -57,3 +57,36 @@ def test_head_not_module():
 def test_metric_not_metric():
     with pytest.raises(TypeError, match=r"task 'x': metric 'acc' must be a torchmetrics Metric"):
         Task("x", nn.Linear(2, 2), nn.CrossEntropyLoss(), {"acc": lambda p, t: 0})
+
+
+@pytest.mark.parametrize("weight", [True, "0.5"])
+def test_weight_must_be_a_real_number_not_a_bool_or_string(weight):
+    with pytest.raises(TypeError, match="task 'a': weight must be a number"):
+        Task("a", nn.Linear(2, 2), nn.CrossEntropyLoss(), weight=weight)
+
+
+def test_a_loss_class_instead_of_an_instance_is_named():
+    with pytest.raises(TypeError, match=r"task 'a': loss is the class CrossEntropyLoss, not a loss; .*CrossEntropyLoss\(\)"):
+        Task("a", nn.Linear(2, 2), nn.CrossEntropyLoss)
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        {"loss": MulticlassAccuracy(2)},
+        {"weight": MulticlassAccuracy(2)},
+        MetricCollection({"loss": MulticlassAccuracy(2)}),
+        MetricCollection([MulticlassAccuracy(2)], prefix="x/"),
+    ],
+    ids=["dict-loss", "dict-weight", "collection-loss", "collection-prefix-with-slash"],
+)
+def test_metric_names_that_clash_with_log_keys_are_refused(metrics):
+    with pytest.raises(ValueError, match="task 'a'"):
+        Task("a", nn.Linear(2, 2), nn.CrossEntropyLoss(), metrics)
+
+
+def test_the_ignore_index_of_a_partial_loss_is_read():
+    from functools import partial
+
+    task = Task("a", nn.Linear(2, 2), partial(nn.functional.cross_entropy, ignore_index=255))
+    assert task.ignore_index == 255
