@@ -144,6 +144,8 @@ class MultiTaskModule(LightningModule):
         # representation mode: what to log once the backward has weighted the step; a skip it asked for
         self._pending_log: Optional[tuple[_RepresentationStep, int, bool]] = None
         self._skip_optimizer_step = False
+        # the step's regularisers when the backbone ran once per group of per-task inputs (see _forward_groups)
+        self._combined_regularization: Optional[dict[str, Tensor]] = None
         # metrics and task losses of the evaluation dataloaders after the first: {(stage, index): (metrics, losses)}
         self._more_evaluation_metrics: dict[tuple[str, int], tuple[nn.ModuleDict, nn.ModuleDict]] = {}
 
@@ -250,7 +252,20 @@ class MultiTaskModule(LightningModule):
         """
         inputs = [x for x, _ in groups]
         stacked = len(groups) > 1 and _stackable(inputs)
-        outputs = [self.backbone(torch.cat(inputs))] if stacked else [self.backbone(x) for x in inputs]
+        self._combined_regularization = None
+        if stacked or len(inputs) == 1 or self._regularization_losses is None:
+            outputs = [self.backbone(torch.cat(inputs))] if stacked else [self.backbone(x) for x in inputs]
+        else:
+            # One backbone call per group: a regulariser computed from the inputs (DSelectK's) would report the
+            # last call's only. Combine every call's, weighted by its samples, as one stacked call would.
+            outputs, terms = [], []
+            for x in inputs:
+                outputs.append(self.backbone(x))
+                terms.append((_num_samples(x), self._regularization_losses()))
+            samples = sum(n for n, _ in terms)
+            self._combined_regularization = {
+                name: sum(n * values[name] for n, values in terms) / samples for name in terms[-1][1]
+            }
         sources: list[Any] = outputs  # what group i's heads read: sources[0 if stacked else i]
         if balance is not None and any(isinstance(output, Mapping) for output in outputs):
             raise ValueError(
@@ -632,7 +647,8 @@ class MultiTaskModule(LightningModule):
         Added after balancing: a regulariser is not a task, so balancers never re-weight it.
         """
         total: Union[Tensor, float] = 0.0
-        for name, value in self._regularization_losses().items():
+        terms = self._combined_regularization
+        for name, value in (terms if terms is not None else self._regularization_losses()).items():
             self.log(f"train/{name}", value, batch_size=batch_size)
             total = total + value
         return total
@@ -916,3 +932,11 @@ def _split_features(features: Union[Tensor, Mapping[str, Tensor]], sizes: list[i
         parts = {name: torch.split(value, sizes) for name, value in features.items()}
         return [{name: parts[name][i] for name in parts} for i in range(len(sizes))]
     return list(torch.split(features, sizes))
+
+
+def _num_samples(x: Any) -> int:
+    """The number of samples of a backbone input: its (first tensor's) first dimension, else 1."""
+    if isinstance(x, Tensor):
+        return x.shape[0] if x.ndim else 1
+    values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (tuple, list)) else ()
+    return next((_num_samples(value) for value in values if isinstance(value, Tensor)), 1)

@@ -375,3 +375,31 @@ def test_trains_inside_multitask_module_under_bf16_mixed(name):
     changed = [not torch.equal(b, p.detach()) for b, p in zip(before, module.backbone.parameters())]
     assert all(changed), f"{sum(not c for c in changed)} backbone parameters were not updated"
     assert all(p.dtype == torch.float32 for p in module.parameters())
+
+
+def test_input_dependent_regularisers_cover_every_backbone_call_of_a_step():
+    """Per-task inputs that cannot be stacked run the backbone once per task: DSelectK's regulariser must
+    then cover all of them (weighted by samples), as one stacked call does, not only the last call."""
+    torch.manual_seed(0)
+    tasks = [
+        Task("a", nn.Linear(4, 3), nn.CrossEntropyLoss()),
+        Task("b", nn.Sequential(nn.Linear(4, 1), nn.Flatten(0)), nn.MSELoss()),
+    ]
+    module = MultiTaskModule(DSelectK(6, 4, 3, ["a", "b"], entropy_regularization=1.0), tasks, balancer="upgrad")
+    g = torch.Generator().manual_seed(1)
+    xa, ya = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    xb, yb = torch.randn(8, 6, generator=g), torch.randn(8, generator=g)
+    logged = {}
+    module.log = lambda key, value, **kwargs: logged.__setitem__(key, float(value))
+
+    def step(batch):
+        module.zero_grad()
+        module.training_step(batch, 0).backward()
+        return dict(logged), [p.grad.clone() for p in module.backbone.parameters()]
+
+    stacked, stacked_grads = step({"a": (xa, ya), "b": (xb, yb)})
+    apart, apart_grads = step({"a": (xa, ya), "b": (xb.view(8, 2, 3), yb)})  # DSelectK flattens its input
+    for key in ("train/dselect_k_entropy", "train/dselect_k_reachability"):
+        assert apart[key] == pytest.approx(stacked[key], rel=1e-5)
+    for got, want in zip(apart_grads, stacked_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
