@@ -144,6 +144,8 @@ class MultiTaskModule(LightningModule):
         # representation mode: what to log once the backward has weighted the step; a skip it asked for
         self._pending_log: Optional[tuple[_RepresentationStep, int, bool]] = None
         self._skip_optimizer_step = False
+        # 16-mixed: (the GradScaler's scale, the balancer's state) before the optimizer step's first balancing
+        self._state_before_scaled_step: Optional[tuple[float, dict[str, Any]]] = None
         # the step's regularisers when the backbone ran once per group of per-task inputs (see _forward_groups)
         self._combined_regularization: Optional[dict[str, Tensor]] = None
         # metrics and task losses of the evaluation dataloaders after the first: {(stage, index): (metrics, losses)}
@@ -351,6 +353,11 @@ class MultiTaskModule(LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
+        scale = self._loss_scale()
+        if scale != 1.0 and self._state_before_scaled_step is None:
+            # Under 16-mixed the GradScaler may still skip the step (an inf in a gradient the balancer does not
+            # see): keep the balancer's state from before the step's first balancing, restored if it does.
+            self._state_before_scaled_step = (scale, copy.deepcopy(self.balancer.state_dict()))
         groups = self._groups(batch)
         by_gradients = self.balancer.needs != "losses"
         in_backward = by_gradients and self.gradients == "representation"
@@ -389,10 +396,10 @@ class MultiTaskModule(LightningModule):
             if by_gradients and not in_backward:
                 # in one process the loss check joins the Gramian's (one host sync instead of two)
                 if self._world_size > 1 and not self._is_finite(losses.sum(), losses, batch_idx):
-                    return None
+                    return self._skipped_step()
                 total, weights = self._parameter_balanced_loss(losses, present, captured, batch_idx)
                 if total is None:
-                    return None
+                    return self._skipped_step()
             else:
                 deferred = False
                 if in_backward:
@@ -404,10 +411,10 @@ class MultiTaskModule(LightningModule):
                     # generator) must not see the losses of a step that is then skipped: check them first. For
                     # the others the check of the combined loss below is the step's only host sync.
                     if self.balancer.forward_changes_state and not self._is_finite(losses.sum(), losses, batch_idx):
-                        return None
+                        return self._skipped_step()
                     total, weights = self.balancer(losses, present)
                 if not deferred and not self._is_finite(total, losses, batch_idx):
-                    return None
+                    return self._skipped_step()
         if self.balancer.needs_losses_after_step:
             self._last_batch = batch
         if step is not None:  # representation mode: the weights come in the backward; logged after it
@@ -431,6 +438,18 @@ class MultiTaskModule(LightningModule):
             for name, loss in task_losses.items():
                 self.log(f"train/{name}/loss", loss, prog_bar=True, batch_size=counts[name])
         return total
+
+    def _skipped_step(self) -> Tensor:
+        """A step skipped by ``nonfinite_loss="skip"``: the whole optimizer step is skipped, on every process.
+
+        Returns a zero loss whose backward gives every trainable parameter a zero gradient instead of
+        None: Lightning refuses None from ``training_step`` under DDP, and under accumulation None would
+        only drop this micro-batch while the optimizer still stepped on the others. The flag makes
+        ``on_before_optimizer_step`` drop every gradient, as a non-finite gradient found in a
+        representation-mode backward does.
+        """
+        self._skip_optimizer_step = True
+        return self._zero_touching_parameters()
 
     def _log_balance(
         self, losses: Tensor, total: Tensor, weights: Optional[Tensor], batch_size: int, log_tasks: bool
@@ -635,6 +654,11 @@ class MultiTaskModule(LightningModule):
                 by_name = {prediction[0]: loss for prediction, loss in zip(predictions, losses) if loss is not None}
             self.balancer.after_optimizer_step(self._stack_losses(by_name)[0].float())
             self._last_batch = None
+        if self._state_before_scaled_step is not None:
+            scale, state = self._state_before_scaled_step
+            self._state_before_scaled_step = None
+            if self._loss_scale() < scale:  # the GradScaler found inf/NaN and skipped the step: so does the balancer
+                self.balancer.load_state_dict(state)
 
     def _is_logging_step(self) -> bool:
         """Whether Lightning writes step-level values to the logger after this training step."""

@@ -1,7 +1,9 @@
 """Every balancer inside a real Trainer: learning, mixed precision, GradScaler, resume."""
 
+import copy
 import importlib.util
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -213,3 +215,36 @@ def test_gradnorm_updates_its_weights_once_per_micro_batch():
     quiet_trainer(max_steps=2, accumulate_grad_batches=3).fit(module, DataLoader(SharedInput(16 * 6), batch_size=16))
     (state,) = module.balancer._adam.optimizer.state.values()
     assert int(state["step"]) == 6
+
+
+@pytest.mark.parametrize("name, mode", [("gradvac", "parameters"), ("gradnorm", "representation"), ("dwa", "parameters")])
+def test_a_step_the_grad_scaler_skips_leaves_the_balancer_state_alone(name, mode):
+    """The scaler can find inf where the balancer did not look (heads, the backbone's own fp16 backward)."""
+    module = make_module(tasks=make_tasks(metrics=False), balancer=name, gradients=mode,
+                         optimizer=lambda p: torch.optim.SGD(p, lr=0.1))  # fmt: skip
+    records = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.parameters = [p.detach().clone() for p in pl_module.parameters()]
+            self.state = copy.deepcopy(pl_module.balancer.state_dict())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            moved = any(not torch.equal(p, p0) for p, p0 in zip(pl_module.parameters(), self.parameters))
+            records.append((moved, _same_state(self.state, pl_module.balancer.state_dict())))
+
+    trainer, scaler = scaler_trainer(2.0**24, max_steps=12, callbacks=[Watch()])
+    trainer.fit(module, DataLoader(SharedInput(16 * 12), batch_size=16))
+    skipped = [same for moved, same in records if not moved]
+    assert skipped and any(moved for moved, _ in records)  # the scaler skipped some steps and trained on others
+    assert all(skipped)  # every skipped step left the balancer's state as it was
+
+
+def _same_state(a, b):
+    if torch.is_tensor(a):  # NaN equals NaN here (DWA's history starts as NaN)
+        return torch.is_tensor(b) and a.shape == b.shape and bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same_state, a, b))
+    return a == b

@@ -67,3 +67,28 @@ def test_plain_ddp_survives_a_rank_without_labels_of_a_task(tmp_path, balancer, 
     # the metrics of b, which rank 0 never updates, are computed on both ranks alike (no hang), over rank 1's labels
     for key in ("val/b/mae", "val/b/loss", "val/a/acc", "val/loss", "train/b/mae", "train/a/acc"):
         assert rank0["metrics"][key] == pytest.approx(rank1["metrics"][key]), key
+
+
+NONFINITE = Path(__file__).with_name("_ddp_nonfinite_fit.py")
+
+
+def test_skip_of_a_non_finite_value_on_one_process_skips_the_step_on_both(tmp_path):
+    """nonfinite_loss='skip' under DDP: Lightning refuses None from training_step there, so the module skips
+    the optimizer step itself; both processes skip it and end as if the bad step had not been there."""
+    from _ddp_nonfinite_fit import CASES
+
+    returncode, output = run_script(NONFINITE, tmp_path, timeout=400)
+    assert returncode == 0, output[-4000:]
+    for kind, balancer, mode in CASES:
+        case = f"{kind}-{balancer}-{mode}"
+        runs = {
+            (variant, rank): json.loads((tmp_path / f"{case}.{variant}.rank{rank}.json").read_text())
+            for variant in ("bad", "clean")
+            for rank in (0, 1)
+        }
+        assert all(run["error"] is None for run in runs.values()), (case, [run["error"] for run in runs.values()])
+        bad, clean = runs[("bad", 0)], runs[("clean", 0)]
+        assert runs[("bad", 1)]["parameters"] == pytest.approx(bad["parameters"], abs=1e-7), case
+        assert bad["parameters"] == pytest.approx(clean["parameters"], abs=1e-6), case  # the bad steps changed nothing
+        for key, value in clean["state"].items():  # nor the balancer's state (DWA's loss history)
+            assert bad["state"][key] == pytest.approx(value, abs=1e-6, nan_ok=True), (case, key)

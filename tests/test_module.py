@@ -473,3 +473,32 @@ def test_several_validation_dataloaders_are_evaluated_apart():
         assert logged[f"val/loss{suffix}"] == pytest.approx(cls.item() + reg.item(), rel=1e-5)
         if index == 0:  # the key a ReduceLROnPlateau from lr_scheduler monitors: the first dataloader's
             assert trainer.callback_metrics["val/loss"].item() == pytest.approx(logged[f"val/loss{suffix}"])
+
+
+class InfiniteTargetsIn(Dataset):
+    """SharedInput in micro-batches of 16, whose micro-batch ``bad`` has infinite regression targets."""
+
+    def __init__(self, bad, n=64):
+        self.base, self.bad = SharedInput(n), bad
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        if i // 16 == self.bad:
+            y = {"cls": y["cls"], "reg": torch.tensor(float("inf"))}
+        return x, y
+
+
+@pytest.mark.parametrize("bad", [0, 1], ids=["first-micro-batch", "second-micro-batch"])
+@pytest.mark.parametrize("balancer, gradients", [(None, "parameters"), ("dwa", "parameters"), ("mgda", "parameters"), ("mgda", "representation")])
+def test_skip_under_accumulation_skips_the_whole_optimizer_step(balancer, gradients, bad):
+    module = make_module(tasks=make_tasks(metrics=False), balancer=balancer, gradients=gradients, nonfinite_loss="skip",
+                         optimizer=lambda p: torch.optim.SGD(p, lr=0.1))  # fmt: skip
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = quiet_trainer(max_steps=1, accumulate_grad_batches=2)
+    with pytest.warns(UserWarning, match="skipped"):
+        trainer.fit(module, DataLoader(InfiniteTargetsIn(bad), batch_size=16))
+    for p, p0 in zip(module.parameters(), before):
+        torch.testing.assert_close(p.detach(), p0, rtol=0, atol=0)
