@@ -7,7 +7,9 @@
     Jacobian ``J`` (K × P) of the task losses w.r.t. the shared parameters follows: the K
     cotangents go back through the *backbone only*, in one batched vector-Jacobian product
     (``torch.autograd.grad(..., is_grads_batched=True)``), with a loop fallback for modules without a
-    batching rule (cuDNN RNNs, reentrant checkpointing). :func:`parameter_jacobian`.
+    batching rule (e.g. cuDNN RNNs). :func:`parameter_jacobian`. Reentrant activation checkpointing
+    (``torch.utils.checkpoint(..., use_reentrant=True)``) supports neither: it is refused with a
+    clear error (``use_reentrant=False`` works).
 ``gradients="representation"``
     the Jacobian w.r.t. the backbone output itself (MGDA-UB, Sener & Koltun 2018): the cotangents
     are its rows. Here the balancing happens *inside* Lightning's backward (:func:`task_views`):
@@ -82,6 +84,13 @@ def output_cotangents(
     return outputs, cotangents, reached
 
 
+_REENTRANT = (
+    "gradients='parameters' cannot form per-task gradients through reentrant activation checkpointing "
+    "(torch.utils.checkpoint(..., use_reentrant=True) hides the checkpointed parameters from autograd.grad): "
+    "use torch.utils.checkpoint(..., use_reentrant=False), or gradients='representation'"
+)
+
+
 def parameter_jacobian(outputs: Sequence[Tensor], cotangents: Sequence[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
     """``∂L_k/∂θ`` for every parameter, shape ``(K, *θ.shape)``: the cotangents back through the backbone.
 
@@ -94,16 +103,24 @@ def parameter_jacobian(outputs: Sequence[Tensor], cotangents: Sequence[Tensor], 
             outputs, params, cotangents, retain_graph=True, allow_unused=True, is_grads_batched=True
         )
     except RuntimeError:  # an operation without a batching rule: one backward pass per task
-        rows = [
-            torch.autograd.grad(outputs, params, [c[k] for c in cotangents], retain_graph=True, allow_unused=True)
-            for k in range(num_tasks)
-        ]
+        try:
+            rows = [
+                torch.autograd.grad(outputs, params, [c[k] for c in cotangents], retain_graph=True, allow_unused=True)
+                for k in range(num_tasks)
+            ]
+        except RuntimeError as error:
+            if "use_reentrant" in str(error):
+                raise ValueError(_REENTRANT) from error
+            raise
         grads = tuple(
             torch.stack([row[i] if row[i] is not None else torch.zeros_like(p) for row in rows])
             if any(row[i] is not None for row in rows)
             else None
             for i, p in enumerate(params)
         )
+    if grads and all(g is None for g in grads) and any(output.requires_grad for output in outputs):
+        # the outputs depend on the graph but on none of the parameters: a reentrant checkpoint hides them
+        raise ValueError(_REENTRANT)
     return [g if g is not None else p.new_zeros((num_tasks, *p.shape)) for g, p in zip(grads, params)]
 
 

@@ -538,3 +538,26 @@ def test_a_step_skipped_in_representation_mode_logs_nothing(what, recording_logg
         quiet_trainer(max_steps=1, logger=recording_logger, log_every_n_steps=1).fit(module, DataLoader(data, batch_size=16))
     logged = [metrics for _, metrics in recording_logger.history]
     assert not any("train/loss" in metrics or "train/cls/weight" in metrics for metrics in logged)
+
+
+@pytest.mark.parametrize("stem", [True, False], ids=["after-a-stem", "first-layer"])
+def test_reentrant_checkpointing_is_refused_with_the_fix_and_non_reentrant_is_exact(stem):
+    """use_reentrant=True hides the checkpointed parameters from autograd.grad: an error (was zero rows or a crash)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from lightning_mtl.gradients import parameter_jacobian
+
+    torch.manual_seed(0)
+    first, block = nn.Linear(5, 5), nn.Linear(5, 5)
+    x = torch.randn(4, 5, requires_grad=not stem)
+    params = [*first.parameters(), *block.parameters()] if stem else list(block.parameters())
+    cotangents = [torch.randn(3, 4, 5)]
+    z = checkpoint(block, first(x) if stem else x, use_reentrant=True)
+    with pytest.raises(ValueError, match="reentrant activation checkpointing.*use_reentrant=False"):
+        parameter_jacobian([z], cotangents, params)
+    z = checkpoint(block, first(x) if stem else x, use_reentrant=False)
+    jacobian = parameter_jacobian([z], cotangents, params)
+    for k in range(3):
+        expected = torch.autograd.grad(z, params, cotangents[0][k], retain_graph=True)
+        for got, want in zip(jacobian, expected):
+            torch.testing.assert_close(got[k], want)
