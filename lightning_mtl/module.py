@@ -397,7 +397,7 @@ class MultiTaskModule(LightningModule):
                 # in one process the loss check joins the Gramian's (one host sync instead of two)
                 if self._world_size > 1 and not self._is_finite(losses.sum(), losses, batch_idx):
                     return self._skipped_step()
-                total, weights = self._parameter_balanced_loss(losses, present, captured, batch_idx)
+                total, weights = self._parameter_balanced_loss(losses, present, captured, batch_idx, scale)
                 if total is None:
                     return self._skipped_step()
             else:
@@ -418,7 +418,7 @@ class MultiTaskModule(LightningModule):
         if self.balancer.needs_losses_after_step:
             self._last_batch = batch
         if step is not None:  # representation mode: the weights come in the backward; logged after it
-            step.losses, step.present, step.loss_scale = losses.detach(), present, self._loss_scale()
+            step.losses, step.present, step.loss_scale = losses.detach(), present, scale
             step.accumulation = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
             step.total = total.detach() if deferred else None
             self._pending_log = (step, batch_size, log_tasks)
@@ -490,6 +490,7 @@ class MultiTaskModule(LightningModule):
         present: Tensor,
         captured: dict[str, tuple[Tensor, Tensor]],
         batch_idx: int,
+        loss_scale: float,
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """Parameter mode: the loss to back-propagate for a gradient-level balancer, and its task weights.
 
@@ -511,7 +512,6 @@ class MultiTaskModule(LightningModule):
             if single and not self._is_finite(total, losses, batch_idx):
                 return None, None
             return total, None
-        loss_scale = self._loss_scale()
         features, cotangents, plain = output_cotangents(
             total * loss_scale if loss_scale != 1.0 else total,
             [captured.get(name) for name in self.task_names],
@@ -778,9 +778,7 @@ class MultiTaskModule(LightningModule):
             suffix = f"/dataloader_idx_{index}" if count > 1 else ""
             total, found = 0.0, False
             for name in self.task_names:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # a task without data computes NaN (and warns): not logged
-                    value = task_losses[name].compute()
+                value = _compute_quietly(task_losses[name])  # NaN for a task without data: not logged
                 if torch.isfinite(value):
                     self.log(f"{stage}/{name}/loss{suffix}", value, add_dataloader_idx=False)
                     total, found = total + self.tasks[name].weight * value, True
@@ -815,10 +813,7 @@ class MultiTaskModule(LightningModule):
                 updated = self._all_reduce(updated, "sum")
             if updated.item() > 0:
                 for metric_name, metric in items:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # a process that had no label of the task warns
-                        value = metric.compute()
-                    self.log(f"train/{name}/{metric_name}", value)
+                    self.log(f"train/{name}/{metric_name}", _compute_quietly(metric))
             for _, metric in items:
                 metric.reset()
 
@@ -964,3 +959,10 @@ def _num_samples(x: Any) -> int:
         return x.shape[0] if x.ndim else 1
     values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (tuple, list)) else ()
     return next((_num_samples(value) for value in values if isinstance(value, Tensor)), 1)
+
+
+def _compute_quietly(metric: Metric) -> Tensor:
+    """``metric.compute()`` without its warning when this process never updated it (no label of the task here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return metric.compute()

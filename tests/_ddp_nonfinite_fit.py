@@ -19,21 +19,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_mtl import MultiTaskModule, Task
+from test_gradient_balancing import InfiniteGradient
 from test_module import SharedInput
 
 PER_RANK, STEPS, INFINITE_GRADIENT = 8, 3, 12345.0
 CASES = [("loss", "none", "parameters"), ("loss", "dwa", "parameters"), ("loss", "mgda", "representation"),
          ("grad", "mgda", "parameters")]  # fmt: skip
-
-
-class InfiniteGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.full_like(grad, float("inf"))
 
 
 def regression_loss(prediction, target):

@@ -33,11 +33,9 @@ class RLW(Seeded, Balancer):
 
     def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         draws = torch.randn(losses.shape[0], generator=self.generator).to(losses)
-        if not self.distributed:
-            weights = masked_softmax(draws, present)
-            return (weights * losses).sum(), weights
-        # The softmax runs over the tasks present on any process, so that every process uses the same weights
-        # (a process without a task's labels would otherwise hand its weight to the others).
+        # The softmax runs over the tasks present on any process (``present`` itself in one process), so that
+        # every process uses the same weights: a process without a task's labels would otherwise hand its
+        # weight to the others.
         _, seen = self._reduced_losses(losses, present)
         weights = torch.where(present, masked_softmax(draws, seen), 0.0)
         return (weights * losses).sum(), weights

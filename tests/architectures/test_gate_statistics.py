@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from conftest import RecordingLogger, quiet_trainer
 from lightning_mtl import MultiTaskModule, Task
 from lightning_mtl.architectures import MLP, PLE, DSelectK, MMoE
-from lightning_mtl.callbacks import GateStatistics
+from lightning_mtl.callbacks import GateStatistics, SequentialTransfer
 
 
 class Pairs(Dataset):
@@ -25,12 +25,12 @@ class Pairs(Dataset):
         return self.x[i], {"a": self.x[i, 0], "b": self.x[i, 1]}
 
 
-def fit(backbone, width, lr=0.0, epochs=1, callback=None):
+def fit(backbone, width, lr=0.0, epochs=1, callback=None, more_callbacks=()):
     tasks = [Task(name, nn.Sequential(nn.Linear(width, 1), nn.Flatten(0)), nn.MSELoss()) for name in ("a", "b")]
     module = MultiTaskModule(backbone, tasks, optimizer=lambda params: torch.optim.SGD(params, lr=lr))
     logger = RecordingLogger()
-    callback = callback or GateStatistics()
-    quiet_trainer(logger=logger, max_epochs=epochs, callbacks=[callback]).fit(module, DataLoader(Pairs(), batch_size=16))
+    callbacks = [callback or GateStatistics(), *more_callbacks]
+    quiet_trainer(logger=logger, max_epochs=epochs, callbacks=callbacks).fit(module, DataLoader(Pairs(), batch_size=16))
     return module, logger
 
 
@@ -92,15 +92,8 @@ def test_an_architecture_with_a_task_the_model_lacks_is_refused():
 
 def test_a_backbone_frozen_in_eval_mode_still_has_its_gate_loads_counted():
     """SequentialTransfer(mode='freeze') runs the backbone in eval mode while it trains: its gates still count."""
-    from lightning_mtl.callbacks import SequentialTransfer
-
     torch.manual_seed(0)
-    backbone = MMoE(10, 4, 3, ["a", "b"])
-    tasks = [Task(name, nn.Sequential(nn.Linear(4, 1), nn.Flatten(0)), nn.MSELoss()) for name in ("a", "b")]
-    module = MultiTaskModule(backbone, tasks, optimizer=lambda params: torch.optim.SGD(params, lr=0.0))
-    logger = RecordingLogger()
-    callbacks = [GateStatistics(), SequentialTransfer(at_epoch=1, mode="freeze")]
-    quiet_trainer(logger=logger, max_epochs=2, callbacks=callbacks).fit(module, DataLoader(Pairs(), batch_size=16))
+    _, logger = fit(MMoE(10, 4, 3, ["a", "b"]), 4, epochs=2, more_callbacks=[SequentialTransfer(at_epoch=1, mode="freeze")])
     epochs = [metrics for _, metrics in logger.history if "train/a/gate/expert_0" in metrics]
     assert len(epochs) == 2
     for metrics in epochs:  # lr=0: the same loads both epochs, a distribution over the 3 experts
