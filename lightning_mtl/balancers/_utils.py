@@ -222,19 +222,3 @@ class PrivateAdam:
 
     def reset(self) -> None:
         self.optimizer = self.pending = None
-
-
-def weighted_by_global_losses(balancer: Any, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
-    """``(Σ_k w_k L_k, w)`` with ``w`` the balancer's weights at the global batch's losses (DDP).
-
-    For a scalarization ``f`` that is not linear in the losses (GLS, STCH), applying ``f`` to each
-    process's own losses gives each process other weights, and the averaged gradient is not that of
-    ``f`` on the global batch. Each process instead takes the weights ``∂f/∂L_k`` at the losses averaged
-    over the processes (each task's over those that have it, :meth:`Balancer._reduced_losses`) and
-    back-propagates ``Σ_k w_k L_k``, whose gradients DDP averages into ``Σ_k w_k ∇L_k`` of the global
-    batch. ``balancer._scalarize(losses, present)`` gives the method's ``(value, weights)``.
-    """
-    mean, seen = balancer._reduced_losses(losses, present)
-    _, weights = balancer._scalarize(mean, seen)
-    weights = torch.where(present, weights.detach(), 0.0).to(losses.dtype)
-    return weights @ losses, weights

@@ -134,6 +134,30 @@ class Balancer(nn.Module):
         return torch.where(seen, total / count.clamp_min(torch.finfo(count.dtype).tiny), 0.0), seen
 
 
+class NonlinearScalarization(Balancer):
+    """A loss-level method whose loss is a nonlinear function ``f`` of the task losses (GLS, STCH).
+
+    Subclasses implement :meth:`_scalarize` (``(value, weights ∂f/∂L_k)`` on the losses, absent tasks
+    masked). In one process ``forward`` is that. Under DDP, ``f`` applied to each process's own losses
+    would give each process other weights, and the averaged gradient would not be that of ``f`` on the
+    global batch: each process instead takes the weights at the losses averaged over the processes
+    (each task's over those that have it, :meth:`Balancer._reduced_losses`) and back-propagates
+    ``Σ_k w_k L_k``, whose gradients DDP averages into ``Σ_k w_k ∇L_k`` of the global batch.
+    """
+
+    def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.distributed:
+            return self._scalarize(losses, present)
+        mean, seen = self._reduced_losses(losses, present)
+        _, weights = self._scalarize(mean, seen)
+        weights = torch.where(present, weights.detach(), 0.0).to(losses.dtype)
+        return weights @ losses, weights
+
+    def _scalarize(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+        """``(loss, weights ∂loss/∂L_k)`` for ``losses`` (``present`` marks the tasks with a loss)."""
+        raise NotImplementedError
+
+
 def check_nonzero(nonzero: Optional[Sequence[bool]], gramian: Tensor) -> None:
     """Raise ``ValueError`` unless ``nonzero`` (a ``weights`` argument) is None or has one entry per task."""
     if nonzero is not None and len(nonzero) != gramian.shape[0]:

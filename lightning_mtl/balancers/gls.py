@@ -6,11 +6,11 @@ import torch
 from torch import Tensor
 from torchjd.scalarization import GeometricMean
 
-from lightning_mtl.balancers._utils import all_present, weighted_by_global_losses
-from lightning_mtl.balancers.base import Balancer
+from lightning_mtl.balancers._utils import all_present
+from lightning_mtl.balancers.base import NonlinearScalarization
 
 
-class GLS(Balancer):
+class GLS(NonlinearScalarization):
     """Geometric loss strategy, from `MultiNet++: Multi-Stream Feature Aggregation and Geometric Loss
     Strategy for Multi-Task Learning <https://arxiv.org/abs/1904.08492>`_ (Chennupati et al., CVPRW 2019).
 
@@ -20,17 +20,12 @@ class GLS(Balancer):
     (applied as is when every task is present; otherwise with absent losses set to 1 and raised to
     ``K/K'``, which keeps the shape fixed). Losses of present tasks must be strictly positive.
     Under DDP every process weighs its losses by the weights at the global batch's losses (see
-    :func:`~lightning_mtl.balancers._utils.weighted_by_global_losses`).
+    :class:`~lightning_mtl.balancers.base.NonlinearScalarization`).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.geometric_mean = GeometricMean()
-
-    def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
-        if self.distributed:  # the weights are a nonlinear function of the losses: those of the global batch
-            return weighted_by_global_losses(self, losses, present)
-        return self._scalarize(losses, present)
 
     def _scalarize(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         # torchjd's geometric mean, with its graph: the model's gradient comes from torchjd's own math.

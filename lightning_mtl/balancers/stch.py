@@ -9,11 +9,11 @@ import torch
 from torch import Tensor
 from torchjd.scalarization import STCH as _TorchjdSTCH
 
-from lightning_mtl.balancers._utils import all_present, at_least_float32, check_range, weighted_by_global_losses
-from lightning_mtl.balancers.base import Balancer
+from lightning_mtl.balancers._utils import all_present, at_least_float32, check_range
+from lightning_mtl.balancers.base import NonlinearScalarization
 
 
-class STCH(Balancer):
+class STCH(NonlinearScalarization):
     """Smooth Tchebycheff scalarization, from `Smooth Tchebycheff Scalarization for Multi-Objective
     Optimization <https://arxiv.org/abs/2402.19078>`_ (Lin et al., ICML 2024).
 
@@ -24,7 +24,7 @@ class STCH(Balancer):
     vanishes. The official multi-task recipe also normalises ``log L_k`` by a nadir point estimated
     over warm-up epochs; that schedule is not part of this class. Under DDP every process weighs its
     losses by the weights at the global batch's losses (see
-    :func:`~lightning_mtl.balancers._utils.weighted_by_global_losses`).
+    :class:`~lightning_mtl.balancers.base.NonlinearScalarization`).
 
     Args:
         mu: the smoothing ``μ > 0``; the paper evaluates 0.01 to 1.
@@ -45,13 +45,8 @@ class STCH(Balancer):
         reference = None if self.reference is None else torch.tensor(self.reference)
         self.register_buffer("reference_point", reference, persistent=False)
 
-    def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
-        self._require_setup(losses)
-        if self.distributed:  # the weights are a nonlinear function of the losses: those of the global batch
-            return weighted_by_global_losses(self, losses, present)
-        return self._scalarize(losses, present)
-
     def _scalarize(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        self._require_setup(losses)
         scalarizer = self.scalarizer
         reference = self.reference_point
         if reference is not None:
