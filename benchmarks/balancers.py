@@ -160,9 +160,10 @@ def our_step(module: MultiTaskModule, optimizer: torch.optim.Optimizer) -> Calla
         loss.backward()
         optimizer.step()
         if module._last_batch is not None:  # FAMO: what MultiTaskModule.optimizer_step does under a Trainer
+            forward = module.task_forward
             with torch.no_grad():
-                _, predictions = module._forward_groups(module._groups(module._last_batch))
-                losses = torch.stack([module._loss(*prediction)[0] for prediction in predictions]).float()
+                _, predictions = forward.run(forward.groups(module._last_batch))
+                losses = torch.stack([forward.loss(*prediction)[0] for prediction in predictions]).float()
             module.balancer.after_optimizer_step(losses)
             module._last_batch = None
         optimizer.zero_grad()

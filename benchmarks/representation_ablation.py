@@ -26,9 +26,9 @@ def make_step(workload, name: str, mode: str, ablation: str | None = None):
         uniform = torch.full((workload.num_tasks,), 1.0 / workload.num_tasks)
         module.balancer.weights = lambda gramian, losses=None, present=None, nonzero=None: uniform
     elif ablation == "no-balancing":
-        module._balance_in_backward = lambda step, stacks: [stack.sum(0) for stack in stacks]
+        module.balancing.balance_in_backward = lambda tap, context, stacks: [stack.sum(0) for stack in stacks]
     elif ablation == "no-loss-check":
-        module._is_finite = lambda *args: True
+        module.nonfinite.losses_finite = lambda *args: True
     return our_step(module, module.configure_optimizers())
 
 

@@ -2,7 +2,8 @@
 
 from lightning_mtl.data import MultiTaskDataModule
 from lightning_mtl.module import MultiTaskModule
+from lightning_mtl.step import StepView
 from lightning_mtl.task import Task
 
-__all__ = ["MultiTaskDataModule", "MultiTaskModule", "Task"]
+__all__ = ["MultiTaskDataModule", "MultiTaskModule", "StepView", "Task"]
 __version__ = "0.1.0"

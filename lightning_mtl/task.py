@@ -139,3 +139,11 @@ def _named_metrics(task: str, metrics: MetricsSpec) -> dict[str, Metric]:
         f"task {task!r}: metrics must be a torchmetrics Metric, MetricCollection or dict of Metrics, "
         f"got {type(metrics).__name__}"
     )
+
+
+def task_module_dict(modules: Mapping[str, nn.Module], what: str) -> nn.ModuleDict:
+    """``nn.ModuleDict(modules)`` keyed by task (or metric) name, refusing names that collide with its attributes."""
+    for name in modules:
+        if hasattr(nn.ModuleDict, name):
+            raise ValueError(f"{what}: the name {name!r} collides with an attribute of torch.nn.ModuleDict; rename it")
+    return nn.ModuleDict(modules)

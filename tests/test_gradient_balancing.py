@@ -424,7 +424,7 @@ def test_representation_mode_with_per_task_inputs_matches_the_loop_reference(sam
     """Per-task batches in one backbone call (stackable) or one call each: every head reads its task's
     view of its own rows, and the backbone receives ``Σ_k w_k ∂L_k/∂z`` with w from the rows' Gramian."""
     if not same_shape:
-        monkeypatch.setattr("lightning_mtl.module._stackable", lambda inputs: False)
+        monkeypatch.setattr("lightning_mtl.forward._stackable", lambda inputs: False)
     module = make_module(tasks=make_tasks(metrics=False), balancer=MGDA(), gradients="representation")
     first, second = SharedInput(12, seed=1), SharedInput(20 if same_shape else 16, seed=2)
     per_task = {"cls": (first.x, first.cls), "reg": (second.x, second.reg)}

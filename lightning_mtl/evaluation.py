@@ -1,0 +1,143 @@
+"""Per-task metrics and losses of a :class:`~lightning_mtl.MultiTaskModule`, logged at each epoch's end.
+
+:class:`TaskEvaluation` keeps, per stage, one torchmetrics collection per task (deep copies of the
+``Task.metrics``, so train/val/test never share state) and, for validation and test, each task's
+mean loss weighted by its labelled samples. The module registers these ``ModuleDict`` s under its own
+names (``train_metrics``, ``val_metrics``, ``test_metrics``, ``val_task_losses``, ``test_task_losses``),
+so they move with it and keep their checkpoint keys; this unit updates and logs them.
+
+Logged keys: ``{stage}/{task}/loss``, ``{stage}/{task}/{metric}`` and ``{stage}/loss``; with several
+evaluation dataloaders each ends in ``/dataloader_idx_{i}`` (Lightning's convention).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, Metric
+
+from lightning_mtl.task import Task, task_module_dict
+
+if TYPE_CHECKING:
+    from lightning_mtl.module import MultiTaskModule
+
+Stage = Literal["train", "val", "test"]
+
+
+def stage_metrics(tasks: dict[str, Task]) -> nn.ModuleDict:
+    """``{task: {name: metric}}``: fresh deep copies of every task's metrics, for one stage."""
+    return nn.ModuleDict(
+        {name: task_module_dict(copy.deepcopy(task.metrics), f"metrics of task {name!r}") for name, task in tasks.items()}
+    )
+
+
+def stage_task_losses(tasks: dict[str, Task]) -> nn.ModuleDict:
+    """``{task: MeanMetric}``: each task's loss averaged over an evaluation epoch, weighted by labelled samples."""
+    return nn.ModuleDict({name: MeanMetric() for name in tasks})
+
+
+class TaskEvaluation:
+    """Updates and logs the module's per-task metrics and evaluation losses."""
+
+    def __init__(self, module: "MultiTaskModule") -> None:
+        self.module = module
+        # (name, metric) pairs per task, looked up once instead of per step (the same Metric objects).
+        self._train_metric_items = {name: list(module.train_metrics[name].items()) for name in module.task_names}
+        # metrics and task losses of the evaluation dataloaders after the first: {(stage, index): (metrics, losses)}
+        self._more_dataloaders: dict[tuple[str, int], tuple[nn.ModuleDict, nn.ModuleDict]] = {}
+
+    def update_train(self, name: str, prediction: Tensor, target: Tensor) -> None:
+        """Update task ``name``'s training metrics with one step's labelled samples."""
+        for _, metric in self._train_metric_items[name]:
+            metric.update(prediction.detach(), target)
+
+    def evaluation_step(self, batch: Any, stage: Stage, dataloader_idx: int) -> None:
+        """Update the task losses and metrics of ``stage`` (of this dataloader); they are logged at the epoch's end."""
+        metrics, task_losses = self._metrics(stage, dataloader_idx)
+        forward = self.module.task_forward
+        for name, prediction, target, maybe_missing in forward.run(forward.groups(batch))[1]:
+            loss, prediction, target, count = forward.loss(name, prediction, target, maybe_missing)
+            if loss is None:
+                continue
+            task_losses[name].update(loss.detach(), weight=count)
+            for metric in metrics[name].values():
+                metric.update(prediction, target)
+
+    def _metrics(self, stage: Stage, dataloader_idx: int) -> tuple[nn.ModuleDict, nn.ModuleDict]:
+        """``({task: {name: metric}}, {task: mean loss})`` of one evaluation dataloader: the module's own for the
+        first, fresh copies (created at first use) for the others, so several dataloaders are never pooled."""
+        own = (getattr(self.module, f"{stage}_metrics"), getattr(self.module, f"{stage}_task_losses"))
+        if dataloader_idx == 0:
+            return own
+        key = (stage, dataloader_idx)
+        if key not in self._more_dataloaders:
+            copies = copy.deepcopy(nn.ModuleList(own)).to(self.module.device)
+            for module in copies.modules():
+                if isinstance(module, Metric):
+                    module.reset()
+            self._more_dataloaders[key] = (copies[0], copies[1])
+        return self._more_dataloaders[key]
+
+    def log_evaluation(self, stage: Stage) -> None:
+        """Log ``{stage}/{task}/loss``, ``{stage}/{task}/{metric}`` and ``{stage}/loss`` for the epoch, then reset.
+
+        Every process computes every task's values in the same order (each ``compute`` synchronises the
+        processes), including tasks it had no label of: a key logged on some processes only would leave
+        the others waiting in its synchronisation. A task with no labelled sample on any process is not
+        logged. ``{stage}/loss`` is the static-weighted sum of the task losses of the tasks with data.
+        With several dataloaders every key ends in ``/dataloader_idx_{i}``, one set per dataloader
+        (Lightning's convention), never pooled; ``{stage}/loss`` without suffix is then the first
+        dataloader's (which ``lr_scheduler``'s ``ReduceLROnPlateau`` and checkpoints monitoring it follow).
+        """
+        module = self.module
+        batches = getattr(module.trainer, f"num_{stage}_batches", None) if module._trainer is not None else None
+        count = max(len(batches), 1) if isinstance(batches, list) else 1
+        for index in range(count):
+            metrics, task_losses = self._metrics(stage, index)
+            suffix = f"/dataloader_idx_{index}" if count > 1 else ""
+            total, found = 0.0, False
+            for name in module.task_names:
+                value = _compute_quietly(task_losses[name])  # NaN for a task without data: not logged
+                if torch.isfinite(value):
+                    module.log(f"{stage}/{name}/loss{suffix}", value, add_dataloader_idx=False)
+                    total, found = total + module.tasks[name].weight * value, True
+                    for metric_name, metric in metrics[name].items():
+                        module.log(f"{stage}/{name}/{metric_name}{suffix}", metric.compute(), add_dataloader_idx=False)
+                task_losses[name].reset()
+                for metric in metrics[name].values():
+                    metric.reset()
+            if found:
+                module.log(f"{stage}/loss{suffix}", total, prog_bar=stage == "val", add_dataloader_idx=False)
+                if index == 0 and suffix:  # what a scheduler or checkpoint monitoring {stage}/loss follows
+                    module.log(f"{stage}/loss", total, add_dataloader_idx=False)
+
+    def log_train_metrics(self) -> None:
+        """``train/{task}/{metric}`` for the epoch, computed on every process in the same order, then reset.
+
+        A task's metrics are computed when any process updated them (one small reduction of that
+        flag per task under DDP), so every process takes part in the same synchronisations.
+        """
+        module = self.module
+        for name in module.task_names:
+            items = self._train_metric_items[name]
+            if not items:
+                continue
+            updated = torch.tensor(float(any(metric.update_count > 0 for _, metric in items)), device=module.device)
+            if module._world_size > 1:
+                updated = module._all_reduce(updated, "sum")
+            if updated.item() > 0:
+                for metric_name, metric in items:
+                    module.log(f"train/{name}/{metric_name}", _compute_quietly(metric))
+            for _, metric in items:
+                metric.reset()
+
+
+def _compute_quietly(metric: Metric) -> Tensor:
+    """``metric.compute()`` without its warning when this process never updated it (no label of the task here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return metric.compute()
