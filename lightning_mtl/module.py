@@ -10,7 +10,6 @@ This file is the Lightning glue and reads as the story of a step; the work is do
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -21,7 +20,6 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_mtl.balancers import Balancer, Static, resolve_balancer
@@ -36,7 +34,7 @@ from lightning_mtl.checks import (
 from lightning_mtl.evaluation import TaskEvaluation, stage_metrics, stage_task_losses
 from lightning_mtl.forward import Prediction, TaskForward
 from lightning_mtl.gradients import GRADIENT_MODES, GradientMode
-from lightning_mtl.nonfinite import NonfiniteCheck
+from lightning_mtl.nonfinite import NonfiniteCheck, SkippedStepGuard
 from lightning_mtl.step import StepContext, StepRecord, StepView
 from lightning_mtl.task import Task, task_module_dict
 from lightning_mtl.updates import balancing_path
@@ -135,11 +133,12 @@ class MultiTaskModule(LightningModule):
         self._last_batch: Any = None  # FAMO: the batch whose losses are recomputed after the optimizer step
         self._step_record: Optional[StepRecord] = None  # the last training step, read through last_step
         self._gramian_requested = False
+        self._unlabelled_steps = 0  # training steps of this epoch whose batch had no labelled sample
         # representation mode: what to log once the backward has weighted the step; a skip it asked for
         self._pending_log: Optional[tuple[StepRecord, int, bool]] = None
         self._skip_optimizer_step = False
-        # 16-mixed: (the GradScaler's scale, the balancer's state) before the optimizer step's first balancing
-        self._state_before_scaled_step: Optional[tuple[float, dict[str, Any]]] = None
+        # a skipped optimizer step (nonfinite_loss="skip", or the 16-mixed GradScaler) leaves the balancer's state alone
+        self.skipped_step_guard = SkippedStepGuard(self.balancer, nonfinite_loss)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Any) -> dict[str, Tensor]:
@@ -159,12 +158,11 @@ class MultiTaskModule(LightningModule):
         self._pending_log = None
         empty = not task_losses
         if empty:
+            self._warn_unlabelled_step()
             if self._world_size == 1:
-                rank_zero_warn(f"step {self.global_step}: no task had a labelled sample; the step is skipped")
                 return None
             # The other processes run this step's collectives (finiteness flag, Jacobian or Gramian, balancer
             # state) and backward: this one takes part with every task absent and contributes zero gradients.
-            warnings.warn(f"step {self.global_step}: no task had a labelled sample in this process's batch")
         losses, present = self.task_forward.stack_losses(task_losses)
         batch_size = max(counts.values(), default=1)
         log_tasks = self._is_logging_step()
@@ -197,10 +195,7 @@ class MultiTaskModule(LightningModule):
     def _step_context(self, batch_idx: int) -> StepContext:
         """The step's view of the run, and a fresh record of the step (read by :attr:`last_step`)."""
         scale = self._loss_scale()
-        if scale != 1.0 and self._state_before_scaled_step is None:
-            # Under 16-mixed the GradScaler may still skip the step (an inf in a gradient the balancer does not
-            # see): keep the balancer's state from before the step's first balancing, restored if it does.
-            self._state_before_scaled_step = (scale, copy.deepcopy(self.balancer.state_dict()))
+        self.skipped_step_guard.before_micro_batch(scale)
         trainer = self._trainer
         self._step_record = record = StepRecord(self.global_step, batch_idx, tuple(self.task_names))
         wants_gramian, self._gramian_requested = self._gramian_requested, False
@@ -210,6 +205,7 @@ class MultiTaskModule(LightningModule):
             world_size=self._world_size,
             rank=self.global_rank,
             all_reduce=self._all_reduce,
+            all_gather=self.trainer.strategy.all_gather if trainer is not None else _unsqueeze,
             record=record,
             skip_optimizer_step=self._request_optimizer_skip,
             loss_scale=scale,
@@ -231,6 +227,16 @@ class MultiTaskModule(LightningModule):
             self.evaluation.update_train(name, prediction, target)
         return task_losses, counts
 
+    def _warn_unlabelled_step(self) -> None:
+        """A batch without any labelled sample: warned about once per epoch, counted, summed up at its end."""
+        self._unlabelled_steps += 1
+        if self._unlabelled_steps == 1:
+            effect = "the step is skipped" if self._world_size == 1 else "it contributes zero gradients to the step"
+            warnings.warn(
+                f"step {self.global_step}: no task had a labelled sample in this process's batch; {effect}. Further "
+                "such steps of this epoch are counted and reported at the epoch's end."
+            )
+
     def _skipped_step(self) -> Tensor:
         """A step skipped by ``nonfinite_loss="skip"``: the whole optimizer step is skipped, on every process.
 
@@ -247,6 +253,7 @@ class MultiTaskModule(LightningModule):
 
     def _request_optimizer_skip(self) -> None:
         self._skip_optimizer_step = True
+        self.skipped_step_guard.skip()
 
     # ------------------------------------------------------------------ what callbacks see of a step
     @property
@@ -325,19 +332,15 @@ class MultiTaskModule(LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        if self._last_batch is not None:  # the balancer asked for the losses after the update (FAMO)
+        skipped = self.skipped_step_guard.after_optimizer_step(self._loss_scale())  # state put back if skipped
+        if self._last_batch is not None and not skipped:  # the balancer asked for the losses after the update (FAMO)
             forward = self.task_forward
             with torch.no_grad(), self.trainer.precision_plugin.forward_context():
                 _, predictions = forward.run(forward.groups(self._last_batch))
                 losses = [forward.loss(*prediction)[0] for prediction in predictions]
                 by_name = {prediction[0]: loss for prediction, loss in zip(predictions, losses) if loss is not None}
-            self.balancer.after_optimizer_step(self.task_forward.stack_losses(by_name)[0].float())
-            self._last_batch = None
-        if self._state_before_scaled_step is not None:
-            scale, state = self._state_before_scaled_step
-            self._state_before_scaled_step = None
-            if self._loss_scale() < scale:  # the GradScaler found inf/NaN and skipped the step: so does the balancer
-                self.balancer.load_state_dict(state)
+            self.balancer.after_optimizer_step(forward.stack_losses(by_name)[0].float())
+        self._last_batch = None
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -383,6 +386,12 @@ class MultiTaskModule(LightningModule):
         check_data_tasks(getattr(datamodule, "task_names", None) if datamodule else None, self.task_names)
 
     def on_train_epoch_end(self) -> None:
+        if self._unlabelled_steps > 1:
+            warnings.warn(
+                f"epoch {self.current_epoch}: {self._unlabelled_steps} training steps had no labelled sample in this "
+                "process's batch"
+            )
+        self._unlabelled_steps = 0
         self.evaluation.log_train_metrics()
         self.balancer.on_train_epoch_end()
         if self.current_epoch == 0 or not self._seen_tasks:
@@ -421,3 +430,8 @@ class MultiTaskModule(LightningModule):
 
     def _all_reduce(self, tensor: Tensor, op: str) -> Tensor:
         return self.trainer.strategy.reduce(tensor, reduce_op=op)
+
+
+def _unsqueeze(tensor: Tensor) -> Tensor:
+    """``all_gather`` in one process, without a ``Trainer``: the tensor as the only row."""
+    return tensor.unsqueeze(0)

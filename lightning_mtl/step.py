@@ -86,6 +86,8 @@ class StepContext:
     world_size: int
     rank: int
     all_reduce: Callable[[Tensor, str], Tensor]
+    #: ``tensor -> (world_size, *tensor.shape)``: every process's tensor
+    all_gather: Callable[[Tensor], Tensor]
     record: StepRecord
     #: drops every gradient at the next optimizer step (a skip found in a representation-mode backward)
     skip_optimizer_step: Callable[[], None]

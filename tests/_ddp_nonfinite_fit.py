@@ -6,12 +6,13 @@ At step 1 of each epoch rank 1's first sample has an infinite regression target 
 task loss) or a target that makes the loss's backward infinite ("grad": a non-finite task gradient of a
 finite loss). Each case also runs "clean", the same data without step 1. Every rank writes
 OUT_DIR/{kind}-{balancer}-{mode}.{variant}.rank{R}.json: error (if any), parameters, balancer state,
-global step. A skip must skip the whole step on both ranks, so "bad" equals "clean".
+global step, and the non-finite warnings it issued (every rank must name the task, and the rank for a loss). A skip must skip the whole step on both ranks, so "bad" equals "clean".
 """
 
 import json
 import os
 import sys
+import warnings
 
 import lightning.pytorch as pl
 import torch
@@ -70,8 +71,6 @@ def build(balancer: str, mode: str) -> MultiTaskModule:
 
 
 def main(out_dir: str) -> None:
-    import warnings
-
     warnings.filterwarnings("ignore")
     for kind, balancer, mode in CASES:
         for variant in ("bad", "clean"):
@@ -81,10 +80,13 @@ def main(out_dir: str) -> None:
                 logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             )  # fmt: skip
             record = {"error": None}
-            try:
-                trainer.fit(module, DataLoader(RankData(trainer.global_rank, kind, variant == "clean"), batch_size=PER_RANK))
-            except (FloatingPointError, RuntimeError) as error:
-                record["error"] = f"{type(error).__name__}: {error}"[:300]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    trainer.fit(module, DataLoader(RankData(trainer.global_rank, kind, variant == "clean"), batch_size=PER_RANK))
+                except (FloatingPointError, RuntimeError) as error:
+                    record["error"] = f"{type(error).__name__}: {error}"[:300]
+            record["nonfinite_warnings"] = [str(w.message) for w in caught if "non-finite" in str(w.message)]
             state = {k: v.double().flatten().tolist() for k, v in module.balancer.state_dict().items() if torch.is_tensor(v)}
             record.update(
                 parameters=torch.cat([p.detach().flatten() for p in module.parameters()]).tolist(),

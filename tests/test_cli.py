@@ -1,9 +1,12 @@
 """The ``lightning-mtl`` command on the main job's config, in a reduced form."""
 
+import re
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.loggers import Logger
 
 from lightning_mtl import MultiTaskModule
 from lightning_mtl.architectures import SmallCNN
@@ -25,6 +28,34 @@ def reduced(tmp_path, *extra):
         "--data.init_args.test_size", "500",
         *extra,
     ]  # fmt: skip
+
+
+def short(tmp_path, *extra):
+    """Two training steps on a small data set: enough for a run that writes its config and a checkpoint."""
+    return reduced(
+        tmp_path, "--trainer.max_epochs", "1", "--test_after_fit", "false",
+        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+        "--data.init_args.train_size", "256", "--data.init_args.val_size", "64", "--data.init_args.test_size", "64",
+        *extra,
+    )  # fmt: skip
+
+
+class RunIdLogger(Logger):
+    """Lays out runs as ``WandbLogger`` does: every run shares ``save_dir``; a fresh id is its version."""
+
+    def __init__(self, save_dir: str) -> None:
+        super().__init__()
+        self._save_dir, self._id = save_dir, uuid.uuid4().hex[:8]
+
+    name = property(lambda self: "project")
+    version = property(lambda self: self._id)
+    save_dir = property(lambda self: self._save_dir)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
 
 
 @pytest.mark.slow
@@ -83,3 +114,50 @@ def test_balancer_and_gradient_mode_from_yaml(tmp_path):
 
     assert isinstance(cli.model.balancer, PCGrad) and cli.model.gradients == "representation"
     assert cli.trainer.global_step == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logger", ["default", "run id"])
+def test_runs_sharing_a_root_dir_keep_their_own_config_beside_their_checkpoints(tmp_path, logger):
+    logger_args = []
+    if logger == "run id":
+        spec = f'{{"class_path": "{__name__}.RunIdLogger", "init_args": {{"save_dir": "{tmp_path}"}}}}'
+        logger_args = ["--trainer.logger", spec]
+    first = run(["fit", *short(tmp_path, *logger_args)])
+    first_dir = Path(first.trainer.checkpoint_callback.best_model_path).parents[1]
+    first_config = (first_dir / "config.yaml").read_bytes()
+    second = run(["fit", *short(tmp_path, *logger_args, "--model.optimizer.init_args.lr", "0.01")])
+    second_dir = Path(second.trainer.checkpoint_callback.best_model_path).parents[1]
+    assert second_dir != first_dir
+    assert (first_dir / "config.yaml").read_bytes() == first_config
+    assert "lr: 0.01" in (second_dir / "config.yaml").read_text() and b"lr: 0.01" not in first_config
+
+
+@pytest.mark.slow
+def test_a_run_never_writes_over_another_runs_config_and_a_resumed_run_saves_its_own(tmp_path):
+    unversioned = ("--trainer.logger", "false")  # every run of this root writes to the root itself
+    first = run(["fit", *short(tmp_path, *unversioned)])
+    config = tmp_path / "config.yaml"
+    saved = config.read_bytes()
+    refusal = rf"{re.escape(str(config))} already exists.*--trainer.default_root_dir.*--trainer.logger.init_args.version"
+    with pytest.raises(FileExistsError, match=refusal):
+        run(["fit", *short(tmp_path, *unversioned, "--model.optimizer.init_args.lr", "0.01")])
+    assert config.read_bytes() == saved
+    checkpoint = first.trainer.checkpoint_callback.best_model_path
+    resumed = run(["fit", *short(tmp_path, *unversioned, "--trainer.max_epochs", "2", "--ckpt_path", checkpoint)])
+    assert resumed.trainer.global_step == 4  # two steps restored, two more trained
+    assert config.read_bytes() == saved
+    assert f"ckpt_path: {checkpoint}" in (tmp_path / "config-fit-1.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_is_named_with_the_intact_ones_to_use_instead(tmp_path):
+    unversioned = ("--trainer.logger", "false")
+    intact = Path(run(["fit", *short(tmp_path, *unversioned)]).trainer.checkpoint_callback.best_model_path)
+    content = intact.read_bytes()
+    last = intact.with_name("last.ckpt")
+    last.write_bytes(content[: len(content) // 2])  # the newest checkpoint, cut short
+    named = rf"{re.escape(str(last))}, which cannot be loaded.*newest first: {re.escape(str(intact))}\. Pass one"
+    for command, given in [("fit", "last"), ("validate", str(last))]:
+        with pytest.raises(ValueError, match=named):
+            run([command, *short(tmp_path, *unversioned, "--ckpt_path", given)])

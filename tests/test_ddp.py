@@ -92,3 +92,13 @@ def test_skip_of_a_non_finite_value_on_one_process_skips_the_step_on_both(tmp_pa
         assert bad["parameters"] == pytest.approx(clean["parameters"], abs=1e-6), case  # the bad steps changed nothing
         for key, value in clean["state"].items():  # nor the balancer's state (DWA's loss history)
             assert bad["state"][key] == pytest.approx(value, abs=1e-6, nan_ok=True), (case, key)
+        # every process reports the verdict it gathered: the task, and for a loss the rank that had it
+        for rank in (0, 1):
+            messages = runs[("bad", rank)]["nonfinite_warnings"]
+            assert len(messages) == 2, (case, rank, messages)  # step 1 of each of the 2 epochs
+            for message in messages:
+                if kind == "loss":
+                    assert "task(s) ['reg']" in message and "rank 1: {'reg': inf}" in message, (case, rank, message)
+                else:
+                    assert "non-finite task gradient for task(s) ['reg']" in message, (case, rank, message)
+            assert runs[("clean", rank)]["nonfinite_warnings"] == [], case

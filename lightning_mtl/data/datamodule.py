@@ -52,6 +52,20 @@ each task's split to a multiple of the world size by repeating a few samples, ex
 ``DistributedSampler`` (metrics on those duplicates count twice, as with Lightning's default);
 prediction does not pad, so processes may run different numbers of prediction steps.
 
+All of this assumes every process holds the same datasets. If one process's are longer it can have
+more steps than the others: with validation the run hangs; without it gradient syncs pair steps of
+different epochs and a process dies, or the command exits 0. So under a multi-process strategy
+(``trainer.world_size > 1``) :meth:`setup`, which Lightning calls on every process, all-gathers the
+dataset lengths of the splits the stage uses (``fit``: train and val; otherwise the stage's split;
+prediction would not hang but skip or repeat samples) and raises ``ValueError`` on every process if
+they differ, naming the split, each task and its length on each rank. Build the same datasets on
+every process (same files, same seed for a random split) and let them be sharded; a subclass that
+overrides ``setup`` should call ``super().setup(stage)``. A shared-input dataset is checked as well
+when Lightning injects its ``DistributedSampler`` (the default): that sampler pads the *local*
+length, so different lengths give different step counts too. It is not checked with
+``use_distributed_sampler=False`` (each process may hold its own shard on purpose), nor when it is
+an ``IterableDataset`` (no length).
+
 Resume
 ------
 The training ``MultiTaskLoader`` implements ``state_dict``/``load_state_dict``; Lightning's fit loop
@@ -64,6 +78,7 @@ loader, and storing it twice could skip steps twice.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from functools import partial
 from typing import Any, Callable, Optional, Union
@@ -84,6 +99,7 @@ from lightning_mtl.data.sampler import (
 
 Split = Union[Dataset, Mapping[str, Dataset]]
 _EVAL_SPLITS = ("val", "test", "predict")
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
 def _check_split(split: str, data: Optional[Split]) -> None:
@@ -104,6 +120,59 @@ def _check_split(split: str, data: Optional[Split]) -> None:
             )
         if len(dataset) == 0:
             raise ValueError(f"The `{split}` dataset of task {task!r} is empty.")
+
+
+def _on_ranks(lengths: list[int]) -> str:
+    """``"96 on rank 0; 97 on ranks 1, 2"``."""
+    ranks: dict[int, list[int]] = {}
+    for rank, length in enumerate(lengths):
+        ranks.setdefault(length, []).append(rank)
+    return "; ".join(
+        f"{length} on rank{'s' if len(group) > 1 else ''} {', '.join(map(str, group))}"
+        for length, group in ranks.items()
+    )
+
+
+def _check_lengths_across_processes(
+    lengths: Mapping[tuple[str, Optional[str]], int],
+    all_gather: Callable[[torch.Tensor], torch.Tensor],
+    device: Optional[torch.device] = None,
+) -> None:
+    """Raise ``ValueError`` on every process unless all processes hold the same dataset lengths.
+
+    ``lengths`` maps ``(split, task)`` (``task=None`` for a shared-input dataset) to this process's
+    dataset length; ``all_gather`` stacks a tensor from every process (``strategy.all_gather``).
+    Every process must call this with the same keys in the same order: the first gather (entry
+    count and a checksum of the keys) makes sure of it before the second gathers the lengths, whose
+    shape must agree on every process. Both outcomes are decided from gathered values, identical on
+    every process, so all processes raise or none does and no collective is left waiting.
+    """
+    keys = list(lengths)
+    checksum = zlib.crc32(repr(keys).encode())
+    header = all_gather(torch.tensor([len(keys), checksum], dtype=torch.int64, device=device)).tolist()
+    if any(row != header[0] for row in header):
+        raise ValueError(
+            f"The processes hold different splits or tasks (datasets per rank: {[row[0] for row in header]}); "
+            f"this process has {keys} as (split, task). Build the same datasets on every process."
+        )
+    if not keys:
+        return
+    gathered = all_gather(torch.tensor(list(lengths.values()), dtype=torch.int64, device=device))
+    per_rank = gathered.reshape(len(header), len(keys)).T.tolist()
+    mismatched = [
+        f"  `{split}` " + ("dataset" if task is None else f"task {task!r}") + f": {_on_ranks(column)}"
+        for (split, task), column in zip(keys, per_rank)
+        if any(length != column[0] for length in column)
+    ]
+    if mismatched:
+        raise ValueError(
+            f"Dataset lengths differ across the {len(header)} processes, which would then run different "
+            "numbers of steps (a hang, or gradient syncs pairing different steps):\n"
+            + "\n".join(mismatched)
+            + "\nBuild the same datasets on every process (the same files, the same seed for any random split) "
+            "and let them be sharded across processes (MultiTaskDataModule shards per-task datasets, "
+            "Lightning's DistributedSampler a shared-input one) instead of splitting the data per process."
+        )
 
 
 class MultiTaskDataModule(LightningDataModule):
@@ -203,6 +272,33 @@ class MultiTaskDataModule(LightningDataModule):
         if kwargs:
             return int(kwargs["rank"]), int(kwargs["num_replicas"])
         return None, None
+
+    def setup(self, stage: str) -> None:
+        """Under a multi-process strategy, check that every process holds the same dataset lengths.
+
+        Lightning calls ``setup`` on every process, so the check's collectives line up; it raises
+        ``ValueError`` on every process if the lengths of a split the stage uses differ (see the
+        module docstring). A subclass overriding ``setup`` should call ``super().setup(stage)``.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return
+        # Lightning injects a DistributedSampler into a shared-input loader only with this option.
+        distributed_sampler = getattr(trainer._accelerator_connector, "use_distributed_sampler", False)
+        lengths: dict[tuple[str, Optional[str]], int] = {}
+        for split in _STAGE_SPLITS.get(stage, tuple(self.splits)):
+            data = self.splits[split]
+            if isinstance(data, Mapping):
+                for task, dataset in data.items():
+                    lengths[(split, task)] = len(dataset)  # type: ignore[arg-type]
+            elif (
+                data is not None
+                and distributed_sampler
+                and not isinstance(data, IterableDataset)
+                and hasattr(data, "__len__")
+            ):
+                lengths[(split, None)] = len(data)  # type: ignore[arg-type]
+        _check_lengths_across_processes(lengths, trainer.strategy.all_gather, trainer.strategy.root_device)
 
     def _loader(self, split: str) -> Any:
         data = self.splits[split]

@@ -1,5 +1,6 @@
 """MultiTaskDataModule and MultiTaskLoader without a Trainer: batch forms, validation, state."""
 
+import threading
 from collections import Counter
 from types import SimpleNamespace
 
@@ -277,3 +278,100 @@ def test_bad_input(kwargs: dict, error: type, match: str) -> None:
 def test_a_shared_input_iterable_dataset_trains_in_its_own_order_with_the_default_shuffle() -> None:
     dm = MultiTaskDataModule(Stream(), batch_size=2)  # shuffle=True by default: nothing to shuffle here
     assert [batch.tolist() for batch in dm.train_dataloader()] == [[0, 1], [2]]
+
+
+class SizedShared(Dataset):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int):
+        return torch.tensor([float(i)]), {"a": torch.tensor(0.0)}
+
+
+def setup_on_ranks(datamodules: list, stage: str = "fit", use_distributed_sampler: bool = True) -> list:
+    """``setup(stage)`` of one data module per simulated process (a thread each), with a real all-gather
+    across them; returns what each raised (``None`` if nothing). A rank left waiting at a collective
+    breaks the barrier (``BrokenBarrierError``) instead of hanging the test."""
+    world = len(datamodules)
+    barrier = threading.Barrier(world, timeout=10)
+    sent: list = [None] * world
+    raised: list = [None] * world
+
+    def run(rank: int) -> None:
+        def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+            sent[rank] = tensor
+            barrier.wait()
+            gathered = torch.stack(sent)
+            barrier.wait()
+            return gathered
+
+        dm = datamodules[rank]
+        dm.trainer = SimpleNamespace(
+            world_size=world,
+            strategy=SimpleNamespace(all_gather=all_gather, root_device=torch.device("cpu")),
+            _accelerator_connector=SimpleNamespace(use_distributed_sampler=use_distributed_sampler),
+        )
+        try:
+            dm.setup(stage)
+        except Exception as e:  # noqa: BLE001 -- reported to the test
+            raised[rank] = e
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return raised
+
+
+def test_setup_raises_on_every_process_when_lengths_differ() -> None:
+    def datamodule(size_b: int) -> MultiTaskDataModule:
+        data = {"a": ids_dataset(10), "b": ids_dataset(size_b)}
+        return MultiTaskDataModule(data, val=data, test={"a": ids_dataset(4)})
+
+    raised = setup_on_ranks([datamodule(25), datamodule(26), datamodule(25)])
+    assert all(isinstance(e, ValueError) for e in raised), raised
+    assert len({str(e) for e in raised}) == 1
+    message = str(raised[0])
+    assert message.startswith("Dataset lengths differ across the 3 processes")
+    assert "`train` task 'b': 25 on ranks 0, 2; 26 on rank 1\n" in message
+    assert "`val` task 'b': 25 on ranks 0, 2; 26 on rank 1\n" in message
+    assert "task 'a'" not in message and "`test`" not in message
+    assert "Build the same datasets on every process" in message
+    # Only the splits a stage uses are checked: `test` is equal everywhere.
+    assert setup_on_ranks([datamodule(25), datamodule(26), datamodule(25)], stage="test") == [None] * 3
+
+
+def test_setup_passes_equal_lengths_and_checks_the_stages_split() -> None:
+    assert setup_on_ranks([MultiTaskDataModule(task_data(), val=task_data()) for _ in range(2)]) == [None, None]
+    dms = [MultiTaskDataModule(task_data(), val={"a": ids_dataset(size)}) for size in (10, 11)]
+    raised = setup_on_ranks(dms, stage="validate")
+    assert all(isinstance(e, ValueError) and "`val` task 'a': 10 on rank 0; 11 on rank 1" in str(e) for e in raised)
+
+
+def test_setup_raises_on_every_process_when_tasks_differ() -> None:
+    raised = setup_on_ranks([MultiTaskDataModule(task_data()), MultiTaskDataModule({"a": ids_dataset(10)})])
+    assert all(isinstance(e, ValueError) and "different splits or tasks" in str(e) for e in raised), raised
+    assert "datasets per rank: [2, 1]" in str(raised[0])
+
+
+def test_setup_checks_a_shared_input_dataset_under_the_distributed_sampler() -> None:
+    def dms() -> list:
+        return [MultiTaskDataModule(SizedShared(size), val=SizedShared(5)) for size in (12, 13)]
+
+    raised = setup_on_ranks(dms())
+    assert all(isinstance(e, ValueError) and "`train` dataset: 12 on rank 0; 13 on rank 1" in str(e) for e in raised)
+    assert "`val`" not in str(raised[0])
+    # Without Lightning's DistributedSampler each process may hold its own shard; a stream has no length.
+    assert setup_on_ranks(dms(), use_distributed_sampler=False) == [None, None]
+    assert setup_on_ranks([MultiTaskDataModule(Stream()) for _ in range(2)]) == [None, None]
+
+
+def test_setup_without_a_multi_process_trainer_does_nothing() -> None:
+    dm = MultiTaskDataModule(task_data())
+    dm.setup("fit")  # no Trainer
+    dm.trainer = SimpleNamespace(world_size=1, strategy=None)
+    dm.setup("fit")

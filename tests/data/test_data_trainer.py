@@ -203,3 +203,47 @@ def test_ddp_validation_shards(ddp_records: dict, mode: str) -> None:
     first_run = [i for v in (val0, val1) for s in v if s["epoch"] == 0 for ids in s["ids"].values() for i in ids]
     assert set(first_run) == set(range(37)) | set(range(1000, 1101))
     assert len(first_run) == 38 + 102  # padded to a multiple of the world size, like DistributedSampler
+
+
+UNEVEN_SCRIPT = Path(__file__).with_name("_ddp_uneven_fit.py")
+UNEVEN_CASES = ("per_task_val", "per_task", "shared_input_val", "per_task_equal", "shared_input_equal")
+
+
+@pytest.fixture(scope="module")
+def uneven_records(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+    # One launch runs every case in turn; a rank that hangs (validation with unequal step counts)
+    # fails the run at the timeout instead of hanging the suite.
+    out_dir = tmp_path_factory.mktemp("ddp_uneven")
+    returncode, output = run_script(UNEVEN_SCRIPT, out_dir, *UNEVEN_CASES, timeout=120)
+    assert returncode == 0, output[-4000:]
+    records = {}
+    for case in UNEVEN_CASES:
+        paths = [out_dir / f"{case}-rank{r}.json" for r in (0, 1)]
+        assert all(path.exists() for path in paths), f"{case}: a rank wrote no record\n{output[-4000:]}"
+        records[case] = [json.loads(path.read_text()) for path in paths]
+    return records
+
+
+@pytest.mark.parametrize(
+    ("case", "named"),
+    [
+        ("per_task_val", ["`train` task 'b': 96 on rank 0; 97 on rank 1", "`val` task 'b': 96 on rank 0; 97 on rank 1"]),
+        ("per_task", ["`train` task 'b': 96 on rank 0; 97 on rank 1"]),
+        ("shared_input_val", ["`train` dataset: 96 on rank 0; 97 on rank 1", "`val` dataset: 96 on rank 0; 97 on rank 1"]),
+    ],
+)
+def test_ddp_unequal_dataset_lengths_raise_on_every_rank(uneven_records: dict, case: str, named: list[str]) -> None:
+    for record in uneven_records[case]:
+        assert record["train_steps"] == 0  # raised at setup, before any step
+        error = record["error"]
+        assert error is not None and error.startswith("Dataset lengths differ across the 2 processes")
+        assert all(line in error for line in named), error
+        assert "task 'a'" not in error  # equal lengths are not reported
+        assert "Build the same datasets on every process" in error
+
+
+@pytest.mark.parametrize("case", ["per_task_equal", "shared_input_equal"])
+def test_ddp_equal_dataset_lengths_train(uneven_records: dict, case: str) -> None:
+    # After the failed fits, the same processes train normally: 6 steps per epoch, 2 epochs.
+    assert [r["error"] for r in uneven_records[case]] == [None, None]
+    assert [r["train_steps"] for r in uneven_records[case]] == [12, 12]
