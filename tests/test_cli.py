@@ -139,7 +139,7 @@ def test_a_run_never_writes_over_another_runs_config_and_a_resumed_run_saves_its
     first = run(["fit", *short(tmp_path, *unversioned)])
     config = tmp_path / "config.yaml"
     saved = config.read_bytes()
-    refusal = rf"{re.escape(str(config))} already exists.*--trainer.default_root_dir.*--trainer.logger.init_args.version"
+    refusal = rf"{re.escape(str(config))} already exists.*--trainer.default_root_dir.*init_args.version"
     with pytest.raises(FileExistsError, match=refusal):
         run(["fit", *short(tmp_path, *unversioned, "--model.optimizer.init_args.lr", "0.01")])
     assert config.read_bytes() == saved

@@ -4,10 +4,11 @@ Usage: python _ddp_uneven_fit.py OUT_DIR CASE [CASE ...]
 
 Cases (see ``CASES``): rank 1 builds task ``b`` (or the shared-input dataset) one sample longer than
 rank 0, which with these sizes gives it one more batch per epoch: ``per_task_val`` (with a validation
-split), ``per_task`` (without one), ``shared_input_val`` (a single shared-input dataset); and
-``per_task_equal``, ``shared_input_equal`` (with validation, the same lengths everywhere: they train). Each rank writes OUT_DIR/CASE-rank{R}.json with the
-error it raised (``None`` if none) and the number of training steps it ran. Strategy "ddp" re-launches
-this script for rank 1, so the test runs it in a subprocess (not under pytest) and can time out a hang.
+split), ``per_task`` (without one), ``shared_input_val`` (a single shared-input dataset); then
+``per_task_equal`` and ``shared_input_equal`` (the same lengths everywhere: they train). Each rank
+writes OUT_DIR/CASE-rank{R}.json with the error it raised (``None`` if none) and the number of
+training steps it ran. Strategy "ddp" re-launches this script for rank 1, so the test runs it in a
+subprocess (not under pytest) and can time out a hang.
 """
 
 import json

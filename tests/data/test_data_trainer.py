@@ -227,9 +227,9 @@ def uneven_records(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[d
 @pytest.mark.parametrize(
     ("case", "named"),
     [
-        ("per_task_val", ["`train` task 'b': 96 on rank 0; 97 on rank 1", "`val` task 'b': 96 on rank 0; 97 on rank 1"]),
-        ("per_task", ["`train` task 'b': 96 on rank 0; 97 on rank 1"]),
-        ("shared_input_val", ["`train` dataset: 96 on rank 0; 97 on rank 1", "`val` dataset: 96 on rank 0; 97 on rank 1"]),
+        ("per_task_val", ["`train` task 'b'", "`val` task 'b'"]),
+        ("per_task", ["`train` task 'b'"]),
+        ("shared_input_val", ["`train` dataset", "`val` dataset"]),
     ],
 )
 def test_ddp_unequal_dataset_lengths_raise_on_every_rank(uneven_records: dict, case: str, named: list[str]) -> None:
@@ -237,7 +237,7 @@ def test_ddp_unequal_dataset_lengths_raise_on_every_rank(uneven_records: dict, c
         assert record["train_steps"] == 0  # raised at setup, before any step
         error = record["error"]
         assert error is not None and error.startswith("Dataset lengths differ across the 2 processes")
-        assert all(line in error for line in named), error
+        assert all(f"{name}: 96 on rank 0; 97 on rank 1\n" in error for name in named), error
         assert "task 'a'" not in error  # equal lengths are not reported
         assert "Build the same datasets on every process" in error
 
