@@ -49,11 +49,33 @@ class TaskEvaluation:
         self._train_metric_items = {name: list(module.train_metrics[name].items()) for name in module.task_names}
         # metrics and task losses of the evaluation dataloaders after the first: {(stage, index): (metrics, losses)}
         self._more_dataloaders: dict[tuple[str, int], tuple[nn.ModuleDict, nn.ModuleDict]] = {}
+        self._checked: set[str] = set()  # tasks whose metrics were checked against the head once
 
     def update_train(self, name: str, prediction: Tensor, target: Tensor) -> None:
         """Update task ``name``'s training metrics with one step's labelled samples."""
-        for _, metric in self._train_metric_items[name]:
-            metric.update(prediction.detach(), target)
+        if self._train_metric_items[name]:
+            self._update(name, self._train_metric_items[name], prediction.detach(), target)
+
+    def _update(self, name: str, metrics: Any, prediction: Tensor, target: Tensor) -> None:
+        """Update ``metrics`` (``(metric name, metric)`` pairs) of task ``name``; an error names the task and metric.
+
+        The first update of a task also checks what can be checked once: a metric with ``num_classes``
+        against the width of a class-score head (``MulticlassAccuracy(10)`` on a single-logit head
+        reports a meaningless value in some runs and crashes in others).
+        """
+        if name not in self._checked:
+            for metric_name, metric in metrics:
+                _check_num_classes(name, metric_name, metric, prediction)
+            self._checked.add(name)
+        for metric_name, metric in metrics:
+            try:
+                metric.update(prediction, target)
+            except (RuntimeError, ValueError, IndexError, TypeError) as error:
+                raise type(error)(
+                    f"task {name!r}: metric {metric_name!r} ({type(metric).__name__}) failed on prediction of shape "
+                    f"{tuple(prediction.shape)} ({prediction.dtype}) and target of shape {tuple(target.shape)} "
+                    f"({target.dtype}): {error}"
+                ) from error
 
     def evaluation_step(self, batch: Any, stage: Stage, dataloader_idx: int) -> None:
         """Update the task losses and metrics of ``stage`` (of this dataloader); they are logged at the epoch's end."""
@@ -64,8 +86,8 @@ class TaskEvaluation:
             if loss is None:
                 continue
             task_losses[name].update(loss.detach(), weight=count)
-            for metric in metrics[name].values():
-                metric.update(prediction, target)
+            if len(metrics[name]):
+                self._update(name, metrics[name].items(), prediction, target)
 
     def _metrics(self, stage: Stage, dataloader_idx: int) -> tuple[nn.ModuleDict, nn.ModuleDict]:
         """``({task: {name: metric}}, {task: mean loss})`` of one evaluation dataloader: the module's own for the
@@ -141,3 +163,17 @@ def _compute_quietly(metric: Metric) -> Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return metric.compute()
+
+
+def _check_num_classes(task: str, name: str, metric: Metric, prediction: Tensor) -> None:
+    """A class-count metric (``num_classes``) on class scores of another width: raise, naming both."""
+    num_classes = getattr(metric, "num_classes", None)
+    if not isinstance(num_classes, int) or not prediction.is_floating_point() or prediction.ndim < 2:
+        return
+    if prediction.shape[1] != num_classes:
+        raise ValueError(
+            f"task {task!r}: metric {name!r} ({type(metric).__name__}) expects {num_classes} classes, but the head "
+            f"predicts scores of shape {tuple(prediction.shape)} ({prediction.shape[1]} per sample). Make the head's "
+            f"output width {num_classes}, or build the metric with num_classes={prediction.shape[1]}"
+            + (" (a single logit is binary: use BinaryAccuracy and the like)." if prediction.shape[1] == 1 else ".")
+        )

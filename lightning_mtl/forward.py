@@ -10,11 +10,13 @@ view of the backbone output per task (representation mode) — is passed in as `
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from lightning_mtl.balancers._utils import all_true
 from lightning_mtl.gradients import task_views
@@ -37,6 +39,7 @@ class TaskForward:
         #: the step's regularisers when the backbone ran once per group of per-task inputs (see :meth:`run`)
         self.combined_regularization: Optional[dict[str, Tensor]] = None
         self._all_present_mask: Optional[Tensor] = None  # cached all-True task mask (no state, not a buffer)
+        self._shapes_checked: set[str] = set()  # tasks whose prediction and target shapes were checked once
 
     def head(
         self,
@@ -217,6 +220,9 @@ class TaskForward:
         count = target.shape[0] if target.ndim else 1
         if count == 0:
             return None, prediction, target, 0
+        if name not in self._shapes_checked:
+            _check_elementwise_shapes(name, self.module.tasks[name].loss, prediction, target)
+            self._shapes_checked.add(name)
         try:
             loss = self.module.tasks[name].loss(prediction, target)
         except (RuntimeError, ValueError, IndexError) as error:
@@ -225,6 +231,7 @@ class TaskForward:
                 f"shape {tuple(target.shape)} ({target.dtype}): {error}"
             ) from error
         return loss, prediction, target, count
+
     def stack_losses(self, task_losses: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Task losses in registry order (0 for a task without one) and the mask of tasks that have one."""
         task_names = self.module.task_names
@@ -235,6 +242,38 @@ class TaskForward:
         zero = next(iter(task_losses.values())).new_zeros(()) if task_losses else torch.zeros((), device=self.module.device)
         losses = torch.stack([task_losses.get(name, zero) for name in task_names])
         return losses, torch.tensor([name in task_losses for name in task_names], device=losses.device)
+
+
+#: Losses computed element by element, which broadcast a prediction against a target of another shape.
+_ELEMENTWISE_LOSSES = (
+    nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss, nn.SoftMarginLoss,
+    nn.PoissonNLLLoss, nn.KLDivLoss,
+)  # fmt: skip
+_ELEMENTWISE_FUNCTIONS = (
+    F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.binary_cross_entropy, F.binary_cross_entropy_with_logits,
+    F.soft_margin_loss, F.poisson_nll_loss, F.kl_div,
+)  # fmt: skip
+
+
+def _check_elementwise_shapes(name: str, loss: Any, prediction: Tensor, target: Tensor) -> None:
+    """An element-wise loss on a prediction and a target of different shapes broadcasts them (an ``(N, 1)``
+    head against an ``(N,)`` target trains on an ``(N, N)`` loss) with only a warning: refuse it, naming both."""
+    function = loss.func if isinstance(loss, functools.partial) else loss
+    elementwise = isinstance(function, _ELEMENTWISE_LOSSES) or any(function is f for f in _ELEMENTWISE_FUNCTIONS)
+    if not elementwise or not isinstance(prediction, Tensor) or not isinstance(target, Tensor):
+        return
+    if prediction.shape != target.shape:
+        hint = ""
+        if prediction.ndim == target.ndim + 1 and prediction.shape[-1] == 1:
+            hint = " End the head with nn.Flatten(0) (or squeeze its last dimension) to predict shape (N,)."
+        elif target.ndim == prediction.ndim + 1 and target.shape[-1] == 1:
+            hint = " Give the targets shape (N,) (squeeze their last dimension), or make the head predict (N, 1)."
+        raise ValueError(
+            f"task {name!r}: the head's prediction has shape {tuple(prediction.shape)} but the target has shape "
+            f"{tuple(target.shape)}; {type(function).__name__ if isinstance(function, nn.Module) else function.__name__} "
+            f"compares them element by element, so they would be broadcast to a different shape and the loss "
+            f"would be wrong.{hint}"
+        )
 
 
 def _missing_labels(target: Tensor, ignore_index: int) -> Optional[Tensor]:

@@ -1,17 +1,19 @@
 """Kill-and-resume under 2-process CPU DDP (gloo); run by test_ddp_kill_resume.py (not collected by pytest).
 
-Usage: python _ddp_kill_resume_fit.py OUT_DIR PHASE CASE [CASE ...]
+Usage: python _ddp_kill_resume_fit.py OUT_DIR PHASE:CASE [PHASE:CASE ...]
 
-CASE is one of ``CASES`` (balancer, sampling, strategy). For each case the same seeded fit of a small
-``MultiTaskModule`` on a per-task ``MultiTaskDataModule`` runs to ``MAX_STEPS`` optimizer steps, with a
-``ModelCheckpoint`` every ``EVERY`` steps (and ``last.ckpt``) in OUT_DIR/CASE/PHASE-ckpts (resume: the
-killed run's folder, as a real restart would), PHASE being:
+Runs the fits in the order given, in the same 2 processes. CASE is one of ``CASES`` (balancer, sampling,
+strategy). Every fit is the same seeded fit of a freshly built small ``MultiTaskModule`` on a per-task
+``MultiTaskDataModule`` to ``MAX_STEPS`` optimizer steps, with a ``ModelCheckpoint`` every ``EVERY`` steps
+(and ``last.ckpt``) in OUT_DIR/CASE/straight-ckpts (straight) or OUT_DIR/CASE/killed-ckpts (killed and
+resume: a restart uses the folder of the run that died), PHASE being:
 
 * ``straight``: the uninterrupted fit.
 * ``killed``: the same fit; once the checkpoint of step ``KILL_AFTER`` is on disk and every rank has passed a
-  barrier after step ``KILL_AFTER + 1``, every rank SIGKILLs itself (no cleanup, no ``finally``). Only the
-  first CASE runs: the process is gone after it.
-* ``resume``: a fresh fit of a freshly built module with ``ckpt_path`` = the killed run's ``last.ckpt``.
+  barrier after step ``KILL_AFTER + 1``, every rank SIGKILLs itself (no cleanup, no ``finally``). The
+  process is gone, so a ``killed`` item is the last one a launch can run.
+* ``resume``: ``fit(ckpt_path=<the killed run's last.ckpt>)`` to ``MAX_STEPS``; run it in a launch after
+  the one that was killed (fresh processes).
 
 ``straight`` and ``resume`` write OUT_DIR/CASE/PHASE.rank{R}.json: final parameters, balancer state
 (buffers and extra state, e.g. FAMO's logits and its private Adam's moments), the model optimizer's state,
@@ -36,12 +38,16 @@ from lightning_mtl import MultiTaskDataModule
 from test_module import make_module, make_tasks
 
 MAX_STEPS, EVERY, KILL_AFTER = 10, 3, 6
-# a: 37 samples -> 19 per rank -> 5 batches of 4; b: 45 -> 23 per rank -> 3 batches of 8.
-# temperature: 8 steps per epoch (checkpoint at 6 is mid-epoch 0, the resumed run crosses into epoch 1);
-# zip: 5 steps per epoch (checkpoint at 6 is step 1 of epoch 1).
+# cls: 37 samples -> 19 per rank -> 5 batches of 4; reg: 45 -> 23 per rank -> 3 batches of 8.
+# temperature: 8 steps per epoch (the checkpoint at 6 is mid-epoch 0, the resumed run crosses into epoch 1);
+# zip: 5 steps per epoch (the checkpoint at 6 is at step 1 of epoch 1). Per-task sample order is shuffled,
+# seeded by (seed, epoch), and temperature also draws the task of each step: the position matters.
 SIZES, BATCH_SIZE = {"cls": 37, "reg": 45}, {"cls": 4, "reg": 8}
 CASES = {
-    # single-task steps leave a head without gradient: plain "ddp" refuses them, as it should
+    # both tasks every step: FAMO's logits and private Adam move at every step
+    "famo-zip": ("famo", "zip", "ddp"),
+    # one task per step (plain "ddp" refuses an unused head, as it should): the drawn schedule must continue;
+    # FAMO's logits cannot move with one task per step (z = 1), its Adam step count and pre-step losses do
     "famo-temperature": ("famo", "temperature", "ddp_find_unused_parameters_true"),
     "upgrad-zip": ("upgrad", "zip", "ddp"),
 }
@@ -146,10 +152,11 @@ def run(out_dir: Path, phase: str, case: str) -> None:
         json.dump(result, f)
 
 
-def main(out_dir: str, phase: str, *cases: str) -> None:
+def main(out_dir: str, *items: str) -> None:
     warnings.filterwarnings("ignore")
-    assert phase in ("straight", "killed", "resume"), phase
-    for case in cases:
+    for item in items:
+        phase, case = item.split(":")
+        assert phase in ("straight", "killed", "resume") and case in CASES, item
         run(Path(out_dir), phase, case)
 
 

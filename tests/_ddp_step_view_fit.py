@@ -15,15 +15,14 @@ import sys
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Subset
 
-from test_module import SharedInput, make_module, make_tasks
+from _ddp_balancer_fit import STEPS, rank_loader
+from test_module import make_module, make_tasks
 
 # Gradient balancers form the Gramian anyway; Static forms it only on request (asked on every step here).
 CASES = [("mgda", "parameters"), ("upgrad", "representation"), ("static", "parameters"), ("static", "representation")]
 # Static with unequal task weights, so that the recorded weights say something.
 TASK_WEIGHTS = {"static": (0.5, 2.0)}
-PER_RANK, STEPS = 16, 3
 
 
 def build(balancer: str, mode: str):
@@ -34,13 +33,6 @@ def build(balancer: str, mode: str):
         gradients=mode,
         optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
     )
-
-
-def rank_loader(rank: int, world_size: int) -> DataLoader:
-    data = SharedInput(PER_RANK * world_size * STEPS)
-    glob = PER_RANK * world_size
-    indices = [j * glob + rank * PER_RANK + i for j in range(STEPS) for i in range(PER_RANK)]
-    return DataLoader(Subset(data, indices), batch_size=PER_RANK, shuffle=False)
 
 
 class Recorder(pl.Callback):
