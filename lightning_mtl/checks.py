@@ -80,6 +80,25 @@ def check_sampling_under_ddp(datamodule: Any, plain_ddp: bool) -> None:
         )
 
 
+def check_balancer_under_sampling(datamodule: Any, balancer: Balancer) -> None:
+    """A balancer that compares the tasks of a step does nothing when every step holds one task."""
+    sampling = getattr(datamodule, "sampling", None)
+    task_names = getattr(datamodule, "task_names", None)
+    if sampling in (None, "zip", "zip_shortest") or not task_names or len(task_names) < 2:
+        return
+    if not balancer.supports_one_task_per_step:
+        name = type(balancer).__name__
+        raise ValueError(
+            f"balancer {name} does nothing under sampling={sampling!r}: each step holds one task, so {name}, "
+            "which weighs the tasks of a step against each other, has nothing to compare: the task's weight is "
+            "always 1 (or another constant) and the run is plain per-task training. Use sampling='zip' or "
+            "'zip_shortest' to have every task in every step (per-task batch sizes, batch_size={task: n}, keep "
+            "the tasks' proportions), or balancer=None (static Task.weight weights) to train task by task. (A "
+            "Balancer subclass whose weight of a task does not depend on the other tasks of the step declares "
+            "supports_one_task_per_step = True.)"
+        )
+
+
 def check_data_tasks(data_tasks: Optional[Sequence[str]], task_names: Sequence[str]) -> None:
     """The data module's tasks must be the model's; a model task without training data is warned about."""
     if not data_tasks:

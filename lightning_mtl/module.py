@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lightning_mtl.balancers import Balancer, Static, resolve_balancer
 from lightning_mtl.checks import (
+    check_balancer_under_sampling,
     check_data_tasks,
     check_gradient_strategy,
     check_no_shared_head_parameters,
@@ -373,6 +374,7 @@ class MultiTaskModule(LightningModule):
         plain_ddp = isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False)
         self._ddp_needs_every_parameter = plain_ddp and self.trainer.world_size > 1
         if stage == "fit":
+            check_balancer_under_sampling(self.trainer.datamodule, self.balancer)
             check_sampling_under_ddp(self.trainer.datamodule, plain_ddp)
             self._check_gradient_strategy()
             if self.trainer.world_size > 1:

@@ -73,6 +73,13 @@ class Balancer(nn.Module):
     #: that keeps gradient state across steps (DB-MTL's moving average) cannot: the representation
     #: entries belong to different samples at every step.
     supports_representation: ClassVar[bool] = True
+    #: Whether the method still means something when every step holds one task (``round_robin``,
+    #: ``proportional``, ``temperature``, ``sequential`` sampling): true when the weight it gives a task
+    #: does not depend on the other tasks of the step (a fixed weight, a learned per-task scale, a
+    #: task's own loss history), so that a step split into one step per task gives every task the same
+    #: weight. A method that compares the tasks of a step gets one task to compare: its weight is then a
+    #: constant and the run is plain per-task training, so the module refuses it at fit start.
+    supports_one_task_per_step: ClassVar[bool] = False
 
     task_names: list[str]
 

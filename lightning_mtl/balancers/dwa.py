@@ -32,6 +32,7 @@ class DWA(Balancer):
     """
 
     forward_changes_state: ClassVar[bool] = True
+    supports_one_task_per_step: ClassVar[bool] = True  # from the epochs' loss history, not the step's tasks
 
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 from torchjd.scalarization import IMTLL as _TorchjdIMTLL
@@ -22,6 +24,7 @@ class IMTLL(MaskedScalarizer):
     gradient-balancing half is :class:`~lightning_mtl.balancers.IMTLG`.
     """
 
+    supports_one_task_per_step: ClassVar[bool] = True  # its own learned s_k: each task's term stands alone
     scalarizer_class = _TorchjdIMTLL
 
     def _weights(self, parameters: dict[str, Tensor]) -> Tensor:

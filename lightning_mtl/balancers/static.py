@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor
 
 from lightning_mtl.balancers.base import Balancer
@@ -13,6 +15,8 @@ class Static(Balancer):
     Tasks without data in a step contribute nothing; the weights are not renormalised over the
     present tasks, so a task's effective learning rate does not depend on which others share the step.
     """
+
+    supports_one_task_per_step: ClassVar[bool] = True  # the task's own weight, whoever shares the step
 
     def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         weights = (self.task_weights * present).to(losses.dtype)

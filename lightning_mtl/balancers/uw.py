@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 from torchjd.scalarization import UW as _TorchjdUW
@@ -23,6 +25,7 @@ class UW(MaskedScalarizer):
     model.
     """
 
+    supports_one_task_per_step: ClassVar[bool] = True  # its own learned s_k: each task's term stands alone
     scalarizer_class = _TorchjdUW
 
     def _weights(self, parameters: dict[str, Tensor]) -> Tensor:
