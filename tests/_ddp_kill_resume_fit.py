@@ -5,8 +5,8 @@ Usage: python _ddp_kill_resume_fit.py OUT_DIR PHASE:CASE [PHASE:CASE ...]
 Runs the fits in the order given, in the same 2 processes. CASE is one of ``CASES`` (balancer, sampling,
 strategy). Every fit is the same seeded fit of a freshly built small ``MultiTaskModule`` on a per-task
 ``MultiTaskDataModule`` to ``MAX_STEPS`` optimizer steps, with a ``ModelCheckpoint`` every ``EVERY`` steps
-(and ``last.ckpt``) in OUT_DIR/CASE/straight-ckpts (straight) or OUT_DIR/CASE/killed-ckpts (killed and
-resume: a restart uses the folder of the run that died), PHASE being:
+(and ``last.ckpt``) in OUT_DIR/CASE/PHASE-ckpts (the resumed run does not write over the killed run's
+checkpoints, so the test can inspect them), PHASE being:
 
 * ``straight``: the uninterrupted fit.
 * ``killed``: the same fit; once the checkpoint of step ``KILL_AFTER`` is on disk and every rank has passed a
@@ -38,24 +38,24 @@ from lightning_mtl import MultiTaskDataModule
 from test_module import make_module, make_tasks
 
 MAX_STEPS, EVERY, KILL_AFTER = 10, 3, 6
-# cls: 37 samples -> 19 per rank -> 5 batches of 4; reg: 45 -> 23 per rank -> 3 batches of 8.
-# temperature: 8 steps per epoch (the checkpoint at 6 is mid-epoch 0, the resumed run crosses into epoch 1);
-# zip: 5 steps per epoch (the checkpoint at 6 is at step 1 of epoch 1). Per-task sample order is shuffled,
-# seeded by (seed, epoch), and temperature also draws the task of each step: the position matters.
-SIZES, BATCH_SIZE = {"cls": 37, "reg": 45}, {"cls": 4, "reg": 8}
+BATCH_SIZE = {"cls": 4, "reg": 8}
+# (balancer, sampling, strategy, (cls samples, reg samples)); per-task sample order is shuffled, seeded by
+# (seed, epoch), and temperature sampling also draws the task of each step: the data position matters.
 CASES = {
-    # both tasks every step: FAMO's logits and private Adam move at every step
-    "famo-zip": ("famo", "zip", "ddp"),
-    # one task per step (plain "ddp" refuses an unused head, as it should): the drawn schedule must continue;
-    # FAMO's logits cannot move with one task per step (z = 1), its Adam step count and pre-step losses do
-    "famo-temperature": ("famo", "temperature", "ddp_find_unused_parameters_true"),
-    "upgrad-zip": ("upgrad", "zip", "ddp"),
+    # 37 -> 19 per rank -> 5 batches of 4; 45 -> 23 per rank -> 3 batches of 8; zip: 5 steps per epoch, the
+    # checkpoint at 6 is at step 1 of epoch 1. Both tasks every step: FAMO's logits and its Adam move every step.
+    "famo-zip": ("famo", "zip", "ddp", (37, 45)),
+    # 13 -> 2 batches, 29 -> 2 batches: 4 single-task steps per epoch (plain "ddp" refuses the unused head, as it
+    # should). The checkpoint at 6 is at step 2 of epoch 1, with DWA's sums of epoch 1 half made; DWA's weights
+    # leave 1 after epoch 1 (step 8) and then depend on them. (FAMO compares the tasks of a step: with one task
+    # per step it does nothing, and the module refuses it.)
+    "dwa-temperature": ("dwa", "temperature", "ddp_find_unused_parameters_true", (13, 29)),
 }
 
 
-def task_data() -> dict[str, TensorDataset]:
+def task_data(sizes: tuple[int, int]) -> dict[str, TensorDataset]:
     g = torch.Generator().manual_seed(7)
-    xc, xr = torch.randn(SIZES["cls"], 6, generator=g), torch.randn(SIZES["reg"], 6, generator=g)
+    xc, xr = torch.randn(sizes[0], 6, generator=g), torch.randn(sizes[1], 6, generator=g)
     return {"cls": TensorDataset(xc, (xc[:, 0] > 0).long()), "reg": TensorDataset(xr, xr[:, 1] * 2 + xr[:, 2])}
 
 
@@ -112,15 +112,15 @@ class KillAfterCheckpoint(pl.Callback):
 
 
 def run(out_dir: Path, phase: str, case: str) -> None:
-    balancer, sampling, strategy = CASES[case]
+    balancer, sampling, strategy, sizes = CASES[case]
     case_dir = out_dir / case
-    ckpt_dir = case_dir / ("straight-ckpts" if phase == "straight" else "killed-ckpts")
+    ckpt_dir = case_dir / f"{phase}-ckpts"
     case_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(0, verbose=False)
     module = make_module(
         tasks=make_tasks(metrics=False), balancer=balancer, optimizer=lambda p: torch.optim.Adam(p, lr=0.02)
     )
-    datamodule = MultiTaskDataModule(task_data(), batch_size=BATCH_SIZE, sampling=sampling, seed=3)
+    datamodule = MultiTaskDataModule(task_data(sizes), batch_size=BATCH_SIZE, sampling=sampling, seed=3)
     record = Record()
     callbacks = [
         record,
@@ -138,7 +138,8 @@ def run(out_dir: Path, phase: str, case: str) -> None:
         enable_model_summary=False,
         callbacks=callbacks,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_dir / "last.ckpt" if phase == "resume" else None)
+    resume_from = case_dir / "killed-ckpts" / "last.ckpt" if phase == "resume" else None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     if phase == "killed":
         raise RuntimeError(f"{case}: the killed phase finished its fit (no SIGKILL)")
     result = {
