@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
+from lightning_mtl.forward import ModuleUnit
 from lightning_mtl.task import Task, task_module_dict
 
 if TYPE_CHECKING:
@@ -40,11 +41,11 @@ def stage_task_losses(tasks: dict[str, Task]) -> nn.ModuleDict:
     return nn.ModuleDict({name: MeanMetric() for name in tasks})
 
 
-class TaskEvaluation:
+class TaskEvaluation(ModuleUnit):
     """Updates and logs the module's per-task metrics and evaluation losses."""
 
     def __init__(self, module: "MultiTaskModule") -> None:
-        self.module = module
+        super().__init__(module)
         # (name, metric) pairs per task, looked up once instead of per step (the same Metric objects).
         self._train_metric_items = {name: list(module.train_metrics[name].items()) for name in module.task_names}
         # metrics and task losses of the evaluation dataloaders after the first: {(stage, index): (metrics, losses)}

@@ -11,6 +11,7 @@ view of the backbone output per task (representation mode) — is passed in as `
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -30,16 +31,50 @@ Group = tuple[Any, dict[str, Tensor]]
 Prediction = tuple[str, Tensor, Tensor, bool]
 
 
-class TaskForward:
+class ModuleUnit:
+    """A unit of a :class:`~lightning_mtl.MultiTaskModule` that reads its module through a weak reference.
+
+    The module owns the unit; a strong reference back would make a cycle, and a deleted model would keep
+    its memory (a GPU's too) until the garbage collector ran. A copy or a pickle of a unit drops the
+    reference; the module links its units again when it is copied or unpickled
+    (``MultiTaskModule.__setstate__``).
+    """
+
+    def __init__(self, module: "MultiTaskModule") -> None:
+        self.link(module)
+
+    def link(self, module: "MultiTaskModule") -> None:
+        self._module = weakref.ref(module)
+
+    @property
+    def module(self) -> "MultiTaskModule":
+        return self._module()  # type: ignore[return-value]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_module"] = None
+        return state
+
+
+class TaskForward(ModuleUnit):
     """Runs the module's backbone and heads on a batch and computes the task losses over labelled samples."""
 
     def __init__(self, module: "MultiTaskModule") -> None:
-        self.module = module
+        super().__init__(module)
         self._task_index = {name: k for k, name in enumerate(module.task_names)}
         #: the step's regularisers when the backbone ran once per group of per-task inputs (see :meth:`run`)
         self.combined_regularization: Optional[dict[str, Tensor]] = None
         self._all_present_mask: Optional[Tensor] = None  # cached all-True task mask (no state, not a buffer)
         self._shapes_checked: set[str] = set()  # tasks whose prediction and target shapes were checked once
+        #: (backbone parameters, all parameters), gathered at first use in a fit (the module resets it in setup)
+        self.parameters_cache: Optional[tuple[tuple[nn.Parameter, ...], tuple[nn.Parameter, ...]]] = None
+
+    def parameter_lists(self) -> tuple[tuple[nn.Parameter, ...], tuple[nn.Parameter, ...]]:
+        """(backbone parameters, all parameters), gathered once per fit: walking the tree costs ~0.2 ms."""
+        if self.parameters_cache is None:
+            module = self.module
+            self.parameters_cache = (tuple(module.backbone.parameters()), tuple(module.parameters()))
+        return self.parameters_cache
 
     def head(
         self,

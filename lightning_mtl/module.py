@@ -124,11 +124,8 @@ class MultiTaskModule(LightningModule):
         # The units that do the work (plain objects: nothing of theirs is a submodule or in the checkpoint).
         self.task_forward = TaskForward(self)
         self.evaluation = TaskEvaluation(self)
-        self.nonfinite = NonfiniteCheck(nonfinite_loss, self.task_names, type(self.balancer).__name__)
-        self.balancing = balancing_path(self.balancer, gradients, self.task_names, self.nonfinite, self._parameter_lists)
+        self._build_balancing()
         self._seen_tasks: set[str] = set()
-        # (backbone parameters, all parameters), gathered at first use in a fit
-        self._parameters_cache: Optional[tuple[tuple[nn.Parameter, ...], tuple[nn.Parameter, ...]]] = None
         # plain DDP (no find_unused_parameters): every parameter needs a gradient at every step
         self._ddp_needs_every_parameter = False
         self._last_batch: Any = None  # FAMO: the batch whose losses are recomputed after the optimizer step
@@ -138,8 +135,23 @@ class MultiTaskModule(LightningModule):
         # representation mode: what to log once the backward has weighted the step; a skip it asked for
         self._pending_log: Optional[tuple[StepRecord, int, bool]] = None
         self._skip_optimizer_step = False
+
+    def _build_balancing(self) -> None:
+        """The units that depend on the settings: rebuilt when ``balancer``, ``gradients`` or ``nonfinite_loss``
+        is reassigned after construction (checked at every training step, as the settings were read then)."""
+        self.nonfinite = NonfiniteCheck(self.nonfinite_loss, self.task_names, type(self.balancer).__name__)
+        self.balancing = balancing_path(
+            self.balancer, self.gradients, self.task_names, self.nonfinite, self.task_forward.parameter_lists
+        )
         # a skipped optimizer step (nonfinite_loss="skip", or the 16-mixed GradScaler) leaves the balancer's state alone
-        self.skipped_step_guard = SkippedStepGuard(self.balancer, nonfinite_loss)
+        self.skipped_step_guard = SkippedStepGuard(self.balancer, self.nonfinite_loss)
+        self._balancing_settings = (self.balancer, self.gradients, self.nonfinite_loss)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for unit in (self.__dict__.get("task_forward"), self.__dict__.get("evaluation")):
+            if unit is not None:  # a copy or an unpickled module: its units read this module
+                unit.link(self)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Any) -> dict[str, Tensor]:
@@ -195,6 +207,8 @@ class MultiTaskModule(LightningModule):
 
     def _step_context(self, batch_idx: int) -> StepContext:
         """The step's view of the run, and a fresh record of the step (read by :attr:`last_step`)."""
+        if self._balancing_settings != (self.balancer, self.gradients, self.nonfinite_loss):
+            self._build_balancing()
         scale = self._loss_scale()
         self.skipped_step_guard.before_micro_batch(scale)
         trainer = self._trainer
@@ -271,11 +285,11 @@ class MultiTaskModule(LightningModule):
     def request_gramian(self) -> None:
         """Ask for the K × K Gramian of the *next* training step's task gradients in :attr:`last_step`.
 
-        Gradient-level balancers form it anyway (it is always in ``last_step.gramian``); for a loss-level
-        balancer (static weights included) this costs one batched backward of the K task losses on that
-        step, on the side: the update is unchanged. Under DDP every process must ask on the same steps
-        (the Gramian is reduced across them), e.g. from a callback's ``on_train_batch_start`` deciding by
-        ``trainer.global_step``.
+        Gradient-level balancers form it anyway (it is in ``last_step.gramian`` whenever the step balanced
+        something); for a loss-level balancer (static weights included) this costs one batched backward
+        of the K task losses on that step, on the side: the update is unchanged. Under DDP every process
+        must ask on the same steps (the Jacobian, or in representation mode the Gramian, is reduced
+        across them), e.g. from a callback's ``on_train_batch_start`` deciding by ``trainer.global_step``.
         """
         self._gramian_requested = True
 
@@ -369,7 +383,7 @@ class MultiTaskModule(LightningModule):
 
     # ------------------------------------------------------------------ fit set-up and epoch ends
     def setup(self, stage: str) -> None:
-        self._parameters_cache = None
+        self.task_forward.parameters_cache = None
         strategy = self.trainer.strategy
         plain_ddp = isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False)
         self._ddp_needs_every_parameter = plain_ddp and self.trainer.world_size > 1
@@ -416,10 +430,7 @@ class MultiTaskModule(LightningModule):
         return self._trainer.world_size if self._trainer is not None else 1
 
     def _parameter_lists(self) -> tuple[tuple[nn.Parameter, ...], tuple[nn.Parameter, ...]]:
-        """(backbone parameters, all parameters), gathered once per fit: walking the tree costs ~0.2 ms."""
-        if self._parameters_cache is None:
-            self._parameters_cache = (tuple(self.backbone.parameters()), tuple(self.parameters()))
-        return self._parameters_cache
+        return self.task_forward.parameter_lists()
 
     def _zero_touching_parameters(self) -> Tensor:
         """A zero loss whose backward gives every trainable parameter a (zero) gradient."""

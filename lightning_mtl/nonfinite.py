@@ -19,9 +19,11 @@ NonfinitePolicy = Literal["raise", "skip"]
 class NonfiniteCheck:
     """Checks a step's losses (and task gradients) for NaN/inf, and raises or asks for the step to be skipped.
 
-    ``"raise"`` raises ``FloatingPointError`` naming the task and step before backward touches any
-    parameter; ``"skip"`` warns and returns False, and the module then skips the whole optimizer step.
-    Under DDP the verdict is all-reduced, so every process raises or skips alike.
+    ``"raise"`` raises ``FloatingPointError`` naming the task and step before any parameter is updated
+    (before Lightning's backward, except in representation mode in one process, where the backward's
+    balancing finds it, after the heads' gradients are written but before the backbone's and before
+    any optimizer step); ``"skip"`` warns and returns False, and the module then skips the whole
+    optimizer step. Under DDP the verdict is gathered, so every process raises or skips alike.
     """
 
     def __init__(self, policy: NonfinitePolicy, task_names: Sequence[str], balancer_name: str) -> None:

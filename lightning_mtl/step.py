@@ -34,12 +34,15 @@ class StepView:
         present: bool ``(K,)``, which tasks had a labelled sample in this process's batch.
         weights: the effective task weights ``(K,)`` the update used (for a loss-level method
             ``∂loss/∂L_k``; for a Gramian weighting its ``w``), or None when the method has no weights
-            (a direction method: GradDrop, DB-MTL, or a frozen backbone in parameter mode).
+            (a direction method: GradDrop, DB-MTL) or a gradient-level step had nothing shared to balance
+            (a frozen backbone, in either gradient mode).
         gramian: the K × K Gramian ``G Gᵀ`` of the global batch's task gradients (of the shared
             parameters with ``gradients="parameters"``, of the backbone output with
             ``"representation"``), in the units of the task losses (unscaled under ``16-mixed``, not
-            divided by ``accumulate_grad_batches``), identical on every process; None when the step
-            formed no per-task gradients (a loss-level balancer without ``request_gramian()``).
+            divided by ``accumulate_grad_batches``), identical on every process; for a method on log-losses
+            (DB-MTL) the Gramian of the gradients of ``log(L_k + eps)``, which it balances. None when the step
+            formed no per-task gradients (a loss-level balancer without ``request_gramian()``, a frozen
+            backbone).
         skipped: the step was skipped by ``nonfinite_loss="skip"`` (its weights are None). A step that
             the ``16-mixed`` GradScaler skips later, in the optimizer step, is not marked.
     """

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from _ddp_step_view_fit import CASES, PER_RANK, STEPS, TASK_WEIGHTS, Recorder, build, parameters
+from _ddp_balancer_fit import PER_RANK, STEPS
+from _ddp_step_view_fit import CASES, TASK_WEIGHTS, Recorder, build, parameters
 from conftest import quiet_trainer, run_script
 from test_module import SharedInput
 

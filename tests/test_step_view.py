@@ -157,3 +157,33 @@ def test_gramian_is_in_task_loss_units_under_a_loss_scale_and_accumulation(mode)
     )
     trainer.fit(module, DataLoader(SharedInput(32), batch_size=16))
     torch.testing.assert_close(first_step.gramian, expected, rtol=2e-2, atol=1e-4)
+
+
+def test_requested_gramian_under_16_mixed_keeps_small_task_gradients():
+    """The side backward of a loss-level step runs through fp16 ops: scaled like Lightning's backward, a task
+    whose loss (and gradient) is tiny keeps its Gramian entries (unscaled they underflowed and flipped sign)."""
+    tiny = lambda prediction, target: 1e-6 * torch.nn.functional.mse_loss(prediction, target)  # noqa: E731
+    data = SharedInput(64)
+    batch_data = (data.x, {"cls": data.cls, "reg": data.reg})
+
+    def grab(precision_plugins):
+        tasks = make_tasks(metrics=False)
+        tasks[1] = type(tasks[1])("reg", tasks[1].head, tiny)
+        module = make_module(tasks=tasks, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+        seen = {}
+
+        class Grab(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                pl_module.request_gramian()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                seen["gramian"] = pl_module.last_step.gramian
+
+        loader = DataLoader(torch.utils.data.TensorDataset(torch.arange(1)), batch_size=1, collate_fn=lambda _: batch_data)
+        quiet_trainer(max_steps=1, callbacks=[Grab()], plugins=precision_plugins).fit(module, loader)
+        return seen["gramian"]
+
+    reference = grab([])
+    scaled = grab([MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))])
+    assert reference[1, 1] > 0 and reference[0, 1] != 0
+    torch.testing.assert_close(scaled, reference, rtol=5e-2, atol=0)

@@ -44,7 +44,8 @@ class LossLevelPath(BalancingPath):
 
     def gramian(self, losses: Tensor, sources: list, context: StepContext) -> Optional[Tensor]:
         """The global batch's task-gradient Gramian, for the step record: one batched backward of the K losses
-        (a loop for modules without a batching rule), the graph kept for Lightning's backward."""
+        (a loop for modules without a batching rule), the graph kept for Lightning's backward. Under DDP it is
+        reduced like the balancing paths' (parameter mode: the K x P Jacobian; representation: the K x K Gramian)."""
         if self.gradients == "parameters":
             inputs = [p for p in self.parameter_lists()[0] if p.requires_grad]
         else:
@@ -52,11 +53,14 @@ class LossLevelPath(BalancingPath):
             inputs = [output for output in outputs if isinstance(output, Tensor) and output.requires_grad]
         if not inputs:  # a frozen backbone (alike on every process): no shared gradient
             return None
-        num_tasks = losses.shape[0]
+        num_tasks, scale = losses.shape[0], context.loss_scale
         if losses.requires_grad:
-            eye = torch.eye(num_tasks, dtype=losses.dtype, device=losses.device)
+            # Under 16-mixed the backward runs through fp16 ops: scaled like Lightning's, so small gradients
+            # do not underflow, then unscaled in the Gramian.
+            eye = torch.eye(num_tasks, dtype=losses.dtype, device=losses.device) * scale
             rows = parameter_jacobian([losses], [eye], inputs)
         else:  # no task has a label on this process: zero rows, and it still joins the reduction
             rows = [x.new_zeros((num_tasks, *x.shape)) for x in inputs]
         jacobian = TaskJacobian(inputs, rows)
-        return global_gramian(jacobian, self.gradients, context.world_size, context.all_reduce)
+        gramian = global_gramian(jacobian, self.gradients, context.world_size, context.all_reduce)
+        return gramian / scale**2 if scale != 1.0 else gramian
