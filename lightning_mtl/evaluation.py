@@ -129,7 +129,8 @@ class TaskEvaluation(ModuleUnit):
                     module.log(f"{stage}/{name}/loss{suffix}", value, add_dataloader_idx=False)
                     total, found = total + module.tasks[name].weight * value, True
                     for metric_name, metric in metrics[name].items():
-                        module.log(f"{stage}/{name}/{metric_name}{suffix}", metric.compute(), add_dataloader_idx=False)
+                        value = _compute(name, metric_name, metric, quietly=False)
+                        module.log(f"{stage}/{name}/{metric_name}{suffix}", value, add_dataloader_idx=False)
                 task_losses[name].reset()
                 for metric in metrics[name].values():
                     metric.reset()
@@ -154,7 +155,7 @@ class TaskEvaluation(ModuleUnit):
                 updated = module._all_reduce(updated, "sum")
             if updated.item() > 0:
                 for metric_name, metric in items:
-                    module.log(f"train/{name}/{metric_name}", _compute_quietly(metric))
+                    module.log(f"train/{name}/{metric_name}", _compute(name, metric_name, metric))
             for _, metric in items:
                 metric.reset()
 
@@ -164,6 +165,14 @@ def _compute_quietly(metric: Metric) -> Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return metric.compute()
+
+
+def _compute(task: str, name: str, metric: Metric, quietly: bool = True) -> Tensor:
+    """A task's metric for the epoch; an error (R2Score on one sample, ...) is re-raised naming the task and metric."""
+    try:
+        return _compute_quietly(metric) if quietly else metric.compute()
+    except (RuntimeError, ValueError, IndexError, TypeError, ZeroDivisionError) as error:
+        raise type(error)(f"task {task!r}: metric {name!r} ({type(metric).__name__}) failed to compute: {error}") from error
 
 
 def _check_num_classes(task: str, name: str, metric: Metric, prediction: Tensor) -> None:

@@ -294,7 +294,8 @@ def _check_elementwise_shapes(name: str, loss: Any, prediction: Tensor, target: 
     """An element-wise loss on a prediction and a target of different shapes broadcasts them (an ``(N, 1)``
     head against an ``(N,)`` target trains on an ``(N, N)`` loss) with only a warning: refuse it, naming both."""
     function = loss.func if isinstance(loss, functools.partial) else loss
-    elementwise = isinstance(function, _ELEMENTWISE_LOSSES) or any(function is f for f in _ELEMENTWISE_FUNCTIONS)
+    # the exact classes only: a subclass may reshape its inputs in its own forward
+    elementwise = type(function) in _ELEMENTWISE_LOSSES or any(function is f for f in _ELEMENTWISE_FUNCTIONS)
     if not elementwise or not isinstance(prediction, Tensor) or not isinstance(target, Tensor):
         return
     if prediction.shape != target.shape:

@@ -161,3 +161,21 @@ def test_a_truncated_checkpoint_is_named_with_the_intact_ones_to_use_instead(tmp
     for command, given in [("fit", "last"), ("validate", str(last))]:
         with pytest.raises(ValueError, match=named):
             run([command, *short(tmp_path, *unversioned, "--ckpt_path", given)])
+
+
+def test_checkpoint_check_accepts_files_saved_without_crc_and_names_truncated_ones(tmp_path):
+    import torch
+
+    from lightning_mtl.cli import checkpoint_damage
+
+    path = tmp_path / "no-crc.ckpt"
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"weights": torch.randn(1000)}, path)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert torch.load(path)["weights"].shape == (1000,)
+    assert checkpoint_damage(str(path)) is None  # intact, CRCs or not
+    truncated = tmp_path / "cut.ckpt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert "incomplete" in checkpoint_damage(str(truncated))

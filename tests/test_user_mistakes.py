@@ -66,3 +66,26 @@ def test_a_multiclass_metric_on_a_single_logit_points_to_binary_metrics():
 def test_a_metric_error_names_the_task_and_metric():
     with pytest.raises(Exception, match=r"task 'reg': metric 'acc' \(BinaryAccuracy\) failed on prediction of shape \(8,\)"):
         fit(nn.Sequential(nn.Linear(8, 1), nn.Flatten(0)), nn.MSELoss(), reg_metrics={"acc": BinaryAccuracy()})
+
+
+class SqueezingMSE(nn.MSELoss):
+    """A loss subclass that reshapes its inputs itself: not refused by the element-wise shape check."""
+
+    def forward(self, prediction, target):
+        return super().forward(prediction.squeeze(-1), target)
+
+
+def test_a_loss_subclass_with_its_own_forward_is_not_refused():
+    module = fit(nn.Linear(8, 1), SqueezingMSE())
+    assert module.trainer.global_step == 4
+
+
+def test_a_metric_that_fails_to_compute_names_the_task_and_metric():
+    from torchmetrics.regression import R2Score
+
+    torch.manual_seed(0)
+    tasks = [Task("cls", nn.Linear(8, 2), nn.CrossEntropyLoss()),
+             Task("reg", nn.Sequential(nn.Linear(8, 1), nn.Flatten(0)), nn.MSELoss(), {"r2": R2Score()})]  # fmt: skip
+    module = MultiTaskModule(nn.Sequential(nn.Linear(6, 8), nn.Tanh()), tasks)
+    with pytest.raises(ValueError, match=r"task 'reg': metric 'r2' \(R2Score\) failed to compute: .*two samples"):
+        quiet_trainer().validate(module, DataLoader(SharedInput(1), batch_size=1), verbose=False)

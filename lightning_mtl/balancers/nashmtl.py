@@ -53,6 +53,7 @@ class NashMTL(GramianBalancer):
         require_modules("NashMTL", ["cvxpy", "ecos"])
         self._solver: Any = None
         self._warm_start: Optional[Tensor] = None
+        self._solver_step = 0.0  # torchjd's step count (when to re-solve), for a solver rebuilt from a checkpoint
 
     def _new_solver(self, num_tasks: int) -> Any:
         from torchjd.aggregation import NashMTL as TorchjdNashMTL
@@ -78,6 +79,9 @@ class NashMTL(GramianBalancer):
             self._solver = self._new_solver(gramian.shape[0])
             if self._warm_start is not None and self._warm_start.numel() == gramian.shape[0]:
                 self._solver.prvs_alpha = self._warm_start.numpy().astype("float32")
+                if self._solver_step > 0:  # continue the re-solve schedule of update_weights_every
+                    self._solver._init_optim_problem()
+                    self._solver.step = self._solver_step
         weights = self._solver(factor)
         self._warm_start = torch.as_tensor(self._solver.prvs_alpha, dtype=torch.float32).clone()
         return weights
@@ -85,10 +89,13 @@ class NashMTL(GramianBalancer):
     def reset(self) -> None:
         self._solver = None
         self._warm_start = None
+        self._solver_step = 0.0
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"warm_start": self._warm_start}
+        step = float(self._solver.step) if self._solver is not None else self._solver_step
+        return {"warm_start": self._warm_start, "solver_step": step}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self._warm_start = loaded_copy(state["warm_start"])
+        self._solver_step = float(state.get("solver_step", 0.0))  # absent from checkpoints written before it
         self._solver = None
