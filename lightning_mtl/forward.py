@@ -61,6 +61,8 @@ class TaskForward(ModuleUnit):
 
     def __init__(self, module: "MultiTaskModule") -> None:
         super().__init__(module)
+        # the registry and the heads, held directly (no cycle: they do not reference the module), read per task
+        self.tasks, self.heads, self.task_names = module.tasks, module.heads, module.task_names
         self._task_index = {name: k for k, name in enumerate(module.task_names)}
         #: the step's regularisers when the backbone ran once per group of per-task inputs (see :meth:`run`)
         self.combined_regularization: Optional[dict[str, Tensor]] = None
@@ -108,11 +110,11 @@ class TaskForward(ModuleUnit):
             captured[name] = (features, leaf)
             features = leaf
         try:
-            return self.module.heads[name](features)
+            return self.heads[name](features)
         except RuntimeError as error:
             shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
             raise RuntimeError(
-                f"task {name!r}: head {type(self.module.heads[name]).__name__} failed on the backbone output of shape "
+                f"task {name!r}: head {type(self.heads[name]).__name__} failed on the backbone output of shape "
                 f"{shape}: {error}. Check that the head's input width matches the backbone's output width."
             ) from error
 
@@ -135,10 +137,10 @@ class TaskForward(ModuleUnit):
             )
         for _, labels in groups:
             for name in labels:
-                if name not in self.module.tasks:
+                if name not in self.tasks:
                     raise ValueError(
                         f"the batch has data for task {name!r}, which the model does not have; "
-                        f"model tasks: {self.module.task_names}. Add a Task named {name!r} or drop it from the data."
+                        f"model tasks: {self.task_names}. Add a Task named {name!r} or drop it from the data."
                     )
         return groups
 
@@ -164,7 +166,7 @@ class TaskForward(ModuleUnit):
         if balance is not None:
             self._check_representation(outputs)
             if any(output.requires_grad for output in outputs):  # else a frozen backbone
-                sources = task_views(outputs, len(self.module.task_names), balance)
+                sources = task_views(outputs, len(self.task_names), balance)
         sizes = [x.shape[0] for x in inputs] if stacked else []
         parts: dict[int, list[Any]] = {}  # a stacked output (or view) cut into the groups' parts, once
 
@@ -229,14 +231,14 @@ class TaskForward(ModuleUnit):
         for name, target in labels.items():
             if isinstance(target, Tensor) and target.ndim == 1 and target.dtype != torch.bool:
                 by_dtype.setdefault((target.dtype, target.shape[0]), []).append(name)
-            elif _missing_labels(target, self.module.tasks[name].ignore_index) is not None:
+            elif _missing_labels(target, self.tasks[name].ignore_index) is not None:
                 flagged.add(name)
         for (dtype, _), names in by_dtype.items():
             targets = torch.stack([labels[name] for name in names])
             if dtype.is_floating_point:
                 missing = torch.isnan(targets)
             else:
-                ignore = torch.tensor([self.module.tasks[name].ignore_index for name in names], device=targets.device)
+                ignore = torch.tensor([self.tasks[name].ignore_index for name in names], device=targets.device)
                 missing = targets == ignore.unsqueeze(1)
             flagged.update(name for name, flag in zip(names, missing.any(dim=1).tolist()) if flag)
         return flagged
@@ -248,7 +250,7 @@ class TaskForward(ModuleUnit):
 
         ``maybe_missing=False`` (from :meth:`tasks_missing_labels`) skips the per-task label check.
         """
-        missing = _missing_labels(target, self.module.tasks[name].ignore_index) if maybe_missing else None
+        missing = _missing_labels(target, self.tasks[name].ignore_index) if maybe_missing else None
         if missing is not None:
             keep = ~missing
             prediction, target = prediction[keep], target[keep]
@@ -256,10 +258,10 @@ class TaskForward(ModuleUnit):
         if count == 0:
             return None, prediction, target, 0
         if name not in self._shapes_checked:
-            _check_elementwise_shapes(name, self.module.tasks[name].loss, prediction, target)
+            _check_elementwise_shapes(name, self.tasks[name].loss, prediction, target)
             self._shapes_checked.add(name)
         try:
-            loss = self.module.tasks[name].loss(prediction, target)
+            loss = self.tasks[name].loss(prediction, target)
         except (RuntimeError, ValueError, IndexError) as error:
             raise type(error)(
                 f"task {name!r}: the loss failed on prediction of shape {tuple(prediction.shape)} and target of "
@@ -269,7 +271,7 @@ class TaskForward(ModuleUnit):
 
     def stack_losses(self, task_losses: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Task losses in registry order (0 for a task without one) and the mask of tasks that have one."""
-        task_names = self.module.task_names
+        task_names = self.task_names
         if len(task_losses) == len(task_names):  # every task present: the common case
             losses = torch.stack([task_losses[name] for name in task_names])
             self._all_present_mask = all_true(self._all_present_mask, len(task_names), losses.device)
