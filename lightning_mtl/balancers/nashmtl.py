@@ -92,7 +92,7 @@ class NashMTL(GramianBalancer):
         self._solver_step = 0.0
 
     def get_extra_state(self) -> dict[str, Any]:
-        step = float(self._solver.step) if self._solver is not None else self._solver_step
+        step = float(getattr(self._solver, "step", self._solver_step)) if self._solver is not None else self._solver_step
         return {"warm_start": self._warm_start, "solver_step": step}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
