@@ -102,10 +102,27 @@ _EVAL_SPLITS = ("val", "test", "predict")
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
+def _check_columns(what: str, data: Any) -> None:
+    """A tuple of tensors with one first dimension, ``(X, y)``, is columns, not a dataset of items: it would be read
+    as a dataset of len(tuple) items and fail later in collation. Refuse it, with the wrapping that works."""
+    if (
+        isinstance(data, tuple)
+        and len(data) >= 2
+        and all(isinstance(column, torch.Tensor) and column.ndim >= 1 for column in data)
+        and len({column.shape[0] for column in data}) == 1
+    ):
+        shapes = ", ".join(str(tuple(column.shape)) for column in data)
+        raise TypeError(
+            f"{what} is a tuple of {len(data)} tensors ({shapes}), i.e. columns (X, y), not a Dataset of items; "
+            f"it would be read as a dataset of {len(data)} items. Wrap it: torch.utils.data.TensorDataset(X, y)."
+        )
+
+
 def _check_split(split: str, data: Optional[Split]) -> None:
     if data is None:
         return
     if not isinstance(data, Mapping):
+        _check_columns(f"The `{split}` dataset", data)
         if not isinstance(data, IterableDataset) and hasattr(data, "__len__") and len(data) == 0:
             raise ValueError(f"The `{split}` dataset is empty.")
         return
@@ -113,6 +130,7 @@ def _check_split(split: str, data: Optional[Split]) -> None:
         raise ValueError(f"`{split}` is an empty mapping; give at least one task's dataset.")
     for task, dataset in data.items():
         _check_task_name(task)
+        _check_columns(f"The `{split}` dataset of task {task!r}", dataset)
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
             raise TypeError(
                 f"The `{split}` dataset of task {task!r} must be map-style (indexable, with a length) "

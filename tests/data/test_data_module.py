@@ -375,3 +375,14 @@ def test_setup_without_a_multi_process_trainer_does_nothing() -> None:
     dm.setup("fit")  # no Trainer
     dm.trainer = SimpleNamespace(world_size=1, strategy=None)
     dm.setup("fit")
+
+
+@pytest.mark.parametrize("per_task", [True, False], ids=["per-task", "shared-input"])
+def test_a_tuple_of_tensors_is_refused_with_the_wrapping_that_works(per_task) -> None:
+    """``train={"a": (X, y)}`` was read as a 2-item dataset and failed later in collation."""
+    X, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+    train = {"a": (X, y)} if per_task else (X, y)
+    where = "The `train` dataset of task 'a'" if per_task else "The `train` dataset"
+    with pytest.raises(TypeError, match=rf"{where} is a tuple of 2 tensors \(\(10, 3\), \(10,\)\).*columns.*2 items.*TensorDataset\(X, y\)"):
+        MultiTaskDataModule(train=train)
+    MultiTaskDataModule(train={"a": torch.utils.data.TensorDataset(X, y)} if per_task else torch.utils.data.TensorDataset(X, y))
