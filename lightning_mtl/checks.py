@@ -67,12 +67,18 @@ def check_gradient_strategy(strategy: Any, balancer: Balancer, gradients: str) -
         )
 
 
-def check_sampling_under_ddp(datamodule: Any, plain_ddp: bool) -> None:
-    """Single-task sampling leaves the other heads without gradient; plain DDP rejects that mid-run."""
+def _one_task_per_step(datamodule: Any) -> Optional[str]:
+    """The data module's sampling mode when each of its steps holds one task (per-task data), else None."""
     sampling = getattr(datamodule, "sampling", None)
     if sampling in (None, "zip", "zip_shortest") or getattr(datamodule, "task_names", None) is None:
-        return
-    if plain_ddp:
+        return None
+    return sampling
+
+
+def check_sampling_under_ddp(datamodule: Any, plain_ddp: bool) -> None:
+    """Single-task sampling leaves the other heads without gradient; plain DDP rejects that mid-run."""
+    sampling = _one_task_per_step(datamodule)
+    if sampling is not None and plain_ddp:
         raise ValueError(
             f"sampling={sampling!r} trains one task per step, so the other tasks' heads get no gradient in "
             "that step, which plain DDP rejects. Use Trainer(strategy='ddp_find_unused_parameters_true') "
@@ -82,9 +88,8 @@ def check_sampling_under_ddp(datamodule: Any, plain_ddp: bool) -> None:
 
 def check_balancer_under_sampling(datamodule: Any, balancer: Balancer) -> None:
     """A balancer that compares the tasks of a step does nothing when every step holds one task."""
-    sampling = getattr(datamodule, "sampling", None)
-    task_names = getattr(datamodule, "task_names", None)
-    if sampling in (None, "zip", "zip_shortest") or not task_names or len(task_names) < 2:
+    sampling = _one_task_per_step(datamodule)
+    if sampling is None or len(datamodule.task_names) < 2:
         return
     if not balancer.supports_one_task_per_step:
         name = type(balancer).__name__
