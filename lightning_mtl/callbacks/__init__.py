@@ -1,6 +1,8 @@
 """Callbacks: diagnostics and training-schedule switches for multi-task models."""
 
 from lightning_mtl.callbacks.gate_statistics import GateStatistics
+from lightning_mtl.callbacks.model_summary import MultiTaskModelSummary
 from lightning_mtl.callbacks.sequential_transfer import SequentialTransfer
+from lightning_mtl.callbacks.task_table import TaskTable
 
-__all__ = ["GateStatistics", "SequentialTransfer"]
+__all__ = ["GateStatistics", "MultiTaskModelSummary", "SequentialTransfer", "TaskTable"]
