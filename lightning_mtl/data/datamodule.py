@@ -3,13 +3,17 @@
 Two forms of data, chosen per split by what you pass:
 
 **Shared input** -- a single ``Dataset`` whose items are ``(x, {task: y})``: every sample carries
-labels for all tasks. The data module is a thin wrapper returning a plain
-:class:`~torch.utils.data.DataLoader` (default collate), so batches are ``(x, {task: y})``. Only
-``sampling="zip"`` means something here; any other mode raises ``ValueError``, as does a
-``batch_size`` mapping. Lightning treats this loader like any other: under DDP it injects a
-``DistributedSampler`` (``use_distributed_sampler=True``; Lightning's training sampler shuffles
-even with ``shuffle=False``), and mid-epoch resume is not exact (plain DataLoaders carry no
-state). With ``shuffle=True`` the single-process order is seeded by ``seed``.
+labels for all tasks. Batches are ``collate_fn`` of the items (default collate), so ``(x, {task: y})``.
+Only ``sampling="zip"`` means something here; any other mode raises ``ValueError``, as does a
+``batch_size`` mapping. A map-style training dataset is read through a
+:class:`~lightning_mtl.data.loader.SharedInputLoader`: its order is a pure function of ``(seed, epoch)``
+(``shuffle=False`` keeps the dataset order), it is sharded across DDP processes the way
+``DistributedSampler`` shards (unless ``Trainer(use_distributed_sampler=False)``: then every process
+reads its whole dataset, its own shard on purpose), and its position is in the checkpoint, so resume is
+exact, as for per-task data (see *Resume*). Validation, test and predict use a plain
+:class:`~torch.utils.data.DataLoader` in dataset order, into which Lightning injects its
+``DistributedSampler`` under DDP. An ``IterableDataset`` yields its own order: it is read by a plain
+``DataLoader`` for every split and carries no resumable position.
 
 Default collation turns tuples into lists, so "``(x, y)``" below is a two-element list
 ``[x_batch, y_batch]``; ``x, y = batch[task]`` unpacks either.
@@ -61,14 +65,14 @@ prediction would not hang but skip or repeat samples) and raises ``ValueError`` 
 they differ, naming the split, each task and its length on each rank. Build the same datasets on
 every process (same files, same seed for a random split) and let them be sharded; a subclass that
 overrides ``setup`` should call ``super().setup(stage)``. A shared-input dataset is checked as well
-when Lightning injects its ``DistributedSampler`` (the default): that sampler pads the *local*
+when it is sharded (``use_distributed_sampler=True``, the default): the sharding pads the *local*
 length, so different lengths give different step counts too. It is not checked with
 ``use_distributed_sampler=False`` (each process may hold its own shard on purpose), nor when it is
 an ``IterableDataset`` (no length).
 
 Resume
 ------
-The training ``MultiTaskLoader`` implements ``state_dict``/``load_state_dict``; Lightning's fit loop
+The training loader (``MultiTaskLoader``, or ``SharedInputLoader`` for a shared-input dataset) implements ``state_dict``/``load_state_dict``; Lightning's fit loop
 stores it in the checkpoint (``loops.fit_loop.state_dict.combined_loader``) and restores it, so
 ``fit(ckpt_path=...)`` continues the same schedule and the same per-task sample order, from the
 start of the next epoch or from the middle of the interrupted one; skipped steps load no data.
@@ -87,9 +91,10 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from lightning_mtl.data.loader import MultiTaskLoader
+from lightning_mtl.data.loader import SHARED_INPUT, MultiTaskLoader, SharedInputLoader
 from lightning_mtl.data.sampler import (
     MultiTaskSampler,
+    Sampling,
     _check_batch_size,
     _check_sampling,
     _check_task_name,
@@ -188,8 +193,8 @@ def _check_lengths_across_processes(
             "numbers of steps (a hang, or gradient syncs pairing different steps):\n"
             + "\n".join(mismatched)
             + "\nBuild the same datasets on every process (the same files, the same seed for any random split) "
-            "and let them be sharded across processes (MultiTaskDataModule shards per-task datasets, "
-            "Lightning's DistributedSampler a shared-input one) instead of splitting the data per process."
+            "and let them be sharded across processes (MultiTaskDataModule shards training data, Lightning's "
+            "DistributedSampler shared-input evaluation data) instead of splitting the data per process."
         )
 
 
@@ -220,7 +225,7 @@ class MultiTaskDataModule(LightningDataModule):
         test: Optional[Split] = None,
         predict: Optional[Split] = None,
         batch_size: Union[int, Mapping[str, int]] = 32,
-        sampling: str = "zip",
+        sampling: Sampling = "zip",
         temperature: float = 2.0,
         num_workers: int = 0,
         seed: int = 0,
@@ -301,8 +306,8 @@ class MultiTaskDataModule(LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.world_size <= 1:
             return
-        # Lightning injects a DistributedSampler into a shared-input loader only with this option.
-        distributed_sampler = getattr(trainer._accelerator_connector, "use_distributed_sampler", False)
+        # A shared-input dataset is sharded across processes only with this option (see the module docstring).
+        distributed_sampler = self._lightning_shards_shared_input()
         lengths: dict[tuple[str, Optional[str]], int] = {}
         for split in _STAGE_SPLITS.get(stage, tuple(self.splits)):
             data = self.splits[split]
@@ -324,19 +329,17 @@ class MultiTaskDataModule(LightningDataModule):
             return []
         training = split == "train"
         if not isinstance(data, Mapping):
-            # An IterableDataset yields its own order: a DataLoader refuses any shuffle option for it.
-            iterable = isinstance(data, IterableDataset)
-            shuffle = training and self.shuffle and not iterable
-            generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+            if training and not isinstance(data, IterableDataset):
+                return self._shared_input_training_loader(data)
+            # Evaluation in dataset order; an IterableDataset yields its own order (a DataLoader refuses any
+            # shuffle option for it) and carries no resumable position.
             return DataLoader(
                 data,
                 batch_size=self.batch_size,  # type: ignore[arg-type]
-                shuffle=None if iterable else shuffle,
                 drop_last=training and self.drop_last,
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 collate_fn=self.collate_fn,
-                generator=generator,
             )
         batch_size = self.batch_size
         if isinstance(batch_size, Mapping):
@@ -361,6 +364,29 @@ class MultiTaskDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
         )
+
+    def _shared_input_training_loader(self, data: Dataset) -> SharedInputLoader:
+        """A resumable loader over a map-style shared-input dataset, sharded by us as Lightning would shard it."""
+        rank, world_size = self._replicas()
+        if self.trainer is not None and not self._lightning_shards_shared_input():
+            rank, world_size = 0, 1  # use_distributed_sampler=False: each process reads its whole dataset
+        sampler = MultiTaskSampler(
+            {SHARED_INPUT: len(data)},  # type: ignore[arg-type]
+            batch_size=self.batch_size,  # type: ignore[arg-type]
+            sampling="zip",
+            seed=self.seed,
+            shuffle=self.shuffle,
+            drop_last=self.drop_last,
+            rank=rank,
+            world_size=world_size,
+        )
+        return SharedInputLoader(
+            data, sampler, collate_fn=self.collate_fn, num_workers=self.num_workers, pin_memory=self.pin_memory
+        )
+
+    def _lightning_shards_shared_input(self) -> bool:
+        """Whether the Trainer's ``use_distributed_sampler`` asks for a shared-input dataset to be sharded."""
+        return bool(getattr(self.trainer._accelerator_connector, "use_distributed_sampler", False))
 
     def train_dataloader(self) -> Any:
         return self._loader("train")

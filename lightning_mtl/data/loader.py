@@ -159,14 +159,28 @@ class MultiTaskLoader:
                 raise ValueError(
                     f"Task {task!r} has {len(dataset)} samples but the sampler expects {sampler.sizes[task]}."  # type: ignore[arg-type]
                 )
-        self.dataset = _TaskDataset(datasets, collate_fn)
-        self.sampler = sampler
         # Each step goes through the DataLoader as one `[(task, indices), ...]` group list, fetched
         # and collated per task by `_TaskDataset.__getitems__` (no per-sample `(task, index)` keys).
+        self._build(_TaskDataset(datasets, collate_fn), sampler, _Steps(sampler), _collated,
+                    num_workers, pin_memory, worker_init_fn, persistent_workers)
+
+    def _build(
+        self,
+        dataset: Dataset,
+        sampler: MultiTaskSampler,
+        steps: Any,
+        collate_fn: Callable[[Any], Any],
+        num_workers: int,
+        pin_memory: bool,
+        worker_init_fn: Optional[Callable[[int], None]],
+        persistent_workers: bool,
+    ) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
         self.dataloader = DataLoader(
-            self.dataset,
-            batch_sampler=_Steps(sampler),
-            collate_fn=_collated,
+            dataset,
+            batch_sampler=steps,
+            collate_fn=collate_fn,
             num_workers=num_workers,
             pin_memory=pin_memory,
             worker_init_fn=worker_init_fn,
@@ -252,3 +266,55 @@ class MultiTaskLoader:
             epoch, step = epoch + 1, 0
         self.sampler.resume(epoch, step)
         self._step, self._step_epoch = step, epoch
+
+
+SHARED_INPUT = "shared input"
+"""The sampler's one task name for a shared-input dataset (it appears in the loader's checkpoint state)."""
+
+
+class _SharedInputSteps:
+    """The inner ``DataLoader``'s batch sampler for one shared-input dataset: each step's indices."""
+
+    def __init__(self, sampler: MultiTaskSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for ((_, indices),) in self.sampler._iter_steps():
+            yield indices.tolist()
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SharedInputLoader(MultiTaskLoader):
+    """Iterable over shared-input batches ``collate_fn([dataset[i], ...])``, resumable like :class:`MultiTaskLoader`.
+
+    A shared-input dataset (items ``(x, {task: y})``) is scheduled as one task named :data:`SHARED_INPUT` in
+    ``zip`` mode: the order of an epoch is a pure function of ``(seed, epoch)``, it is sharded across DDP
+    processes as ``DistributedSampler`` shards, and the loader's ``state_dict`` puts the position in the
+    checkpoint, so ``fit(ckpt_path=...)`` continues the interrupted epoch with the same samples. Items are
+    fetched as a plain ``DataLoader`` fetches them (``dataset.__getitems__`` where defined, else one
+    ``dataset[i]`` each) and collated by ``collate_fn`` (default :func:`~torch.utils.data.default_collate`).
+
+    Args:
+        dataset: a map-style dataset of ``len(dataset) == sampler.sizes[SHARED_INPUT]`` items.
+        sampler: a :class:`MultiTaskSampler` whose one task is :data:`SHARED_INPUT`.
+        collate_fn, num_workers, pin_memory, worker_init_fn, persistent_workers: as for :class:`MultiTaskLoader`.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        sampler: MultiTaskSampler,
+        collate_fn: Optional[Callable[[list[Any]], Any]] = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        worker_init_fn: Optional[Callable[[int], None]] = None,
+        persistent_workers: bool = False,
+    ) -> None:
+        if sampler.tasks != [SHARED_INPUT]:
+            raise ValueError(f"A SharedInputLoader needs a sampler whose one task is {SHARED_INPUT!r}, got {sampler.tasks}.")
+        if len(dataset) != sampler.sizes[SHARED_INPUT]:  # type: ignore[arg-type]
+            raise ValueError(f"The dataset has {len(dataset)} items but the sampler expects {sampler.sizes[SHARED_INPUT]}.")  # type: ignore[arg-type]
+        self._build(dataset, sampler, _SharedInputSteps(sampler), collate_fn or default_collate,
+                    num_workers, pin_memory, worker_init_fn, persistent_workers)

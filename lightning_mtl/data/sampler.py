@@ -69,20 +69,16 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterator, Mapping
-from typing import Union
+from typing import Literal, Union, get_args
 
 import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-SAMPLING_MODES: tuple[str, ...] = (
-    "zip",
-    "zip_shortest",
-    "round_robin",
-    "proportional",
-    "temperature",
-    "sequential",
-)
+Sampling = Literal["zip", "zip_shortest", "round_robin", "proportional", "temperature", "sequential"]
+"""A sampling mode's name; as a type hint it lets a config parser check the name and list the choices."""
+
+SAMPLING_MODES: tuple[str, ...] = get_args(Sampling)
 
 # Seed-sequence tags: keep the schedule stream apart from the permutation streams.
 _SCHEDULE_STREAM = 0

@@ -16,9 +16,8 @@ from numbers import Integral
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 _SPLITS = ("train", "val", "test")
 _DIGIT = 8
@@ -305,94 +304,57 @@ def multidigits_per_task(
     return datasets
 
 
-class MultiDigitsDataModule(LightningDataModule):
-    """Shared-input ``(x, {task: y})`` batches of :class:`MultiDigits` for train/val/test/predict.
+class MultiDigitsTask(Dataset):
+    """One task of :class:`MultiDigits` as its own dataset of ``(x, y)`` items: the per-task form, for YAML.
 
-    ``x`` has shape ``(batch_size, 1, 12, 20)``; ``"left"`` and ``"right"`` targets are
-    ``int64`` of shape ``(batch_size,)`` and ``"sum"`` is standardised ``float32`` of shape
-    ``(batch_size,)``. The train loader is shuffled by a generator seeded with ``seed``; the
-    others are not shuffled, and ``predict`` serves the test split.
+    ``MultiTaskDataModule(train={"left": MultiDigitsTask("left", seed=1), "sum": MultiDigitsTask("sum", size=300,
+    seed=2)}, sampling=...)`` and the same with ``class_path`` per task in a config. Items are ``x`` of shape
+    ``(1, 12, 20)`` and the task's 0-dim target, as in :class:`MultiDigits`. Tasks built with the same ``seed``
+    and ``split`` share their images (the first ``size`` composites of that seed); give each task its own ``seed``
+    for tasks with different images, as separate datasets would have. Splits stay disjoint by source image.
 
     Args:
-        batch_size: items per batch.
-        train_size: number of training composites.
-        val_size: number of validation composites.
-        test_size: number of test composites (also used for predict).
-        seed: seed of the composites and of the training shuffle.
-        num_workers: DataLoader worker processes.
-        tasks: tasks whose targets the batches carry, a subset of ``MultiDigits.TASKS``.
-        split_seed: seed of the source-image partition between splits.
+        task: one of ``MultiDigits.TASKS``.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        size: number of items; ``None`` uses ``MultiDigits.DEFAULT_SIZES[split]``.
+        seed, split_seed, val_fraction, test_fraction, standardize_sum: as for :class:`MultiDigits`.
     """
 
     def __init__(
         self,
-        batch_size: int = 64,
-        train_size: int = 10_000,
-        val_size: int = 2_000,
-        test_size: int = 2_000,
+        task: str,
+        split: str = "train",
+        size: int | None = None,
         seed: int = 0,
-        num_workers: int = 0,
-        tasks: Sequence[str] = ("left", "right", "sum"),
         split_seed: int = 0,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        standardize_sum: bool = True,
     ) -> None:
-        super().__init__()
-        sizes = {"train": train_size, "val": val_size, "test": test_size}
-        _check_size("batch_size", batch_size)
-        for split, value in sizes.items():
-            _check_size(f"{split}_size", value)
-        _check_seed("seed", seed)
-        _check_seed("split_seed", split_seed)
-        if not _is_int(num_workers) or num_workers < 0:
-            raise ValueError(f"`num_workers` must be a non-negative int, got {num_workers!r}.")
-        self.save_hyperparameters()
-        self.batch_size = batch_size
-        self.sizes = sizes
-        self.seed = seed
-        self.num_workers = num_workers
-        self.tasks = _check_tasks(tasks)
-        self.split_seed = split_seed
-        self.datasets: dict[str, MultiDigits] = {}
-
-    def setup(self, stage: str | None = None) -> None:
-        splits = {
-            "fit": ("train", "val"),
-            "validate": ("val",),
-            "test": ("test",),
-            "predict": ("test",),
-        }
-        for split in splits.get(stage, _SPLITS) if stage is not None else _SPLITS:
-            self._dataset(split)
-
-    def _dataset(self, split: str) -> MultiDigits:
-        if split not in self.datasets:
-            self.datasets[split] = MultiDigits(
-                split,
-                size=self.sizes[split],
-                seed=self.seed,
-                tasks=self.tasks,
-                split_seed=self.split_seed,
-            )
-        return self.datasets[split]
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self._dataset(split),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+        if not isinstance(task, str) or task not in MultiDigits.TASKS:
+            raise ValueError(f"`task` must be one of {MultiDigits.TASKS}, got {task!r}.")
+        source = MultiDigits(
+            split,
+            size=size,
+            seed=seed,
+            tasks=(task,),
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            split_seed=split_seed,
+            standardize_sum=standardize_sum,
         )
+        self.task, self.split, self.seed = task, split, seed
+        self.images, self.targets = source.images, source.targets[task]
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def __len__(self) -> int:
+        return len(self.images)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.targets[index]
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, Tensor]]:
+        index = torch.as_tensor(indices)
+        return list(zip(self.images[index], self.targets[index]))
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(task={self.task!r}, split={self.split!r}, size={len(self)}, seed={self.seed})"

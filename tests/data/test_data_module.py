@@ -10,7 +10,7 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.fabric.utilities.types import _Stateful
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from lightning_mtl.data import MultiTaskDataModule, MultiTaskLoader, MultiTaskSampler
+from lightning_mtl.data import MultiTaskDataModule, MultiTaskLoader, MultiTaskSampler, SharedInputLoader
 
 
 def ids_dataset(size: int, offset: int = 0) -> TensorDataset:
@@ -132,13 +132,16 @@ def test_eval_sharding_pads_but_predict_does_not() -> None:
         assert sum(seen.values()) == (12 + 27 if padded else 35)
 
 
-def test_shared_input_is_a_plain_dataloader() -> None:
+def test_shared_input_trains_from_a_resumable_loader_and_evaluates_from_a_dataloader() -> None:
     dm = MultiTaskDataModule(SharedDataset(), val=SharedDataset(), batch_size=5, shuffle=False)
     assert dm.task_names is None
     loader = dm.train_dataloader()
-    assert type(loader) is DataLoader
-    x, y = next(iter(loader))
+    assert type(loader) is SharedInputLoader
+    batches = list(loader)
+    x, y = batches[0]
     assert x.shape == (5, 1) and set(y) == {"depth", "seg"} and y["seg"].shape == (5,)
+    # shuffle=False keeps the dataset order, like a plain DataLoader
+    assert torch.cat([x for x, _ in batches]).flatten().tolist() == [SharedDataset()[i][0].item() for i in range(len(SharedDataset()))]
     assert type(dm.val_dataloader()) is DataLoader
 
 

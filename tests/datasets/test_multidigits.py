@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
 
+from lightning_mtl.data import SharedInputLoader
 from lightning_mtl.datasets import MultiDigits, MultiDigitsDataModule, multidigits_per_task
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
@@ -279,7 +279,7 @@ def test_datamodule_from_config():
     data = instantiate(config).data
     assert isinstance(data, MultiDigitsDataModule)
     assert data.batch_size == 16 and data.tasks == ("left", "sum")
-    assert isinstance(data.train_dataloader(), DataLoader)
+    assert isinstance(data.train_dataloader(), SharedInputLoader)  # resumable: the position is checkpointed
     assert data.hparams.train_size == 64
 
 
