@@ -130,7 +130,9 @@ class TaskEvaluation(ModuleUnit):
                     total, found = total + module.tasks[name].weight * value, True
                     for metric_name, metric in metrics[name].items():
                         value = _compute(name, metric_name, metric, quietly=False)
-                        module.log(f"{stage}/{name}/{metric_name}{suffix}", value, add_dataloader_idx=False)
+                        module.log(
+                            f"{stage}/{name}/{metric_name}{suffix}", value, prog_bar=stage == "val", add_dataloader_idx=False
+                        )
                 task_losses[name].reset()
                 for metric in metrics[name].values():
                     metric.reset()

@@ -199,11 +199,16 @@ class MultiTaskModule(LightningModule):
         if self._regularization_losses is not None:
             total = total + self._regularization(batch_size)
         # Each `self.log` call costs ~0.1 ms; per-task step values only reach the logger on its logging
-        # steps (every `log_every_n_steps`), so they are logged only then.
-        if log_tasks:
+        # steps (every `log_every_n_steps`), so without a progress bar they are logged only then. A progress
+        # bar shows them every step, so that they move with train/loss instead of standing still in between.
+        if log_tasks or self._progress_bar_shown():
             for name, loss in task_losses.items():
                 self.log(f"train/{name}/loss", loss, prog_bar=True, batch_size=counts[name])
         return total
+
+    def _progress_bar_shown(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and trainer.progress_bar_callback is not None
 
     def _step_context(self, batch_idx: int) -> StepContext:
         """The step's view of the run, and a fresh record of the step (read by :attr:`last_step`)."""
