@@ -122,7 +122,7 @@ class MultiTaskBackbone(nn.Module):
             raise ValueError(f"{type(self).__name__} has no task {task!r}; its tasks are {list(self.tasks)}.")
 
 
-def parameter_counts(module: Any) -> dict[str, int]:
+def parameter_counts(module: Any, trainable_only: bool = False) -> dict[str, int]:
     """Number of parameters that are shared and that belong to each task, for a ``MultiTaskModule``.
 
     ``"shared"``: backbone parameters used by all tasks (for a plain backbone, i.e. hard sharing, all
@@ -130,6 +130,7 @@ def parameter_counts(module: Any) -> dict[str, int]:
     :meth:`~MultiTaskBackbone.task_parameters` yields (gates, towers, columns, attention modules).
     Parameters reachable twice (tied weights) count once. The values add up to the number of distinct
     parameters of backbone and heads (a balancer's own parameters, if any, are not counted).
+    ``trainable_only=True`` counts only the parameters that require gradients, with the same split.
     """
     backbone, heads, task_names = module.backbone, module.heads, list(module.task_names)
     if "shared" in task_names:
@@ -144,10 +145,14 @@ def parameter_counts(module: Any) -> dict[str, int]:
             owned[name].update((id(p), p) for p in backbone.task_parameters(name))
     for name in task_names:
         owned[name].update((id(p), p) for p in heads[name].parameters())
+
+    def size(p: nn.Parameter) -> int:
+        return p.numel() if p.requires_grad or not trainable_only else 0
+
     seen: set[int] = set()
     counts: dict[str, int] = {}
     for name in task_names:
-        counts[name] = sum(p.numel() for key, p in owned[name].items() if key not in seen)
+        counts[name] = sum(size(p) for key, p in owned[name].items() if key not in seen)
         seen.update(owned[name])
-    counts["shared"] = sum(p.numel() for p in backbone.parameters() if id(p) not in seen)
+    counts["shared"] = sum(size(p) for p in backbone.parameters() if id(p) not in seen)
     return {"shared": counts.pop("shared"), **counts}

@@ -7,9 +7,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
 
-from lightning_mtl.architectures.base import MultiTaskBackbone, parameter_counts
+from lightning_mtl.architectures.base import parameter_counts
 
 Row = tuple[str, int, int]
 
@@ -23,7 +22,7 @@ def parameter_rows(module: Any) -> list[Row]:
     balancer's or a loss's), and ``"total"``, Lightning's "Total params".
     """
     totals = parameter_counts(module)
-    trainable = _trainable_counts(module)
+    trainable = parameter_counts(module, trainable_only=True)
     rows = [("shared", trainable["shared"], totals["shared"])]
     rows += [(f"task {name}", trainable[name], totals[name]) for name in module.task_names]
     parameters = list(module.parameters())
@@ -34,22 +33,6 @@ def parameter_rows(module: Any) -> list[Row]:
         rows.append(("other", *other))
     rows.append(("total", total_trainable, total))
     return rows
-
-
-def _trainable_counts(module: Any) -> dict[str, int]:
-    """:func:`parameter_counts` of the parameters that require gradients: the same split and order."""
-    owner: dict[int, str] = {}
-    for name in module.task_names:  # a parameter owned by several tasks counts for the first, as there
-        own = list(module.heads[name].parameters())
-        if isinstance(module.backbone, MultiTaskBackbone):
-            own += list(module.backbone.task_parameters(name))
-        for p in own:
-            owner.setdefault(id(p), name)
-    counts = {"shared": 0, **{name: 0 for name in module.task_names}}
-    for p in nn.ModuleList([module.backbone, module.heads]).parameters():  # each parameter once
-        if p.requires_grad:
-            counts[owner.get(id(p), "shared")] += p.numel()
-    return counts
 
 
 def format_parameter_rows(rows: list[Row]) -> str:
