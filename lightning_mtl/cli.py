@@ -20,24 +20,44 @@ checkpoints) saves its config beside it as ``config-<subcommand>-<n>.yaml``.
 anything runs: a truncated or damaged checkpoint stops the command with a ``ValueError`` naming the
 file and the intact checkpoints in its folder, newest first. The CLI never falls back to another
 checkpoint by itself: that would resume from a different step without saying so.
+
+Mistakes found at parse time, before anything is built, stop the command with a short message and no
+traceback (:class:`ConfigError`): a misspelt ``--model.balancer`` name (the valid names are listed), and
+Lightning's top-level ``--optimizer``/``--lr_scheduler`` (the model's own ``--model.optimizer`` and
+``--model.lr_scheduler`` are the only ones; Lightning's would silently replace them).
+
+``predict`` writes each task's predictions into the run's folder (:class:`TaskPredictionWriter`,
+``<run folder>/predictions/<task>.pt``) unless the trainer already has a prediction writer.
+:func:`lightning_mtl.load_run` rebuilds a run's model from its ``config.yaml`` and a checkpoint.
+See ``docs/cli.md``.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import itertools
 import os
+import re
+import sys
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from fsspec.implementations.local import LocalFileSystem
+from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
 
+from lightning_mtl.balancers import BALANCERS, resolve_balancer
+from lightning_mtl.callbacks.prediction_writer import TaskPredictionWriter
 from lightning_mtl.module import MultiTaskModule
+from lightning_mtl.runs import run_dir as _run_dir
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -80,15 +100,72 @@ class SaveRunConfig(SaveConfigCallback):
         return None
 
 
+class ConfigError(ValueError):
+    """A mistake in the command line or config, found while parsing, before anything is built.
+
+    ``lightning-mtl`` prints the message without a traceback and exits with status 2, as for a parser error;
+    :func:`run` raises it.
+    """
+
+
 class MultiTaskCLI(LightningCLI):
-    """``LightningCLI`` for :class:`MultiTaskModule` with any ``LightningDataModule``."""
+    """``LightningCLI`` for :class:`MultiTaskModule` with any ``LightningDataModule``.
+
+    Beyond Lightning's: the model and data arguments of :func:`experiment_arguments`, ``--test_after_fit``, a
+    readable ``--help`` (:class:`HelpFormatter`), parse-time checks (:class:`ConfigError`), checked
+    ``--ckpt_path`` files, and a :class:`TaskPredictionWriter` for ``predict``.
+    """
 
     _verified_ckpt: Optional[str] = None  # the checkpoint already checked whole, so it is read once
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        experiment_arguments(parser)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="fit only: run the test split after fit (best checkpoint)."
         )
+        # Lightning's top-level optimizer and scheduler are not ours (auto_configure_optimizers=False); the keys stay,
+        # hidden, so that configs saved before (``optimizer: null``) still load, and anything else is refused.
+        for key in _LIGHTNING_OPTIMIZER_KEYS:
+            parser.add_argument(f"--{key}", type=Optional[Any], default=None, help=argparse.SUPPRESS)
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        for action in self.parser._actions:
+            for choice in getattr(action, "_choices_actions", ()):  # the sub-commands' one-line summaries
+                choice.help = _SUMMARIES.get(choice.dest, choice.help)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        for group in parser._action_groups:
+            keys = {action.dest.split(".")[0] for action in group._group_actions}
+            title = next((_GROUP_TITLES[key] for key in keys if key in _GROUP_TITLES), None)
+            if "ckpt_path" in keys:
+                title = f"{subcommand}: the checkpoint to start from, and the run"
+            if title is not None:
+                group.title, group.description = title, None
+        return parser
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse as Lightning does, then refuse what :class:`ConfigError` describes, before anything is built."""
+        given = sys.argv[1:] if args is None else args
+        if isinstance(given, Sequence) and not isinstance(given, str):
+            for arg in given:
+                match = re.fullmatch(r"--(optimizer|lr_scheduler)([.=].*)?", str(arg))
+                if match:
+                    raise ConfigError(_optimizer_rule(match.group(1)))
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        for key in _LIGHTNING_OPTIMIZER_KEYS:
+            if config.get(key) is not None:
+                raise ConfigError(_optimizer_rule(key))
+        check_balancer_name(config.get("model.balancer"))
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI opens an existing --ckpt_path file right after parsing (for hyper-parameters): check it first
@@ -101,7 +178,12 @@ class MultiTaskCLI(LightningCLI):
     def before_fit(self) -> None:
         self._resolve_ckpt_path()
 
-    before_validate = before_test = before_predict = before_fit
+    before_validate = before_test = before_fit
+
+    def before_predict(self) -> None:
+        self._resolve_ckpt_path()
+        if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
+            self.trainer.callbacks.append(TaskPredictionWriter())
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
@@ -135,6 +217,70 @@ class MultiTaskCLI(LightningCLI):
         if damage is not None:
             raise ValueError(_damaged(given, path, damage))
         self._verified_ckpt = path
+
+
+def experiment_arguments(parser: LightningArgumentParser, build_model: bool = True, data: bool = True) -> None:
+    """The ``model`` and ``data`` arguments of every sub-command (what Lightning's ``add_lightning_class_args`` adds
+    for them). :func:`lightning_mtl.load_run` reads a run's config with these same definitions, ``build_model=False``
+    leaving the model as its constructor's arguments (for ``load_from_checkpoint``)."""
+    parser.add_class_arguments(MultiTaskModule, "model", fail_untyped=False, instantiate=build_model, sub_configs=True)
+    if data:
+        parser.add_lightning_class_args(LightningDataModule, "data", subclass_mode=True)
+    for action in parser._actions:
+        if not action.help and action.dest in _MISSING_HELP:
+            action.help = _MISSING_HELP[action.dest]
+
+
+def check_balancer_name(balancer: Any) -> None:
+    """Refuse a ``--model.balancer`` string that is no registered name (case-insensitive), listing the valid ones.
+
+    A ``class_path`` config arrives here as a string only when it did not validate; it is refused with the reason.
+    """
+    if not isinstance(balancer, str) or balancer.lower() in BALANCERS:
+        return
+    if "class_path" in balancer or balancer.lstrip().startswith("{"):
+        try:
+            resolve_balancer(balancer)
+        except ValueError as error:
+            raise ConfigError(f"--model.balancer: {error}") from None
+    close = difflib.get_close_matches(balancer.lower(), list(BALANCERS), n=1)
+    guess = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(
+        f"--model.balancer: unknown balancer {balancer!r}{guess}. Valid names (case-insensitive): "
+        f"{', '.join(sorted(BALANCERS))}; or a class_path with init_args, e.g. "
+        "--model.balancer '{class_path: lightning_mtl.balancers.UPGrad}'."
+    )
+
+
+_LIGHTNING_OPTIMIZER_KEYS = ("optimizer", "lr_scheduler")
+
+_GROUP_TITLES = {
+    "trainer": "trainer: Lightning's Trainer (devices, epochs, precision, logger, callbacks)",
+    "model": "model: the multi-task model, lightning_mtl.MultiTaskModule (a shared backbone, one head per task)",
+    "data": "data: any LightningDataModule, by class_path",
+}
+
+_MISSING_HELP = {
+    # shown until MultiTaskModule's docstring documents the argument (the docstring is the source of the others)
+    "model.gradients": (
+        "which per-task gradients a gradient-level balancer combines: ``\"parameters\"``, the exact Jacobian of "
+        "the task losses w.r.t. the shared parameters, or ``\"representation\"``, w.r.t. the backbone's output "
+        "(MGDA-UB; cheaper, for shared-input batches). Loss-level balancers ignore it."
+    ),
+}
+
+
+def _optimizer_rule(key: str) -> str:
+    example = {
+        "optimizer": "--model.optimizer torch.optim.SGD --model.optimizer.lr 0.1",
+        "lr_scheduler": "--model.lr_scheduler torch.optim.lr_scheduler.StepLR --model.lr_scheduler.step_size 10",
+    }[key]
+    monitor = "; a ReduceLROnPlateau there monitors val/loss" if key == "lr_scheduler" else ""
+    return (
+        f"the top-level --{key} (or {key}: at the top of a config) is refused: the {key} belongs to the model, and "
+        f"Lightning's top-level one would replace the model's without a word. Use --model.{key} "
+        f"(e.g. {example}{monitor}), or put {key}: under model: in the YAML config."
+    )
 
 
 def checkpoint_damage(path: str) -> Optional[str]:
@@ -200,16 +346,6 @@ def _refusal(config_path: str, run_dir: str) -> str:
     )
 
 
-def _run_dir(trainer: Trainer) -> str:
-    """The folder of this run's ``checkpoints/``, derived as Lightning's ``ModelCheckpoint`` derives it."""
-    if not trainer.loggers:
-        return str(trainer.default_root_dir)
-    logger = trainer.loggers[0]
-    save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
-    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-    return os.path.join(save_dir, str(logger.name), version)
-
-
 def _claim(fs, path: str) -> bool:
     """Create ``path`` empty unless it exists (atomically on a local disk); True if this call created it."""
     if isinstance(fs, LocalFileSystem):
@@ -225,6 +361,116 @@ def _is_inside(path: str, folder: str) -> bool:
     return Path(path).resolve().is_relative_to(Path(folder).resolve())
 
 
+class HelpFormatter(DefaultHelpFormatter):
+    """``--help`` a person can read: the model's options in full, others cut to their first sentence, classes
+    named briefly (the backbone's and balancer's from this package only), and no ``--<option>.help`` entries
+    (one line of the description says how to use them)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.option_strings and all(option.endswith(".help") for option in action.option_strings):
+            return ""
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = super()._get_help_string(action)
+        if not text:
+            return text
+        start = max(text.rfind(" (type: "), text.rfind(" (required"), text.rfind(" (default: "))
+        description, details = (text[:start], text[start:]) if start >= 0 else (text, "")
+        if not action.dest.startswith("model.") and action.dest != "test_after_fit":
+            description = _first_sentence(description)
+        details, _, known = details.partition(", known subclasses: ")
+        if known:
+            details += "; " + _classes(action.dest, known.rstrip(")").split(", ")) + ")"
+        return description + details
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join(super(HelpFormatter, self)._fill_text(part, width, indent) for part in text.split("\n\n"))
+
+
+def _first_sentence(text: str) -> str:
+    return re.split(r"(?<=[.:])\s+(?=[A-Z`(])", text.strip(), maxsplit=1)[0]
+
+
+def _classes(dest: str, paths: list[str]) -> str:
+    """What an option taking a class accepts, in a few words."""
+    if dest == "model.balancer":
+        return f"names: {', '.join(sorted(BALANCERS))}; or a lightning_mtl.balancers class_path"
+    if dest == "model.backbone":
+        return "any torch.nn.Module by class_path; bundled: " + _grouped(_backbones())
+    if dest == "data":
+        import lightning_mtl.datasets as datasets
+
+        bundled = [f"lightning_mtl.datasets.{name}" for name in datasets.__all__ if name.endswith("DataModule")]
+        paths = [path for path in paths if path != "lightning.LightningDataModule"] + bundled
+    return "known: " + _grouped(paths)
+
+
+def _backbones() -> list[str]:
+    import lightning_mtl.architectures as architectures
+
+    names = []
+    for name in architectures.__all__:
+        cls = getattr(architectures, name)
+        if isinstance(cls, type) and issubclass(cls, nn.Module) and not cls.__module__.endswith((".base", ".heads")):
+            names.append(f"lightning_mtl.architectures.{name}")
+    return names
+
+
+def _grouped(paths: list[str]) -> str:
+    """``a.b.C, a.b.D, e.F`` as ``a.b.{C, D}, e.F``."""
+    groups: dict[str, list[str]] = {}
+    for path in paths:
+        module, _, name = path.rpartition(".")
+        groups.setdefault(module, []).append(name)
+    return ", ".join(
+        f"{module}.{names[0]}" if len(names) == 1 else f"{module}.{{{', '.join(names)}}}"
+        for module, names in groups.items()
+    )
+
+
+_USE = (
+    "Every option can be set in the YAML config (-c) or on the command line, later ones winning. An option that "
+    "takes a class takes its class_path and init_args; --<option>.help CLASS lists a class's init_args, e.g. "
+    "--model.backbone.help lightning_mtl.architectures.SmallCNN. Lightning's own options are shown with the first "
+    "sentence of their documentation. More in docs/cli.md."
+)
+_CKPT = "Give the trained weights with --ckpt_path (a checkpoint of a run, e.g. runs/.../checkpoints/*.ckpt)."
+_SUMMARIES = {
+    "fit": "train a multi-task model",
+    "validate": "evaluate a model on the validation split, per task",
+    "test": "evaluate a model on the test split, per task",
+    "predict": "write each task's predictions to the run's folder",
+}
+_DESCRIPTIONS = {
+    "fit": (
+        "lightning-mtl fit: train a multi-task model (a shared backbone; a head, loss and metrics per task; a "
+        "balancer combining the tasks) on a data module. The run's config.yaml and checkpoints/ go to its own "
+        "folder; --test_after_fit true tests the best checkpoint once training ends."
+    ),
+    "validate": f"lightning-mtl validate: evaluate a multi-task model on the validation split, per task. {_CKPT}",
+    "test": f"lightning-mtl test: evaluate a multi-task model on the test split, per task. {_CKPT}",
+    "predict": (
+        "lightning-mtl predict: write each task's predictions to the run's folder, predictions/<task>.pt "
+        f"(TaskPredictionWriter; a prediction writer in --trainer.callbacks replaces it). {_CKPT}"
+    ),
+}
+
+
+def _parser_kwargs() -> dict[str, Any]:
+    usage = "%(prog)s [-h] [-c CONFIG] [--print_config[=flags]] [--OPTION VALUE ...]"
+    kwargs: dict[str, Any] = {
+        "description": (
+            "lightning-mtl: train and evaluate multi-task models (lightning_mtl.MultiTaskModule) with Lightning, "
+            "the whole experiment in one YAML config. See `lightning-mtl fit --help`."
+        ),
+        "formatter_class": HelpFormatter,
+    }
+    for command, description in _DESCRIPTIONS.items():
+        kwargs[command] = {"description": f"{description}\n\n{_USE}", "formatter_class": HelpFormatter, "usage": usage}
+    return kwargs
+
+
 def run(args: Optional[Sequence[str]] = None) -> MultiTaskCLI:
     """Run the CLI on ``args`` (default ``sys.argv[1:]``) and return it, trainer and model included."""
     return MultiTaskCLI(
@@ -232,13 +478,20 @@ def run(args: Optional[Sequence[str]] = None) -> MultiTaskCLI:
         LightningDataModule,
         subclass_mode_data=True,
         save_config_callback=SaveRunConfig,
+        auto_configure_optimizers=False,
+        parser_kwargs=_parser_kwargs(),
         args=list(args) if args is not None else None,
     )
 
 
 def main() -> None:
     """Entry point of the ``lightning-mtl`` console script."""
-    run()
+    try:
+        run()
+    except ConfigError as error:
+        command = next((arg for arg in sys.argv[1:] if arg in _DESCRIPTIONS), "")
+        sys.stderr.write(f"lightning-mtl{' ' + command if command else ''}: error: {error}\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover

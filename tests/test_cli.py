@@ -179,3 +179,66 @@ def test_checkpoint_check_accepts_files_saved_without_crc_and_names_truncated_on
     truncated = tmp_path / "cut.ckpt"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert "incomplete" in checkpoint_damage(str(truncated))
+
+
+def test_a_misspelt_balancer_name_stops_the_command_at_parse_time_listing_the_valid_names(tmp_path):
+    import subprocess
+    import sys
+
+    from lightning_mtl.balancers import BALANCERS
+
+    command = [sys.executable, "-m", "lightning_mtl.cli", "fit", "--config", str(CONFIG),
+               "--trainer.default_root_dir", str(tmp_path), "--model.balancer", "upgrade"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert "Traceback" not in output and len(output.strip().splitlines()) <= 3
+    assert "unknown balancer 'upgrade' (did you mean 'upgrad'?)" in result.stderr
+    assert all(name in result.stderr for name in BALANCERS)
+    assert "Seed set" not in output and not list(tmp_path.iterdir())  # refused before anything was built
+
+
+def test_balancer_names_are_checked_case_insensitively_and_class_paths_pass():
+    from jsonargparse import Namespace
+
+    from lightning_mtl.cli import ConfigError, check_balancer_name
+
+    for accepted in ("upgrad", "UPGrad", "PCGRAD", None, Namespace(class_path="lightning_mtl.balancers.MGDA")):
+        check_balancer_name(accepted)
+    with pytest.raises(ConfigError, match="unknown balancer 'famo2' \\(did you mean 'famo'\\?\\)"):
+        check_balancer_name("famo2")
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [(["--optimizer", "torch.optim.SGD"], "optimizer"), (["--optimizer=SGD", "--optimizer.lr=0.1"], "optimizer"),
+     (["--optimizer.lr", "0.1"], "optimizer"), (["--lr_scheduler", "StepLR"], "lr_scheduler"),
+     ("yaml", "optimizer")],
+)  # fmt: skip
+def test_lightnings_top_level_optimizer_is_refused_naming_the_model_option(tmp_path, args, key):
+    if args == "yaml":  # a top-level key in a config file
+        config = tmp_path / "top-level-optimizer.yaml"
+        config.write_text("optimizer:\n  class_path: torch.optim.SGD\n  init_args: {lr: 0.1}\n")
+        args = ["--config", str(config)]
+    refusal = rf"the top-level --{key} .* is refused: the {key} belongs to the model.* Use --model\.{key} \(e\.g\."
+    with pytest.raises(ValueError, match=refusal):
+        run(["fit", *short(tmp_path, *args)])
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_the_models_optimizer_and_scheduler_are_the_ones_used(tmp_path):
+    scheduler = ["--model.lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--model.lr_scheduler.step_size", "7"]
+    optimizer = ["--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.1"]
+    cli = run(["fit", *short(tmp_path, *optimizer, *scheduler)])
+    (optimizer,) = cli.trainer.optimizers
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.1
+    (config,) = cli.trainer.lr_scheduler_configs
+    assert isinstance(config.scheduler, torch.optim.lr_scheduler.StepLR) and config.scheduler.step_size == 7
+
+
+def test_a_config_saved_with_lightnings_null_optimizer_keys_still_loads(tmp_path, capsys):
+    old = tmp_path / "old-run-config.yaml"  # runs saved before the keys were refused hold them as null
+    old.write_text("optimizer: null\nlr_scheduler: null\n")
+    with pytest.raises(SystemExit) as exit_:
+        run(["fit", "--config", str(CONFIG), "--config", str(old), "--print_config"])
+    assert exit_.value.code == 0 and "balancer: static" in capsys.readouterr().out
