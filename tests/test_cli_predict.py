@@ -156,3 +156,11 @@ def test_under_two_processes_the_files_equal_a_one_process_run(tmp_path):
             for rank in (0, 1):
                 share = torch.load(tmp_path / "per-task" / f"{task}-rank{rank}.pt")
                 torch.testing.assert_close(share, expected[rank::2])
+
+
+def test_processes_that_cannot_gather_each_write_their_own_share():
+    from lightning_mtl.callbacks.prediction_writer import _merge
+
+    share = {(0, "a"): ([torch.ones(2)], [[1, 3]])}  # process 1 of 2 (e.g. no torch.distributed): only its own
+    ((rank, value),) = _merge({1: share}, world_size=2)[(0, "a")]
+    assert rank == 1 and value.tolist() == [1.0, 1.0]  # written as a-rank1.pt, never as a complete a.pt

@@ -42,7 +42,8 @@ class TaskPredictionWriter(BasePredictionWriter):
     the files. When Lightning knows every sample's index in the dataset (a ``DataLoader``, whose sampler it
     wraps for prediction) the rows are put back in dataset order, so the files equal those of a one-process run.
     When it does not (``MultiTaskDataModule``'s per-task loader), process ``r``'s share goes to
-    ``<task>-rank<r>.pt`` in that process's order.
+    ``<task>-rank<r>.pt`` in that process's order, as it does when processes do not communicate through
+    ``torch.distributed`` (each then writes its own).
 
     Args:
         output_dir: the folder to write into; ``None`` (default) is ``predictions/`` in the run's own folder,
@@ -118,15 +119,15 @@ class TaskPredictionWriter(BasePredictionWriter):
             indices.append(list(batch_indices) if known else None)
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        shares = _gather(self._share, trainer.world_size)
+        shares = _gather(self._share, trainer)
         self._share = {}
-        if shares is None:  # not process 0
+        if shares is None:  # gathered on process 0
             return
         assert self._folder is not None
         fs = get_filesystem(self._folder)
         fs.makedirs(self._folder, exist_ok=True)
-        several_loaders = len({loader for share in shares for loader, _ in share}) > 1
-        for (loader, task), parts in _merge(shares).items():
+        several_loaders = len({loader for share in shares.values() for loader, _ in share}) > 1
+        for (loader, task), parts in _merge(shares, trainer.world_size).items():
             for rank, value in parts:
                 name = task + (f"-dataloader{loader}" if several_loaders else "")
                 name += f"-rank{rank}" if rank is not None else ""
@@ -141,27 +142,29 @@ class TaskPredictionWriter(BasePredictionWriter):
         rank_zero_info(f"Predictions written to {self._folder}: {names}")
 
 
-def _gather(share: _Share, world_size: int) -> Optional[list[_Share]]:
-    """Every process's share, on process 0 (None on the others)."""
-    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-        return [share]
-    shares: Optional[list[Any]] = [None] * world_size if dist.get_rank() == 0 else None
+def _gather(share: _Share, trainer: Trainer) -> Optional[dict[int, _Share]]:
+    """Every process's share by rank, on process 0 (None on the others). Without ``torch.distributed`` each process
+    keeps its own."""
+    if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return {trainer.global_rank: share}
+    shares: Optional[list[Any]] = [None] * trainer.world_size if dist.get_rank() == 0 else None
     dist.gather_object(share, shares, dst=0)
-    return shares
+    return dict(enumerate(shares)) if shares is not None else None
 
 
-def _merge(shares: list[_Share]) -> dict[tuple[int, str], list[tuple[Optional[int], Union[Tensor, list[Tensor]]]]]:
+def _merge(
+    shares: dict[int, _Share], world_size: int
+) -> dict[tuple[int, str], list[tuple[Optional[int], Union[Tensor, list[Tensor]]]]]:
     """Each (dataloader, task)'s predictions: one part (rank None) in dataloader order when that order is known,
     else one part per process."""
-    keys = sorted({key for share in shares for key in share})
     merged = {}
-    for key in keys:
-        held = [(rank, share[key]) for rank, share in enumerate(shares) if key in share]
-        if len(shares) == 1:
+    for key in sorted({key for share in shares.values() for key in share}):
+        held = [(rank, share[key]) for rank, share in shares.items() if key in share]
+        if world_size == 1:
             merged[key] = [(None, _rows(held[0][1][0]))]
             continue
         indices = [index for _, (_, batches) in held for index in batches]
-        if any(index is None for index in indices):
+        if len(shares) < world_size or any(index is None for index in indices):
             merged[key] = [(rank, _rows(rows)) for rank, (rows, _) in held]
             continue
         order = torch.tensor([i for index in indices for i in index]).argsort(stable=True)
