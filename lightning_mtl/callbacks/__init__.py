@@ -2,9 +2,10 @@
 
 from lightning_mtl.callbacks.delta_m import DeltaM
 from lightning_mtl.callbacks.gate_statistics import GateStatistics
+from lightning_mtl.callbacks.gradient_conflict import GradientConflict
 from lightning_mtl.callbacks.model_summary import MultiTaskModelSummary
 from lightning_mtl.callbacks.prediction_writer import TaskPredictionWriter
 from lightning_mtl.callbacks.sequential_transfer import SequentialTransfer
 from lightning_mtl.callbacks.task_table import TaskTable
 
-__all__ = ["DeltaM", "GateStatistics", "MultiTaskModelSummary", "SequentialTransfer", "TaskPredictionWriter", "TaskTable"]
+__all__ = ["DeltaM", "GateStatistics", "GradientConflict", "MultiTaskModelSummary", "SequentialTransfer", "TaskPredictionWriter", "TaskTable"]
