@@ -1,0 +1,555 @@
+"""`TaskAffinity`: lookahead inter-task affinity (Fifty et al. 2021, TAG) and the task grouping it suggests.
+
+Fifty, Amid, Zhao, Yu, Anil, Finn, "Efficiently Identifying Task Groupings via Inter-Task Affinity for
+Multi-Task Learning", NeurIPS 2021. The affinity of task i onto task j at a step is how much one SGD step of
+the shared parameters along task i's gradient lowers task j's loss on the same batch:
+
+    Z_{i→j} = 1 − L_j(θ_s − η ∇_{θ_s} L_i, θ_j) / L_j(θ_s, θ_j)
+
+positive when i's update helps j, negative when it hurts. Averaged over training it suggests which tasks to
+train together (:func:`task_groups`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_mtl.callbacks.figures import heatmap, log_figure, require_matplotlib, run_dir, write_json
+from lightning_mtl.checks import _one_task_per_step
+from lightning_mtl.gradients import parameter_jacobian
+
+#: :func:`task_groups` stops its exact search after this many search nodes by default (seconds of Python)
+MAX_SEARCH_NODES = 1_000_000
+
+
+# ---------------------------------------------------------------------------------------- grouping
+
+
+@dataclass(frozen=True)
+class TaskGrouping:
+    """A partition of the tasks into groups, from :func:`task_groups`.
+
+    Attributes:
+        groups: the groups, each a tuple of task names (in registry order; groups ordered by their first task).
+        score: the total affinity of the partition: the sum over tasks of each task's affinity to its group.
+        task_scores: each task's affinity to its group: the mean of ``Z_{i→task}`` over the other members
+            (0 for a task alone in its group).
+        exact: the search proved the partition optimal (False when it stopped at its node budget: then it is
+            the best partition found).
+    """
+
+    groups: tuple[tuple[str, ...], ...]
+    score: float
+    task_scores: dict[str, float]
+    exact: bool
+
+
+def grouping_score(affinity: Any, groups: Sequence[Sequence[int]]) -> tuple[float, list[float]]:
+    """The total affinity of a partition (task indices) and each task's affinity to its group."""
+    z = torch.as_tensor(affinity, dtype=torch.float64)
+    scores = [0.0] * z.shape[0]
+    for group in groups:
+        if len(group) > 1:
+            for j in group:
+                scores[j] = sum(float(z[i, j]) for i in group if i != j) / (len(group) - 1)
+    return sum(scores), scores
+
+
+def task_groups(
+    affinity: Any, num_groups: int, task_names: Optional[Sequence[str]] = None, max_nodes: int = MAX_SEARCH_NODES
+) -> TaskGrouping:
+    """The partition of the K tasks into ``num_groups`` groups with the largest total inter-task affinity.
+
+    ``affinity[i][j]`` is ``Z_{i→j}``, the affinity of task i onto task j (the diagonal is not used). Following
+    Fifty et al. (2021, §3.3), a task's affinity to its group is the mean of the affinities onto it from the other
+    members of the group, and a grouping's score is the sum of these over the tasks; a task alone in its group
+    scores 0 (nothing transferred, nothing lost), so a task that every other task hurts is left alone. The paper's
+    network selection also allows overlapping groups (a task trained in several networks, served by its best
+    one); this is the partition, where each task is trained in exactly one group.
+
+    The search is exact: a branch-and-bound over the assignments of tasks to groups (each partition visited
+    once), pruned by an upper bound on every task's final score, started from a local-search solution. On random
+    affinities it takes ~0.1 s for K = 10 and about a second for K = 12 (measured, one CPU core); it grows
+    exponentially with K, so after ``max_nodes`` search nodes it stops and returns the best partition found, with
+    ``exact=False`` and a warning.
+
+    Args:
+        affinity: K × K (tensor, array or nested lists), finite off the diagonal.
+        num_groups: the number of (non-empty) groups, 1 ≤ ``num_groups`` ≤ K.
+        task_names: names of the tasks (default ``"0"``, ``"1"``, ...).
+        max_nodes: the search budget.
+    """
+    z = torch.as_tensor(affinity, dtype=torch.float64).cpu()
+    if z.ndim != 2 or z.shape[0] != z.shape[1] or z.shape[0] == 0:
+        raise ValueError(f"affinity must be a square K x K matrix, got shape {tuple(z.shape)}")
+    k = z.shape[0]
+    names = [str(i) for i in range(k)] if task_names is None else list(task_names)
+    if len(names) != k:
+        raise ValueError(f"{len(names)} task names for a {k} x {k} affinity matrix")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or not 1 <= num_groups <= k:
+        raise ValueError(f"num_groups must be an integer between 1 and the number of tasks ({k}), got {num_groups!r}")
+    off_diagonal = ~torch.eye(k, dtype=torch.bool)
+    bad = off_diagonal & ~torch.isfinite(z)
+    if bad.any():
+        pairs = [(names[i], names[j]) for i, j in bad.nonzero().tolist()][:5]
+        raise ValueError(
+            f"the affinity is not finite for the pairs (from, onto) {pairs}: they were never measured together "
+            "(both tasks must be labelled in the same steps)"
+        )
+    values = z.tolist()
+    groups, exact = _BranchAndBound(values, num_groups, max_nodes).solve()
+    groups = sorted((sorted(group) for group in groups), key=lambda group: group[0])
+    if not exact:
+        warnings.warn(
+            f"task_groups: the exact search over partitions of {k} tasks into {num_groups} groups stopped after "
+            f"{max_nodes} nodes; the grouping returned is the best one found, not proven optimal (raise max_nodes)"
+        )
+    total, scores = grouping_score(values, groups)
+    return TaskGrouping(
+        groups=tuple(tuple(names[i] for i in group) for group in groups),
+        score=total,
+        task_scores={names[j]: scores[j] for j in range(k)},
+        exact=exact,
+    )
+
+
+class _BranchAndBound:
+    """Exact search over partitions of ``range(K)`` into ``G`` groups maximising :func:`grouping_score`.
+
+    Tasks are assigned in order, each to an existing group or to a new one (so every partition is reached
+    once). The bound of a partial assignment is, for each task, the largest mean it can still reach: for an
+    assigned task, the largest mean over its current group mates plus any subset of the unassigned tasks (its
+    mates' mean raised by the unassigned affinities above it, best first); 0 or its best unassigned affinity
+    if it is alone so far; for an unassigned task, 0 or its best affinity from any task.
+    """
+
+    def __init__(self, z: list[list[float]], num_groups: int, max_nodes: int) -> None:
+        self.z, self.k, self.num_groups, self.max_nodes = z, len(z), num_groups, max_nodes
+        self.best_score = -math.inf
+        self.best: list[list[int]] = []
+        self.nodes = 0
+        self.column_best = [max([z[i][j] for i in range(self.k) if i != j] + [0.0]) for j in range(self.k)]
+
+    def solve(self) -> tuple[list[list[int]], bool]:
+        self._incumbent()
+        exact = self._search(0, [])
+        return [list(group) for group in self.best], exact
+
+    def _incumbent(self) -> None:
+        """A good first partition: tasks dealt round the groups, then single-task moves while they help."""
+        groups = [[j for j in range(self.k) if j % self.num_groups == g] for g in range(self.num_groups)]
+        score = grouping_score(self.z, groups)[0]
+        improved = True
+        while improved:
+            improved = False
+            for j in range(self.k):
+                source = next(g for g in groups if j in g)
+                if len(source) == 1:
+                    continue
+                for target in groups:
+                    if target is source:
+                        continue
+                    source.remove(j)
+                    target.append(j)
+                    candidate = grouping_score(self.z, groups)[0]
+                    if candidate > score + 1e-12:
+                        score, improved = candidate, True
+                        break
+                    target.remove(j)
+                    source.append(j)
+                if improved:
+                    break
+        self.best_score, self.best = score, [sorted(g) for g in groups]
+
+    def _bound(self, t: int, groups: list[list[int]]) -> float:
+        z, unassigned = self.z, range(t, self.k)
+        total = 0.0
+        for group in groups:
+            for j in group:
+                offers = sorted((z[i][j] for i in unassigned), reverse=True)
+                mates = [z[i][j] for i in group if i != j]
+                if not mates:
+                    total += max(0.0, offers[0]) if offers else 0.0
+                    continue
+                s, n = sum(mates), len(mates)
+                for value in offers:
+                    if value * n <= s:
+                        break
+                    s, n = s + value, n + 1
+                total += s / n
+        return total + sum(max(0.0, self.column_best[j]) for j in unassigned)
+
+    def _search(self, t: int, groups: list[list[int]]) -> bool:
+        """Explore the assignments of tasks ``t..K-1``; False once the node budget is spent."""
+        self.nodes += 1
+        if self.nodes > self.max_nodes:
+            return False
+        if t == self.k:
+            if len(groups) == self.num_groups:
+                score = grouping_score(self.z, groups)[0]
+                if score > self.best_score + 1e-12:
+                    self.best_score, self.best = score, [list(g) for g in groups]
+            return True
+        if len(groups) + self.k - t < self.num_groups or self._bound(t, groups) <= self.best_score + 1e-12:
+            return True
+        for group in groups:
+            group.append(t)
+            complete = self._search(t + 1, groups)
+            group.pop()
+            if not complete:
+                return False
+        if len(groups) < self.num_groups:
+            groups.append([t])
+            complete = self._search(t + 1, groups)
+            groups.pop()
+            if not complete:
+                return False
+        return True
+
+
+# ---------------------------------------------------------------------------------------- the lookahead
+
+
+class _TaskLosses(nn.Module):
+    """The module's task losses on a batch, as a module that holds the model (for ``torch.func.functional_call``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, groups: list) -> tuple[Tensor, Tensor]:
+        forward = self.model.task_forward
+        _, predictions = forward.run(groups)
+        by_name = {}
+        for name, prediction, target, maybe_missing in predictions:
+            loss = forward.loss(name, prediction, target, maybe_missing)[0]
+            if loss is not None:
+                by_name[name] = loss
+        k = len(forward.task_names)
+        if not by_name:
+            device = self.model.device
+            return torch.zeros(k, device=device), torch.zeros(k, dtype=torch.bool, device=device)
+        losses, present = forward.stack_losses(by_name)
+        return losses.float(), present
+
+
+class _SameRandomness:
+    """Replays the random state of the moment it was made before each forward, and puts it back at the end.
+
+    Every forward of the lookahead then draws the same dropout masks (the ones the training step itself will
+    draw), and the training's random stream is left as it was.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_state = torch.cuda.get_rng_state(device) if self.cuda else None
+
+    def rewind(self) -> None:
+        torch.set_rng_state(self.cpu_state)
+        if self.cuda:
+            torch.cuda.set_rng_state(self.cuda_state, self.device)
+
+
+def lookahead_affinity(
+    module: Any,
+    batch: Any,
+    lr: Union[float, dict[int, float]],
+    all_reduce: Optional[Any] = None,
+    loss_scale: float = 1.0,
+) -> Tensor:
+    """One step's lookahead affinity ``Z`` (K × K, float64; ``Z[i, j] = Z_{i→j}``) of a ``MultiTaskModule`` on ``batch``.
+
+    The shared parameters are the backbone's trainable ones. Task i's gradient of them is one row of the
+    Jacobian of the K task losses (one batched backward, :func:`~lightning_mtl.gradients.parameter_jacobian`);
+    the backbone then runs K more times without gradients, through ``torch.func.functional_call`` with its
+    parameters moved by ``-lr * grad_i`` (heads unchanged), giving every task's loss after each task's step.
+    ``lr`` is one learning rate, or ``{id(parameter): lr}``. The module is left exactly as it was: parameters
+    are never written, buffers (BatchNorm statistics) are put back, and every forward replays the same random
+    state (same dropout masks), which is then restored.
+
+    ``all_reduce(tensor, op)`` (DDP): the Jacobian, the losses before and after the lookahead and the tasks
+    present are reduced over processes, so that ``Z`` is that of the global batch (the global loss of a task
+    being the mean of the processes' losses, as in the module's own reduction), identical on every process.
+    NaN where undefined: a task absent from the (global) batch, or with a zero loss.
+    """
+    named = [(name, p) for name, p in module.backbone.named_parameters() if p.requires_grad]
+    k = len(module.task_names)
+    groups = module.task_forward.groups(batch)
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    randomness = _SameRandomness(module.device)
+    try:
+        losses_of = _TaskLosses(module)
+        randomness.rewind()
+        losses, present = losses_of(groups)
+        params = [p for _, p in named]
+        if losses.requires_grad and params:
+            eye = torch.eye(k, dtype=losses.dtype, device=losses.device) * loss_scale
+            rows = parameter_jacobian([losses], [eye], params)
+            if loss_scale != 1.0:
+                rows = [row / loss_scale for row in rows]
+        else:  # nothing labelled on this process (or a frozen backbone): zero rows, still part of the reduction
+            rows = [p.new_zeros((k, *p.shape)) for p in params]
+        base, present = losses.detach().double(), present.double()
+        if all_reduce is not None:
+            flat = all_reduce(torch.cat([row.reshape(k, -1) for row in rows], dim=1), "mean") if rows else None
+            if flat is not None:
+                rows = [part.reshape(row.shape) for part, row in zip(flat.split([p.numel() for p in params], dim=1), rows)]
+            base, present = all_reduce(base, "mean"), all_reduce(present, "sum")
+        after = torch.empty(k, k, dtype=torch.float64, device=base.device)
+        with torch.no_grad():
+            for i in range(k):
+                moved = {
+                    f"model.backbone.{name}": p - (lr[id(p)] if isinstance(lr, dict) else lr) * row[i]
+                    for (name, p), row in zip(named, rows)
+                }
+                randomness.rewind()
+                after[i] = torch.func.functional_call(losses_of, moved, (groups,), strict=False)[0].double()
+        if all_reduce is not None:
+            after = all_reduce(after, "mean")
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        randomness.rewind()
+    affinity = 1.0 - after / base.unsqueeze(0)
+    defined = (present > 0) & (base != 0) & torch.isfinite(base)
+    affinity[~(defined.unsqueeze(0) & defined.unsqueeze(1))] = float("nan")
+    return affinity
+
+
+# ---------------------------------------------------------------------------------------- the callback
+
+
+class TaskAffinity(pl.Callback):
+    """Lookahead inter-task affinity (Fifty et al., NeurIPS 2021), averaged over training, and the grouping it suggests.
+
+    Every ``every_n_steps`` training steps, before the step's own forward, it measures on the step's batch
+    ``Z_{i→j} = 1 − L_j(θ_s − η ∇_{θ_s} L_i) / L_j(θ_s)`` for every ordered pair of tasks
+    (:func:`lookahead_affinity`: one forward and one batched backward of the K task losses, then K forwards
+    with the shared parameters moved; the training step is not changed in any way). ``θ_s`` are the backbone's
+    trainable parameters; the heads stay put. ``Z`` is averaged over the sampled steps (entry by entry; pairs
+    undefined in a step, e.g. a task without labels, are left out of that step).
+
+    ``η`` (``lr``): by default the optimizer's current learning rate of each shared parameter's group (read at
+    each sample, so schedulers are followed), which is the paper's lookahead when the optimizer is SGD. With
+    Adam and a small learning rate (1e-3) the SGD lookahead is a small step and the affinities are small (of
+    the order of ``lr · |∇L|²/L``); their signs and order, which decide the grouping, are what to read. Give
+    ``lr`` to fix η.
+
+    At the end of every training epoch with new samples it logs the average so far as a heatmap
+    (``train/task_affinity``; rows: the task stepped on, "from"; columns: the task measured, "onto"; the colour
+    scale is set by the off-diagonal entries, as the self-affinities can be much larger) through
+    :func:`~lightning_mtl.callbacks.figures.log_figure`, and writes ``task_affinity.json`` in the run's log
+    directory (:func:`~lightning_mtl.callbacks.figures.run_dir`; for a ``WandbLogger`` the run's files, which
+    W&B keeps with the run): the matrix and the number of samples. At the end of fit the file also holds, for
+    each ``num_groups``, the grouping of :func:`task_groups` (the partition with the largest total affinity,
+    with its score), which is printed too; :meth:`groupings` gives them at any time.
+
+    DDP: exact. Each process computes its batch's Jacobian and losses; the Jacobian (K × P), the losses before
+    (K) and after (K × K) the lookahead are all-reduced (mean) on the sampled steps, so ``Z`` is that of the
+    global batch and the same on every process. Every process samples the same steps (by
+    ``trainer.global_step``). Sharded strategies (FSDP, DeepSpeed) are refused: the backbone's parameters are
+    not whole on a process. Data that holds one task per step (round-robin, proportional, temperature,
+    sequential sampling) is refused too: ``L_j`` must be measured on a batch that holds task j after task i's step.
+
+    Cost per sample: about one forward and K backward-and-forward passes of the backbone (K + 1 forwards, a
+    K-row batched backward); see ``benchmarks/RESULTS.md`` for the default interval's share of a run.
+
+    Args:
+        every_n_steps: sample every this many optimizer steps (steps 0, N, 2N, ...).
+        lr: the lookahead step size η; default: the optimizer's learning rate.
+        num_groups: the group count(s) for which a grouping is suggested (default: every count from 1 to K - 1;
+            comparing their scores shows whether splitting the tasks gains anything: all tasks apart score 0).
+        heatmap: log the heatmap (needs matplotlib: ``pip install lightning-mtl[plots]``).
+        filename: the JSON file's name in the run's log directory.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        lr: Optional[float] = None,
+        num_groups: Union[int, Sequence[int], None] = None,
+        heatmap: bool = True,
+        filename: str = "task_affinity.json",
+    ) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+        if lr is not None and not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a positive number or None (the optimizer's), got {lr!r}")
+        counts = [num_groups] if isinstance(num_groups, int) else list(num_groups or [])
+        if any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in counts):
+            raise ValueError(f"num_groups must be a positive integer or a sequence of them, got {num_groups!r}")
+        if heatmap:
+            require_matplotlib("TaskAffinity(heatmap=True)")
+        self.every_n_steps = every_n_steps
+        self.lr = lr
+        self.num_groups = None if num_groups is None else counts
+        self.heatmap = heatmap
+        self.filename = filename
+        self.task_names: tuple[str, ...] = ()
+        self._sum: Optional[Tensor] = None
+        self._count: Optional[Tensor] = None
+        self._samples = 0
+        self._reported = 0  # samples in the last report
+        self._done: Optional[int] = None
+
+    # ---------------------------------------------------------------- set-up
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not all(hasattr(pl_module, name) for name in ("task_forward", "backbone", "task_names")):
+            raise ValueError(
+                f"TaskAffinity measures the tasks of a MultiTaskModule (backbone, heads, task losses); "
+                f"{type(pl_module).__name__} is not one."
+            )
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy or "DeepSpeed" in strategy:
+            raise ValueError(
+                f"TaskAffinity moves the backbone's parameters along each task's gradient, which needs the whole "
+                f"parameters on every process; {strategy} shards them. Use DDP (exact) or one device."
+            )
+        sampling = _one_task_per_step(getattr(trainer, "datamodule", None))
+        if stage == "fit" and sampling is not None:
+            raise ValueError(
+                f"TaskAffinity needs every task labelled in the same steps (task j's loss after task i's step, on "
+                f"one batch); sampling={sampling!r} holds one task per step. Use sampling='zip' or 'zip_shortest'."
+            )
+        if self.num_groups is not None and any(g > len(pl_module.task_names) for g in self.num_groups):
+            raise ValueError(
+                f"num_groups {self.num_groups}: the model has {len(pl_module.task_names)} tasks, so at most that many groups"
+            )
+        self.task_names = tuple(pl_module.task_names)
+
+    # ---------------------------------------------------------------- sampling
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps or step == self._done:
+            return
+        self._done = step
+        all_reduce = None
+        if trainer.world_size > 1:
+            strategy = trainer.strategy
+
+            def all_reduce(tensor: Tensor, op: str) -> Tensor:
+                return strategy.reduce(tensor, reduce_op=op)
+
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        with trainer.precision_plugin.forward_context():
+            z = lookahead_affinity(pl_module, batch, self._learning_rates(trainer), all_reduce, scale)
+        defined = torch.isfinite(z)
+        if self._sum is None:
+            self._sum, self._count = torch.zeros_like(z), torch.zeros_like(z)
+        self._sum = self._sum.to(z.device) + torch.where(defined, z, 0.0)
+        self._count = self._count.to(z.device) + defined.double()
+        self._samples += 1
+
+    def _learning_rates(self, trainer: pl.Trainer) -> Union[float, dict[int, float]]:
+        if self.lr is not None:
+            return float(self.lr)
+        rates = {id(p): float(group["lr"]) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        if not rates:
+            raise ValueError("TaskAffinity(lr=None) reads the optimizer's learning rate, but the trainer has no optimizer")
+        return _DefaultZero(rates)
+
+    # ---------------------------------------------------------------- results
+    @property
+    def affinity(self) -> Optional[Tensor]:
+        """The mean affinity so far (K × K, float64, on the CPU; ``[i, j] = Z_{i→j}``; NaN for a pair never measured)."""
+        if self._sum is None:
+            return None
+        return (self._sum / self._count).cpu()
+
+    def groupings(self) -> dict[int, TaskGrouping]:
+        """The suggested grouping for each group count (:func:`task_groups` on :attr:`affinity`)."""
+        affinity, k = self.affinity, len(self.task_names)
+        if affinity is None:
+            return {}
+        counts = self.num_groups if self.num_groups is not None else list(range(1, k))
+        return {g: task_groups(affinity, g, self.task_names) for g in counts}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._samples != self._reported:
+            self._report(trainer, final=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(trainer, final=True)
+
+    def _report(self, trainer: pl.Trainer, final: bool) -> None:
+        """The JSON file and the heatmap (when there are new samples); at the end of fit also the groupings."""
+        affinity, new_samples = self.affinity, self._samples != self._reported
+        self._reported = self._samples
+        if not trainer.is_global_zero:
+            return
+        if affinity is None:
+            if final:
+                rank_zero_warn(f"TaskAffinity: no step was sampled (every_n_steps={self.every_n_steps}); nothing to report.")
+            return
+        names = list(self.task_names)
+        groupings: dict[int, TaskGrouping] = {}
+        if final:
+            try:
+                groupings = self.groupings()
+            except ValueError as error:  # a pair never measured together
+                rank_zero_warn(f"TaskAffinity: no grouping: {error}")
+        data = {
+            "task_names": names,
+            "affinity": affinity.tolist(),
+            "samples": self._samples,
+            "every_n_steps": self.every_n_steps,
+            "lr": self.lr if self.lr is not None else "optimizer",
+            "definition": "affinity[i][j] = Z_{i->j} = 1 - L_j(shared - lr * grad L_i) / L_j(shared), mean over samples",
+            "groupings": {
+                str(g): {"groups": [list(group) for group in grouping.groups], "score": grouping.score,
+                         "task_scores": grouping.task_scores, "exact": grouping.exact}
+                for g, grouping in groupings.items()
+            },
+        }  # fmt: skip
+        write_json(run_dir(trainer) / self.filename, data)
+        if self.heatmap and new_samples:
+            off_diagonal = affinity[~torch.eye(len(names), dtype=torch.bool)]
+            finite = off_diagonal[torch.isfinite(off_diagonal)].abs()
+            bound = float(finite.max()) if finite.numel() and finite.max() > 0 else None  # the diagonal may be far larger
+            figure = heatmap(
+                affinity.tolist(),
+                names,
+                f"Lookahead task affinity, mean of {self._samples} sample{'s' if self._samples > 1 else ''}",
+                vmin=None if bound is None else -bound,
+                vmax=bound,
+                xlabel="onto task j",
+                ylabel="from task i (stepped on)",
+                colorbar="Z(i→j) (scale: off-diagonal)",
+            )
+            rows = [[name, *row] for name, row in zip(names, affinity.tolist())]
+            log_figure(trainer, "train/task_affinity", figure, data=data, table=(["from \\ onto", *names], rows))
+        if groupings:
+            lines = [
+                f"  {g} group{'s' if g > 1 else ''} (score {grouping.score:.3g}): " + " | ".join(", ".join(group) for group in grouping.groups)
+                for g, grouping in groupings.items()
+            ]
+            rank_zero_info("TaskAffinity: task groupings with the largest total lookahead affinity\n" + "\n".join(lines))
+
+    # ---------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {"sum": self._sum, "count": self._count, "samples": self._samples, "task_names": list(self.task_names)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._sum, self._count, self._samples = state_dict["sum"], state_dict["count"], state_dict["samples"]
+        self._reported = self._samples
+        self.task_names = tuple(state_dict["task_names"])
+
+
+class _DefaultZero(dict):
+    """``{id(parameter): lr}`` where a parameter no optimizer holds is not moved (lr 0)."""
+
+    def __missing__(self, key: int) -> float:
+        return 0.0
