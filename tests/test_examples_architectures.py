@@ -35,7 +35,9 @@ def test_mmoe_beats_shared_bottom_and_omoe_on_weakly_correlated_tasks():
 
 
 def test_compare_architectures_reports_accuracy_and_parameter_counts():
-    rows = load_example("compare_architectures").main(["--epochs", "2", "--train-size", "2000", "--test-size", "400"])
+    # 2 epochs of 2,000 images left hard sharing at chance for some sample orders (seeds 0 and 5 of the resumable
+    # order): 3 epochs is past that early phase for every architecture.
+    rows = load_example("compare_architectures").main(["--epochs", "3", "--train-size", "2000", "--test-size", "400"])
     by_name = {row["architecture"]: row for row in rows}
     assert list(by_name) == ["hard sharing", "MMoE", "cross-stitch", "MTAN"]
     hard, mmoe, stitch, mtan = by_name.values()
