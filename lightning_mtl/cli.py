@@ -49,13 +49,15 @@ from fsspec.implementations.local import LocalFileSystem
 from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelSummary
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from lightning_mtl.balancers import BALANCERS, resolve_balancer
+from lightning_mtl.callbacks.model_summary import MultiTaskModelSummary
 from lightning_mtl.callbacks.prediction_writer import TaskPredictionWriter
+from lightning_mtl.callbacks.task_table import TaskTable
 from lightning_mtl.module import MultiTaskModule
 from lightning_mtl.runs import run_dir as _run_dir
 
@@ -127,6 +129,10 @@ class MultiTaskCLI(LightningCLI):
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="fit only: run the test split after fit (best checkpoint)."
         )
+        parser.add_argument(
+            "--task_table", type=bool, default=True,
+            help="print a per-task table (task, metric, value) when fit, validate or test ends (TaskTable).",
+        )  # fmt: skip
         # Lightning's top-level optimizer and scheduler are not ours (auto_configure_optimizers=False); the keys stay,
         # hidden, so that configs saved before (``optimizer: null``) still load, and anything else is refused.
         for key in _LIGHTNING_OPTIMIZER_KEYS:
@@ -174,6 +180,24 @@ class MultiTaskCLI(LightningCLI):
         if given and os.path.isfile(given):
             self._verify_ckpt(given, given)
         super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's Trainer, with the multi-task model summary in place of Lightning's and a :class:`TaskTable`.
+
+        Lightning's own ``ModelSummary`` (added unless ``--trainer.enable_model_summary false``) becomes a
+        :class:`MultiTaskModelSummary` of the same ``max_depth``, which adds shared vs per-task parameter counts; a
+        ``RichModelSummary`` or a subclass given in ``--trainer.callbacks`` is kept. ``--task_table false`` leaves the
+        table out, as does a ``TaskTable`` already in the callbacks (which is used instead).
+        """
+        trainer = super().instantiate_trainer(**kwargs)
+        callbacks = trainer.callbacks
+        for index, callback in enumerate(callbacks):
+            if type(callback) is ModelSummary:
+                callbacks[index] = MultiTaskModelSummary(max_depth=callback._max_depth, **callback._summarize_kwargs)
+        wants_table = (self.config[self.subcommand] if self.subcommand else self.config).get("task_table", True)
+        if wants_table and not any(isinstance(callback, TaskTable) for callback in callbacks):
+            callbacks.append(TaskTable())
+        return trainer
 
     def before_fit(self) -> None:
         self._resolve_ckpt_path()
@@ -226,9 +250,6 @@ def experiment_arguments(parser: LightningArgumentParser, build_model: bool = Tr
     parser.add_class_arguments(MultiTaskModule, "model", fail_untyped=False, instantiate=build_model, sub_configs=True)
     if data:
         parser.add_lightning_class_args(LightningDataModule, "data", subclass_mode=True)
-    for action in parser._actions:
-        if not action.help and action.dest in _MISSING_HELP:
-            action.help = _MISSING_HELP[action.dest]
 
 
 def check_balancer_name(balancer: Any) -> None:
@@ -259,16 +280,6 @@ _GROUP_TITLES = {
     "model": "model: the multi-task model, lightning_mtl.MultiTaskModule (a shared backbone, one head per task)",
     "data": "data: any LightningDataModule, by class_path",
 }
-
-_MISSING_HELP = {
-    # shown until MultiTaskModule's docstring documents the argument (the docstring is the source of the others)
-    "model.gradients": (
-        "which per-task gradients a gradient-level balancer combines: ``\"parameters\"``, the exact Jacobian of "
-        "the task losses w.r.t. the shared parameters, or ``\"representation\"``, w.r.t. the backbone's output "
-        "(MGDA-UB; cheaper, for shared-input batches). Loss-level balancers ignore it."
-    ),
-}
-
 
 def _optimizer_rule(key: str) -> str:
     example = {

@@ -36,6 +36,7 @@ from lightning_mtl.evaluation import TaskEvaluation, stage_metrics, stage_task_l
 from lightning_mtl.forward import Prediction, TaskForward
 from lightning_mtl.gradients import GRADIENT_MODES, GradientMode
 from lightning_mtl.nonfinite import NonfiniteCheck, SkippedStepGuard
+from lightning_mtl.runs import explain_load_error
 from lightning_mtl.step import StepContext, StepRecord, StepView
 from lightning_mtl.task import Task, task_module_dict
 from lightning_mtl.updates import balancing_path
@@ -58,6 +59,10 @@ class MultiTaskModule(LightningModule):
         nonfinite_loss: ``"raise"`` (default) raises ``FloatingPointError`` naming the task and step
             when a task loss is NaN or infinite, before backward touches any parameter; ``"skip"``
             warns and skips that optimizer step instead.
+        gradients: which per-task gradients a gradient-level balancer combines: ``"parameters"``
+            (default), the exact Jacobian of the task losses w.r.t. the shared parameters, or
+            ``"representation"``, w.r.t. the backbone's output (MGDA-UB; cheaper, for shared-input
+            batches). Loss-level balancers ignore it.
 
     Batches take either form (see the README): shared input ``(x, {task: y})`` or per-task inputs
     ``{task: (x, y)}`` holding any subset of the tasks. Unlabelled samples (class target equal to the
@@ -70,7 +75,8 @@ class MultiTaskModule(LightningModule):
 
     Hyper-parameters: the constructor takes modules and callables, which do not belong in a
     checkpoint's ``hyper_parameters`` (they break ``weights_only`` loading), so none are saved; the
-    ``lightning-mtl`` CLI saves the whole YAML config beside the logs instead. Restore with
+    ``lightning-mtl`` CLI saves the whole YAML config beside the logs instead. Restore a ``lightning-mtl``
+    run with ``lightning_mtl.load_run(run_folder)``; otherwise with
     ``MultiTaskModule.load_from_checkpoint(path, backbone=..., tasks=...)`` or ``fit(ckpt_path=...)``.
     """
 
@@ -146,6 +152,16 @@ class MultiTaskModule(LightningModule):
         # a skipped optimizer step (nonfinite_loss="skip", or the 16-mixed GradScaler) leaves the balancer's state alone
         self.skipped_step_guard = SkippedStepGuard(self.balancer, self.nonfinite_loss)
         self._balancing_settings = (self.balancer, self.gradients, self.nonfinite_loss)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "MultiTaskModule":  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``; without ``backbone=`` and ``tasks=`` (kept out of checkpoints) the
+        ``TypeError`` names the :func:`lightning_mtl.load_run` call that rebuilds the model from its run."""
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except TypeError as error:
+            explain_load_error(error, checkpoint_path)
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.loggers import Logger
 
 from lightning_mtl import MultiTaskModule
-from lightning_mtl.architectures import SmallCNN
+from lightning_mtl.architectures import SmallCNN, parameter_counts
 from lightning_mtl.balancers import Static
+from lightning_mtl.callbacks import MultiTaskModelSummary, TaskTable
 from lightning_mtl.cli import run
 from lightning_mtl.datasets import MultiDigitsDataModule
 
@@ -242,3 +244,25 @@ def test_a_config_saved_with_lightnings_null_optimizer_keys_still_loads(tmp_path
     with pytest.raises(SystemExit) as exit_:
         run(["fit", "--config", str(CONFIG), "--config", str(old), "--print_config"])
     assert exit_.value.code == 0 and "balancer: static" in capsys.readouterr().out
+
+
+def test_fit_prints_the_multi_task_summary_and_the_per_task_table(tmp_path, capsys):
+    cli = run(["fit", *short(tmp_path, "--trainer.enable_model_summary", "true")])
+    assert any(isinstance(callback, MultiTaskModelSummary) for callback in cli.trainer.callbacks)
+    assert not any(type(callback) is ModelSummary for callback in cli.trainer.callbacks)
+    out = capsys.readouterr().out
+    counts = parameter_counts(cli.model)
+    for part in ("shared", "task left", "task right", "task sum"):
+        count = counts[part.removeprefix("task ")]
+        assert re.search(rf"^{part}\s+{count:,}\s+{count:,}\s", out, re.MULTILINE), part
+    table = TaskTable().rows(cli.trainer, "val")
+    assert [(task, metric) for task, metric, _ in table][:2] == [("left", "loss"), ("left", "accuracy")]
+    for task, metric, value in table:
+        assert re.search(rf"^{task or '[(]all[)]'}\s+{metric}\s+{value:.4g}", out, re.MULTILINE), (task, metric)
+
+
+def test_the_summary_and_table_can_be_switched_off(tmp_path, capsys):
+    cli = run(["fit", *short(tmp_path, "--trainer.enable_model_summary", "false", "--task_table", "false")])
+    assert not any(isinstance(callback, (ModelSummary, TaskTable)) for callback in cli.trainer.callbacks)
+    out = capsys.readouterr().out
+    assert "task left" not in out and "Per-task" not in out
