@@ -473,7 +473,8 @@ def _parser_kwargs() -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "description": (
             "lightning-mtl: train and evaluate multi-task models (lightning_mtl.MultiTaskModule) with Lightning, "
-            "the whole experiment in one YAML config. See `lightning-mtl fit --help`."
+            "the whole experiment in one YAML config. See `lightning-mtl fit --help`. `lightning-mtl baselines "
+            "--config X.yaml` trains one single-task model per task of X for Δm (lightning_mtl.callbacks.DeltaM)."
         ),
         "formatter_class": HelpFormatter,
     }
@@ -497,6 +498,10 @@ def run(args: Optional[Sequence[str]] = None) -> MultiTaskCLI:
 
 def main() -> None:
     """Entry point of the ``lightning-mtl`` console script."""
+    if sys.argv[1:2] == ["baselines"]:
+        from lightning_mtl.commands import main as baselines
+
+        return baselines(sys.argv[2:])
     try:
         run()
     except ConfigError as error:

@@ -1,0 +1,164 @@
+"""``lightning-mtl baselines``: one single-task model per task, from the multi-task run's own config.
+
+Δm (:class:`~lightning_mtl.callbacks.DeltaM`) compares a multi-task model with single-task models trained the same
+way. ``lightning-mtl baselines --config X.yaml [overrides]`` builds them from ``X.yaml`` itself, so that nothing but
+the task set differs: the config is resolved as ``fit`` resolves it (``--print_config``), then, for each task in
+turn, the model keeps only that task (its head, loss and metrics, weight 1: a single task's weight would only scale
+its loss), the data module serves only that task, a ``DeltaM`` callback is dropped (its file is what this command
+writes), and the run goes to ``<default_root_dir>/baselines/<task>``. Backbone, optimizer, trainer budget and
+``seed_everything`` are the config's. Each model is evaluated with its best checkpoint when a ``ModelCheckpoint``
+monitors a metric (else its last weights), on the validation and the test split, and the per-task metrics of both go
+to the baseline file (:func:`~lightning_mtl.baselines.write_baselines`) that ``DeltaM`` reads: the path given by
+``--output``, else the ``baselines`` argument of the config's ``DeltaM`` callback.
+
+Restricting the data to one task is done for the two forms the package knows: a ``MultiTaskDataModule`` whose splits
+are ``{task: Dataset}`` mappings (each split keeps the task's dataset, and a ``batch_size`` mapping its entry), and
+any data module with a ``tasks`` argument (``MultiDigitsDataModule``, ...), which is set to ``[task]``. Other data
+modules are refused before anything is trained, with what to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from lightning_mtl.baselines import logged_task_metrics, task_directions, write_baselines
+
+
+class CommandError(ValueError):
+    """A ``baselines`` command that cannot run as given; the message says what to change."""
+
+
+def resolved_config(config_args: Sequence[str]) -> dict[str, Any]:
+    """The ``fit`` config that ``config_args`` (``--config X.yaml`` and overrides) resolve to, every default filled in."""
+    from lightning_mtl.cli import run
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            run(["fit", *config_args, "--print_config"])
+        except SystemExit as exit:
+            if exit.code not in (0, None):
+                raise
+    return yaml.safe_load(out.getvalue())
+
+
+def task_names(config: dict[str, Any]) -> list[str]:
+    return [_init_args(task)["name"] for task in config["model"]["tasks"]]
+
+
+def single_task_config(config: dict[str, Any], task: str, root: str) -> dict[str, Any]:
+    """``config`` with only ``task``: its Task (weight 1), its data, no ``DeltaM``, run folder ``root/baselines/task``."""
+    single = yaml.safe_load(yaml.safe_dump(config))  # a deep copy of plain data
+    tasks = [entry for entry in single["model"]["tasks"] if _init_args(entry)["name"] == task]
+    _init_args(tasks[0])["weight"] = 1.0
+    single["model"]["tasks"] = tasks
+    single["data"] = _single_task_data(single["data"], task)
+    trainer = single["trainer"]
+    trainer["callbacks"] = [callback for callback in trainer.get("callbacks") or [] if not _is_delta_m(callback)]
+    trainer["default_root_dir"] = os.path.join(root, "baselines", task)
+    single["test_after_fit"] = False
+    return single
+
+
+def baselines_path(config: dict[str, Any], output: Optional[str]) -> str:
+    """Where the baseline file goes: ``--output``, else the ``baselines`` argument of the config's ``DeltaM``."""
+    if output:
+        return output
+    for callback in config["trainer"].get("callbacks") or []:
+        if _is_delta_m(callback) and _init_args(callback).get("baselines"):
+            return str(_init_args(callback)["baselines"])
+    raise CommandError(
+        "lightning-mtl baselines: no file to write. Pass --output baselines.json, or add the DeltaM callback with its "
+        "file to the config (trainer.callbacks: [{class_path: lightning_mtl.callbacks.DeltaM, init_args: "
+        "{baselines: baselines.json}}])."
+    )
+
+
+def train_baselines(config_args: Sequence[str], output: Optional[str] = None) -> Path:
+    """Train one single-task model per task of the config and write their metrics; the file's path."""
+    from lightning_mtl.cli import run
+
+    config = resolved_config(config_args)
+    path = baselines_path(config, output)
+    names = task_names(config)
+    root = config["trainer"].get("default_root_dir") or os.getcwd()
+    singles = {task: single_task_config(config, task, root) for task in names}  # refuse unknown data before training
+    metrics: dict[str, dict[str, dict[str, float]]] = {"val": {}, "test": {}}
+    directions: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for index, task in enumerate(names, 1):
+            print(f"lightning-mtl baselines: [{index}/{len(names)}] task {task!r} -> {singles[task]['trainer']['default_root_dir']}", flush=True)
+            file = os.path.join(folder, f"{task}.yaml")
+            Path(file).write_text(yaml.safe_dump(singles[task]))
+            cli = run(["fit", "--config", file])
+            directions.update(task_directions(cli.model.tasks))
+            callback = cli.trainer.checkpoint_callback
+            best = "best" if callback is not None and getattr(callback, "best_model_path", "") else None
+            for split, evaluate in (("val", cli.trainer.validate), ("test", cli.trainer.test)):
+                if not is_overridden(f"{split}_dataloader", cli.datamodule, LightningDataModule):
+                    continue  # the config has no such split
+                evaluate(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False)
+                metrics[split].update(logged_task_metrics(cli.trainer.callback_metrics, [task], split))
+    written = write_baselines(path, {split: values for split, values in metrics.items() if values}, directions=directions, config=config)
+    print(f"lightning-mtl baselines: wrote {written} ({len(names)} tasks)", flush=True)
+    return written
+
+
+def main(argv: Sequence[str]) -> None:
+    """``lightning-mtl baselines --config X.yaml [--output FILE] [fit overrides ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-mtl baselines",
+        description=(
+            "Train one single-task model per task of a multi-task config (same backbone, data, budget and seed) and "
+            "write their validation and test metrics to the baseline file that lightning_mtl.callbacks.DeltaM reads. "
+            "Any other option is a fit override (e.g. --trainer.max_epochs 5) applied to every run."
+        ),
+    )
+    parser.add_argument("-c", "--config", action="append", required=True, help="the multi-task fit config (YAML)")
+    parser.add_argument("--output", help="the baseline file (default: the config's DeltaM `baselines` argument)")
+    known, overrides = parser.parse_known_args(argv)
+    config_args = [arg for path in known.config for arg in ("--config", path)] + overrides
+    try:
+        train_baselines(config_args, known.output)
+    except CommandError as error:
+        sys.stderr.write(f"{error}\n")
+        sys.exit(2)
+
+
+def _init_args(entry: Any) -> dict[str, Any]:
+    return entry.get("init_args") or {} if isinstance(entry, dict) else {}
+
+
+def _is_delta_m(callback: Any) -> bool:
+    return isinstance(callback, dict) and str(callback.get("class_path", "")).rsplit(".", 1)[-1] == "DeltaM"
+
+
+def _single_task_data(data: dict[str, Any], task: str) -> dict[str, Any]:
+    arguments = _init_args(data)
+    if "tasks" in arguments:
+        arguments["tasks"] = [task]
+        return data
+    splits = [split for split in ("train", "val", "test", "predict") if isinstance(arguments.get(split), dict)]
+    if splits and all(task in arguments[split] or split != "train" for split in splits):
+        for split in splits:
+            arguments[split] = {task: arguments[split][task]} if task in arguments[split] else None
+        if isinstance(arguments.get("batch_size"), dict):
+            arguments["batch_size"] = {task: arguments["batch_size"][task]}
+        return data
+    raise CommandError(
+        f"lightning-mtl baselines: cannot restrict the data module {data.get('class_path')!r} to task {task!r}: it "
+        "has no `tasks` argument and no {task: Dataset} splits naming it. Use a MultiTaskDataModule with per-task "
+        "datasets, or a data module with a `tasks` argument."
+    )

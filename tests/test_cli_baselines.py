@@ -1,0 +1,79 @@
+"""``lightning-mtl baselines``: one single-task model per task from the multi-task config, written for DeltaM."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_mtl.baselines import read_baselines
+from lightning_mtl.cli import run
+from lightning_mtl.commands import CommandError, resolved_config, single_task_config, train_baselines
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "examples" / "configs" / "multidigits.yaml"
+PER_TASK = ROOT / "examples" / "configs" / "multidigits_per_task.yaml"
+
+
+def reduced(tmp_path: Path) -> list[str]:
+    return [
+        "--config", str(CONFIG),
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.default_root_dir", str(tmp_path / "runs"),
+        "--data.init_args.train_size", "192", "--data.init_args.val_size", "64", "--data.init_args.test_size", "64",
+        "--model.backbone.init_args.channels", "[4, 8]",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_baselines_are_single_task_runs_of_the_same_config_and_deltam_reads_them(tmp_path: Path) -> None:
+    args = reduced(tmp_path)
+    path = train_baselines(args, str(tmp_path / "baselines.json"))
+    baselines = read_baselines(path)
+    assert set(baselines.metrics) == {"val", "test"}
+    assert set(baselines.metrics["test"]) == {"left", "right", "sum"}
+    assert set(baselines.metrics["test"]["left"]) == {"loss", "accuracy"} and set(baselines.metrics["test"]["sum"]) == {"loss", "mae"}
+    assert baselines.directions["left/accuracy"] == "max" and baselines.directions["sum/mae"] == "min"
+    # The 'sum' baseline is the same run as a one-task fit of the config by hand (same seed, data and budget).
+    single = single_task_config(resolved_config(args), "sum", str(tmp_path / "by_hand"))
+    assert [t["init_args"]["name"] for t in single["model"]["tasks"]] == ["sum"]
+    assert single["model"]["tasks"][0]["init_args"]["weight"] == 1.0 and single["data"]["init_args"]["tasks"] == ["sum"]
+    config = tmp_path / "sum.yaml"
+    config.write_text(yaml.safe_dump(single))
+    cli = run(["fit", "--config", str(config)])
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+    assert baselines.metrics["test"]["sum"]["mae"] == pytest.approx(float(cli.trainer.callback_metrics["test/sum/mae"]), rel=1e-6)
+    # The multi-task run with DeltaM against that file logs test/delta_m.
+    multi = run(["fit", *args, "--trainer.callbacks+=lightning_mtl.callbacks.DeltaM", f"--trainer.callbacks.baselines={path}",
+                 "--test_after_fit", "true"])
+    assert torch.isfinite(multi.trainer.callback_metrics["test/delta_m"])
+
+
+def test_per_task_data_is_restricted_to_the_task_with_its_batch_size(tmp_path: Path) -> None:
+    config = resolved_config(["--config", str(PER_TASK), "--data.init_args.batch_size", "{left: 8, right: 8, sum: 4}"])
+    single = single_task_config(config, "sum", str(tmp_path))
+    data = single["data"]["init_args"]
+    assert list(data["train"]) == ["sum"] and list(data["val"]) == ["sum"] and list(data["test"]) == ["sum"]
+    assert data["batch_size"] == {"sum": 4}
+    assert single["trainer"]["default_root_dir"] == str(tmp_path / "baselines" / "sum")
+
+
+def test_a_data_module_that_cannot_be_restricted_is_refused_naming_it(tmp_path: Path) -> None:
+    config = resolved_config(["--config", str(CONFIG)])
+    config["data"] = {"class_path": "my.SharedData", "init_args": {"root": "x"}}
+    with pytest.raises(CommandError, match=r"'my.SharedData' to task 'left'.*`tasks` argument"):
+        single_task_config(config, "left", str(tmp_path))
+
+
+def test_without_an_output_or_a_deltam_in_the_config_the_command_says_what_to_add(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_mtl.cli", "baselines", "--config", str(CONFIG)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--output" in result.stderr and "DeltaM" in result.stderr and "Traceback" not in result.stderr
