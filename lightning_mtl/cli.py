@@ -474,7 +474,8 @@ def _parser_kwargs() -> dict[str, Any]:
         "description": (
             "lightning-mtl: train and evaluate multi-task models (lightning_mtl.MultiTaskModule) with Lightning, "
             "the whole experiment in one YAML config. See `lightning-mtl fit --help`. `lightning-mtl baselines "
-            "--config X.yaml` trains one single-task model per task of X for Δm (lightning_mtl.callbacks.DeltaM)."
+            "--config X.yaml` trains one single-task model per task of X for Δm (lightning_mtl.callbacks.DeltaM); "
+            "`lightning-mtl compare --config X.yaml --balancers static,uw,upgrad --seeds 3` writes a leaderboard."
         ),
         "formatter_class": HelpFormatter,
     }
@@ -498,10 +499,10 @@ def run(args: Optional[Sequence[str]] = None) -> MultiTaskCLI:
 
 def main() -> None:
     """Entry point of the ``lightning-mtl`` console script."""
-    if sys.argv[1:2] == ["baselines"]:
-        from lightning_mtl.commands import main as baselines
+    if sys.argv[1:2] in (["baselines"], ["compare"]):
+        from lightning_mtl.commands import main as experiments
 
-        return baselines(sys.argv[2:])
+        return experiments(sys.argv[1:])
     try:
         run()
     except ConfigError as error:

@@ -1,4 +1,8 @@
-"""``lightning-mtl baselines``: one single-task model per task, from the multi-task run's own config.
+"""``lightning-mtl baselines`` and ``lightning-mtl compare``: experiments made of several ``fit`` runs of one config.
+
+``baselines``
+-------------
+One single-task model per task, from the multi-task run's own config.
 
 Δm (:class:`~lightning_mtl.callbacks.DeltaM`) compares a multi-task model with single-task models trained the same
 way. ``lightning-mtl baselines --config X.yaml [overrides]`` builds them from ``X.yaml`` itself, so that nothing but
@@ -15,6 +19,18 @@ Restricting the data to one task is done for the two forms the package knows: a 
 are ``{task: Dataset}`` mappings (each split keeps the task's dataset, and a ``batch_size`` mapping its entry), and
 any data module with a ``tasks`` argument (``MultiDigitsDataModule``, ...), which is set to ``[task]``. Other data
 modules are refused before anything is trained, with what to change.
+
+``compare``
+-----------
+``lightning-mtl compare --config X.yaml --balancers static,uw,famo,upgrad --seeds 3 [overrides]`` fits the same
+config once per balancer and seed (``--model.balancer NAME --seed_everything S``, seeds ``0..n-1`` unless
+``--seed_values`` lists them; run folders ``<default_root_dir>/compare/<balancer>/seed_<S>``), tests each with its
+best checkpoint (``test_after_fit``), and writes a leaderboard: per balancer, every ``test/{task}/{metric}`` and
+``test/delta_m`` (when the config has a ``DeltaM`` callback) as mean ± sample standard deviation over the seeds, and
+the median training-step time (:class:`~lightning_mtl.callbacks.StepTimer`, all seeds' steps pooled) relative to
+the first balancer listed (put ``static`` first to read it as "× static"). The table is printed and saved as
+``leaderboard.md`` and ``leaderboard.json`` in ``--output`` (default ``<default_root_dir>/compare``). Step times
+are a relative guide: they are only as quiet as the machine the runs share.
 """
 
 from __future__ import annotations
@@ -23,6 +39,8 @@ import argparse
 import contextlib
 import io
 import os
+import json
+import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -116,25 +134,120 @@ def train_baselines(config_args: Sequence[str], output: Optional[str] = None) ->
     return written
 
 
+def compare_balancers(
+    config_args: Sequence[str], balancers: Sequence[str], seeds: Sequence[int], output: Optional[str] = None
+) -> dict[str, Any]:
+    """Fit the config with every balancer and seed; the leaderboard (also written to ``output``)."""
+    from lightning_mtl.callbacks import StepTimer
+    from lightning_mtl.cli import check_balancer_name, run
+
+    for name in balancers:
+        check_balancer_name(name)
+    config = resolved_config(config_args)
+    root = config["trainer"].get("default_root_dir") or os.getcwd()
+    folder = Path(output or os.path.join(root, "compare"))
+    results: dict[str, dict[str, Any]] = {}
+    total = len(balancers) * len(seeds)
+    for index, (name, seed) in enumerate(((name, seed) for name in balancers for seed in seeds), 1):
+        run_dir = os.path.join(root, "compare", name, f"seed_{seed}")
+        print(f"lightning-mtl compare: [{index}/{total}] balancer {name!r}, seed {seed} -> {run_dir}", flush=True)
+        cli = run([
+            "fit", *config_args, "--model.balancer", name, "--seed_everything", str(seed), "--test_after_fit", "true",
+            "--trainer.default_root_dir", run_dir, "--trainer.callbacks+=lightning_mtl.callbacks.StepTimer",
+        ])  # fmt: skip
+        timer = next(callback for callback in cli.trainer.callbacks if isinstance(callback, StepTimer))
+        entry = results.setdefault(name, {"metrics": {}, "step_seconds": []})
+        for key, value in cli.trainer.callback_metrics.items():
+            if key.startswith("test/") and key != "test/loss":
+                entry["metrics"].setdefault(key, []).append(float(value))
+        entry["step_seconds"] += timer.seconds
+    board = leaderboard(results, balancers)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "leaderboard.json").write_text(json.dumps({"seeds": list(seeds), **board}, indent=2))
+    table = format_leaderboard(board)
+    (folder / "leaderboard.md").write_text(table + "\n")
+    print(f"{table}\nlightning-mtl compare: wrote {folder / 'leaderboard.md'} and leaderboard.json", flush=True)
+    return board
+
+
+def leaderboard(results: dict[str, dict[str, Any]], balancers: Sequence[str]) -> dict[str, Any]:
+    """``{"reference", "rows"}`` from each balancer's ``{"metrics": {key: [value per seed]}, "step_seconds": [...]}``."""
+    reference = statistics.median(results[balancers[0]]["step_seconds"] or [float("nan")])
+    rows = {}
+    for name in balancers:
+        entry = results[name]
+        median = statistics.median(entry["step_seconds"] or [float("nan")])
+        rows[name] = {
+            "metrics": {key: _mean_std(values) for key, values in sorted(entry["metrics"].items())},
+            "median_step_seconds": median,
+            "step_time_ratio": median / reference,
+        }
+    return {"reference": balancers[0], "rows": rows}
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": spread, "n": len(values)}
+
+
+def format_leaderboard(board: dict[str, Any]) -> str:
+    """The leaderboard as a Markdown table: one row per balancer, ``mean ± std`` per test metric, Δm first."""
+    rows = board["rows"]
+    keys = sorted({key for row in rows.values() for key in row["metrics"]}, key=lambda k: (k != "test/delta_m", k))
+    header = ["balancer", *(key.removeprefix("test/") for key in keys), f"step time (× {board['reference']})"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, row in rows.items():
+        cells = [name]
+        for key in keys:
+            value = row["metrics"].get(key)
+            cells.append("—" if value is None else f"{value['mean']:.4g} ± {value['std']:.2g}")
+        cells.append(f"{row['step_time_ratio']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str]) -> None:
-    """``lightning-mtl baselines --config X.yaml [--output FILE] [fit overrides ...]``."""
-    parser = argparse.ArgumentParser(
-        prog="lightning-mtl baselines",
-        description=(
-            "Train one single-task model per task of a multi-task config (same backbone, data, budget and seed) and "
-            "write their validation and test metrics to the baseline file that lightning_mtl.callbacks.DeltaM reads. "
-            "Any other option is a fit override (e.g. --trainer.max_epochs 5) applied to every run."
-        ),
-    )
+    """``lightning-mtl baselines|compare --config X.yaml ... [fit overrides ...]``."""
+    from lightning_mtl.cli import ConfigError
+
+    command, argv = argv[0], argv[1:]
+    parser = argparse.ArgumentParser(prog=f"lightning-mtl {command}", description=_DESCRIPTIONS[command])
     parser.add_argument("-c", "--config", action="append", required=True, help="the multi-task fit config (YAML)")
-    parser.add_argument("--output", help="the baseline file (default: the config's DeltaM `baselines` argument)")
+    if command == "baselines":
+        parser.add_argument("--output", help="the baseline file (default: the config's DeltaM `baselines` argument)")
+    else:
+        parser.add_argument("--balancers", required=True, help="comma-separated balancer names, e.g. static,uw,famo")
+        parser.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..n-1 (default 3)")
+        parser.add_argument("--seed_values", help="comma-separated seeds, instead of --seeds")
+        parser.add_argument("--output", help="folder of leaderboard.md/.json (default <default_root_dir>/compare)")
     known, overrides = parser.parse_known_args(argv)
     config_args = [arg for path in known.config for arg in ("--config", path)] + overrides
     try:
-        train_baselines(config_args, known.output)
-    except CommandError as error:
+        if command == "baselines":
+            train_baselines(config_args, known.output)
+            return
+        seeds = [int(v) for v in known.seed_values.split(",")] if known.seed_values else list(range(known.seeds))
+        balancers = [name.strip() for name in known.balancers.split(",") if name.strip()]
+        if not balancers or not seeds:
+            raise CommandError("lightning-mtl compare: give at least one balancer (--balancers) and one seed.")
+        compare_balancers(config_args, balancers, seeds, known.output)
+    except (CommandError, ConfigError) as error:
         sys.stderr.write(f"{error}\n")
         sys.exit(2)
+
+
+_DESCRIPTIONS = {
+    "baselines": (
+        "Train one single-task model per task of a multi-task config (same backbone, data, budget and seed) and "
+        "write their validation and test metrics to the baseline file that lightning_mtl.callbacks.DeltaM reads. "
+        "Any other option is a fit override (e.g. --trainer.max_epochs 5) applied to every run."
+    ),
+    "compare": (
+        "Fit one config with several balancers and seeds and write a leaderboard: per-task test metrics and Δm "
+        "(with a DeltaM callback in the config) as mean ± std over seeds, and the median step time relative to "
+        "the first balancer. Any other option is a fit override applied to every run."
+    ),
+}
 
 
 def _init_args(entry: Any) -> dict[str, Any]:

@@ -77,3 +77,34 @@ def test_without_an_output_or_a_deltam_in_the_config_the_command_says_what_to_ad
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
     assert "--output" in result.stderr and "DeltaM" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_compare_writes_a_leaderboard_of_every_balancer_over_seeds(tmp_path: Path) -> None:
+    from lightning_mtl.commands import compare_balancers
+
+    args = [*reduced(tmp_path), "--trainer.limit_train_batches", "8", "--data.init_args.train_size", "512"]  # 5 warm-up steps
+    board = compare_balancers(args, ["static", "uw"], [0, 1], str(tmp_path / "board"))
+    assert board["reference"] == "static" and list(board["rows"]) == ["static", "uw"]
+    static = board["rows"]["static"]
+    assert static["step_time_ratio"] == 1.0 and static["median_step_seconds"] > 0
+    accuracy = static["metrics"]["test/left/accuracy"]
+    assert accuracy["n"] == 2
+    # each seed's value is the one its run folder's test gave: rerun seed 1 by hand
+    cli = run(["fit", *args, "--model.balancer", "static", "--seed_everything", "1", "--test_after_fit", "true",
+               "--trainer.default_root_dir", str(tmp_path / "by_hand")])
+    seed1 = float(cli.trainer.callback_metrics["test/left/accuracy"])
+    seed0 = 2 * accuracy["mean"] - seed1
+    assert accuracy["std"] == pytest.approx(abs(seed0 - seed1) / 2**0.5, abs=1e-6)
+    table = (tmp_path / "board" / "leaderboard.md").read_text()
+    assert table.splitlines()[0].startswith("| balancer | left/accuracy | left/loss |")
+    assert f"{accuracy['mean']:.4g} ± {accuracy['std']:.2g}" in table
+    assert (tmp_path / "board" / "leaderboard.json").exists()
+
+
+def test_compare_refuses_a_misspelt_balancer_before_training(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_mtl.cli", "compare", "--config", str(CONFIG), "--balancers", "static,upgrade"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2 and "did you mean 'upgrad'" in result.stderr and "Traceback" not in result.stderr
