@@ -143,15 +143,20 @@ def heatmap(
         bound = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
         vmin, vmax = (-bound if vmin is None else vmin), (bound if vmax is None else vmax)
     size = len(labels)
-    side = min(3.0 + 0.55 * size, 14.0)
-    figure = Figure(figsize=(side + 1.2, side), layout="constrained")
-    axes = figure.subplots()
+    rotate = size > 4
+    # Fixed margins sized for the labels (a layout engine would double the drawing time).
+    label = max((len(str(name)) for name in labels), default=1) * 0.075
+    side = min(2.5 + 0.5 * size, 12.0)
+    left, bottom = 0.45 + label + (0.25 if ylabel else 0.0), 0.45 + (label * 0.75 if rotate else 0.15) + (0.25 if xlabel else 0.0)
+    width, height = left + side + 1.4, bottom + side + 0.45
+    figure = Figure(figsize=(width, height))
+    axes = figure.add_axes((left / width, bottom / height, side / width, side / height))
     shown = axes.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax)
-    axes.set_xticks(range(size), labels=list(labels), rotation=45 if size > 4 else 0, ha="right" if size > 4 else "center")
+    axes.set_xticks(range(size), labels=list(labels), rotation=45 if rotate else 0, ha="right" if rotate else "center")
     axes.set_yticks(range(size), labels=list(labels))
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
-    axes.set_title(title)
+    axes.set_title(title, fontsize=10)
     if size <= 16:
         span = max(abs(vmin), abs(vmax)) or 1.0
         for i in range(size):
@@ -159,7 +164,8 @@ def heatmap(
                 if math.isfinite(values[i, j]):
                     light = abs(values[i, j]) > 0.6 * span
                     axes.text(j, i, f"{values[i, j]:.2g}", ha="center", va="center", fontsize=8, color="white" if light else "black")
-    figure.colorbar(shown, ax=axes, label=colorbar, shrink=0.8)
+    bar = figure.add_axes(((left + side + 0.15) / width, bottom / height, 0.18 / width, side / height))
+    figure.colorbar(shown, cax=bar, label=colorbar)
     return figure
 
 
@@ -167,13 +173,16 @@ def line_chart(x: Sequence[float], series: Mapping[str, Sequence[float]], title:
     """One line per entry of ``series`` against ``x``, with a legend: e.g. the K task weights over the steps."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7.5, 4.0), layout="constrained")
-    axes = figure.subplots()
+    names = [str(name) for name in series]
+    legend = 0.3 + 0.075 * max((len(name) for name in names), default=0)
+    width, height = 7.0 + legend, 4.0
+    figure = Figure(figsize=(width, height))
+    axes = figure.add_axes((0.8 / width, 0.55 / height, (width - legend - 1.0) / width, (height - 0.95) / height))
     for name, values in series.items():
         axes.plot(list(x), list(values), label=name, linewidth=1.4, marker="o" if len(x) == 1 else None)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
-    axes.set_title(title)
+    axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
     if series:
         axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
