@@ -70,6 +70,11 @@ length, so different lengths give different step counts too. It is not checked w
 ``use_distributed_sampler=False`` (each process may hold its own shard on purpose), nor when it is
 an ``IterableDataset`` (no length).
 
+``Trainer(overfit_batches=n)`` trains on the first ``n`` batches of every epoch; the training loaders are then
+built without shuffling (Lightning turns shuffling off the same way for a ``DataLoader``, which these loaders
+are not), so ``zip``, ``zip_shortest``, ``round_robin`` and ``sequential`` repeat the same batches every epoch.
+The one-task draws of ``proportional`` and ``temperature`` still change with the epoch.
+
 Resume
 ------
 The training loader (``MultiTaskLoader``, or ``SharedInputLoader`` for a shared-input dataset) implements ``state_dict``/``load_state_dict``; Lightning's fit loop
@@ -351,7 +356,7 @@ class MultiTaskDataModule(LightningDataModule):
             sampling=self.sampling if training else "sequential",
             temperature=self.temperature,
             seed=self.seed,
-            shuffle=training and self.shuffle,
+            shuffle=training and self.shuffle and not self._overfitting(),
             drop_last=training and self.drop_last,
             pad=split != "predict",
             rank=rank,
@@ -375,7 +380,7 @@ class MultiTaskDataModule(LightningDataModule):
             batch_size=self.batch_size,  # type: ignore[arg-type]
             sampling="zip",
             seed=self.seed,
-            shuffle=self.shuffle,
+            shuffle=self.shuffle and not self._overfitting(),
             drop_last=self.drop_last,
             rank=rank,
             world_size=world_size,
@@ -383,6 +388,10 @@ class MultiTaskDataModule(LightningDataModule):
         return SharedInputLoader(
             data, sampler, collate_fn=self.collate_fn, num_workers=self.num_workers, pin_memory=self.pin_memory
         )
+
+    def _overfitting(self) -> bool:
+        """``Trainer(overfit_batches=...)``: the same first batches every epoch, so no shuffling (Lightning's rule)."""
+        return self.trainer is not None and bool(self.trainer.overfit_batches)
 
     def _lightning_shards_shared_input(self) -> bool:
         """Whether the Trainer's ``use_distributed_sampler`` asks for a shared-input dataset to be sharded."""

@@ -175,7 +175,9 @@ class MultiTaskLoader:
         worker_init_fn: Optional[Callable[[int], None]],
         persistent_workers: bool,
     ) -> None:
-        self.dataset = dataset
+        # Not `self.dataset`: Lightning rebuilds a loader that has `.dataset` and `.sampler` as a DataLoader with a
+        # SequentialSampler under `overfit_batches`, which fails for this one; the data module turns shuffling off.
+        self._dataset = dataset
         self.sampler = sampler
         self.dataloader = DataLoader(
             dataset,

@@ -309,9 +309,10 @@ class MultiDigitsTask(Dataset):
 
     ``MultiTaskDataModule(train={"left": MultiDigitsTask("left", seed=1), "sum": MultiDigitsTask("sum", size=300,
     seed=2)}, sampling=...)`` and the same with ``class_path`` per task in a config. Items are ``x`` of shape
-    ``(1, 12, 20)`` and the task's 0-dim target, as in :class:`MultiDigits`. Tasks built with the same ``seed``
-    and ``split`` share their images (the first ``size`` composites of that seed); give each task its own ``seed``
-    for tasks with different images, as separate datasets would have. Splits stay disjoint by source image.
+    ``(1, 12, 20)`` and the task's 0-dim target, as in :class:`MultiDigits`. Tasks built with the same ``split``,
+    ``size`` and ``seed`` have the same images; any other ``size`` or ``seed`` gives other composites (a smaller
+    ``size`` is not a subset of a larger one). Give each task its own ``seed`` for tasks with different images, as
+    separate datasets would have. Splits stay disjoint by source image.
 
     Args:
         task: one of ``MultiDigits.TASKS``.

@@ -247,3 +247,51 @@ def test_ddp_equal_dataset_lengths_train(uneven_records: dict, case: str) -> Non
     # After the failed fits, the same processes train normally: 6 steps per epoch, 2 epochs.
     assert [r["error"] for r in uneven_records[case]] == [None, None]
     assert [r["train_steps"] for r in uneven_records[case]] == [12, 12]
+
+
+class ItemsWithLabels(Dataset):
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], {"u": self.x[i, 0]}
+
+
+class SharedInputModel(Recorder):
+    def training_step(self, batch, batch_idx):
+        return self.linear(batch[0]).pow(2).mean()
+
+
+class FirstBatches(pl.Callback):
+    def __init__(self) -> None:
+        self.epochs: list[list] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.epochs.append([])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if isinstance(batch, dict):
+            self.epochs[-1].append({task: x.flatten().tolist() for task, (x, _) in batch.items()})
+        else:
+            self.epochs[-1].append(batch[0].flatten().tolist())
+
+
+@pytest.mark.parametrize("form", ["shared input", "per task"])
+def test_overfit_batches_repeats_the_first_batches_unshuffled(form: str) -> None:
+    """Lightning rebuilds a shuffled DataLoader with a SequentialSampler under overfit_batches; these loaders are
+    not DataLoaders (that rebuild used to fail), so the data module builds them unshuffled itself."""
+    if form == "shared input":
+        x = torch.arange(10).float().unsqueeze(1)
+        model, data = SharedInputModel(), MultiTaskDataModule(ItemsWithLabels(x), batch_size=4)
+    else:
+        model, data = Recorder(), MultiTaskDataModule(task_data(), batch_size=4, sampling="round_robin")
+    seen = FirstBatches()
+    kwargs = {**TRAINER_KWARGS, "limit_val_batches": 0}
+    pl.Trainer(max_epochs=3, overfit_batches=2, enable_checkpointing=False, callbacks=[seen], **kwargs).fit(model, datamodule=data)
+    assert len(seen.epochs) == 3 and all(len(epoch) == 2 for epoch in seen.epochs)
+    assert seen.epochs[0] == seen.epochs[1] == seen.epochs[2]
+    if form == "shared input":
+        assert seen.epochs[0] == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]
