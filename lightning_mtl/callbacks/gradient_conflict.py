@@ -67,11 +67,11 @@ class GradientConflict(pl.Callback):
     ``module.request_gramian()`` before each sampled step, which costs that step one batched backward of the K task
     losses and leaves the update unchanged.
 
-    With ``heatmap=True`` it also logs, at the end of every training epoch (and at the end of fit for a last,
-    unfinished epoch), the mean cosine matrix over the epoch's sampled steps as a heatmap under
-    ``train/gradients/cosine`` (:func:`~lightning_mtl.callbacks.figures.log_figure`: a W&B image, a TensorBoard
-    image, or PNG + JSON files in the run's log directory). Once per epoch, not per sample: drawing a figure
-    costs tens of milliseconds, many training steps of a small model.
+    With ``heatmap=True`` it also logs, at the end of every ``every_n_epochs``-th training epoch and at the end of
+    fit (for samples not drawn yet), the mean cosine matrix over the sampled steps since the last picture as a
+    heatmap under ``train/gradients/cosine`` (:func:`~lightning_mtl.callbacks.figures.log_figure`: a W&B image, a
+    TensorBoard image, or PNG + JSON files in the run's log directory). Per epoch, not per sample: drawing a
+    picture costs 50–200 ms (K = 2 to 10), many training steps of a small model.
 
     Under DDP the Gramian is that of the global batch's task gradients, identical on every process (the
     balancing paths reduce it), so the values are exact, not a rank's local view; every process asks for it on
@@ -82,17 +82,23 @@ class GradientConflict(pl.Callback):
     :attr:`norms`.
 
     Args:
-        every_n_steps: sample every this many optimizer steps (steps 0, N, 2N, ...).
-        heatmap: log the per-epoch heatmap (needs matplotlib: ``pip install lightning-mtl[plots]``).
+        every_n_steps: sample every this many optimizer steps (steps 0, N, 2N, ...). A sample of a loss-level
+            balancer costs about 1 (K = 2) to 3 (K = 10) training steps of a W-MLP; the default keeps that under 5 %
+            of the run (``benchmarks/RESULTS.md``).
+        heatmap: log the heatmap (needs matplotlib: ``pip install lightning-mtl[plots]``).
+        every_n_epochs: draw the heatmap at the end of every this many training epochs (0: only at the end of fit).
     """
 
-    def __init__(self, every_n_steps: int = 50, heatmap: bool = True) -> None:
+    def __init__(self, every_n_steps: int = 100, heatmap: bool = True, every_n_epochs: int = 1) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 0:
+            raise ValueError(f"every_n_epochs must be a non-negative integer, got {every_n_epochs!r}")
         if heatmap:
             require_matplotlib("GradientConflict(heatmap=True)")
         self.every_n_steps = every_n_steps
         self.heatmap = heatmap
+        self.every_n_epochs = every_n_epochs
         self._asked: Optional[int] = None  # the global step whose Gramian was asked for
         self._read: Optional[int] = None  # the last global step read
         self._warned = False
@@ -157,10 +163,11 @@ class GradientConflict(pl.Callback):
             self._steps.append(view.global_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._draw(trainer)
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._draw(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._draw(trainer)  # a last epoch that did not finish (max_steps, an interruption)
+        self._draw(trainer)  # samples not drawn yet (every_n_epochs, an unfinished last epoch)
 
     def _draw(self, trainer: pl.Trainer) -> None:
         if self._sum is None or not self._steps:
@@ -184,7 +191,7 @@ class GradientConflict(pl.Callback):
         log_figure(trainer, "train/gradients/cosine", figure, data=data, table=(["task", *names], rows))
 
     def state_dict(self) -> dict[str, Any]:
-        """The current epoch's samples, so that a resumed run draws the same heatmap."""
+        """The samples not drawn yet, so that a resumed run draws the same heatmap."""
         return {"sum": self._sum, "count": self._count, "steps": list(self._steps), "task_names": list(self._task_names)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

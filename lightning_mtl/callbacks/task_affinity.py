@@ -347,7 +347,7 @@ class TaskAffinity(pl.Callback):
     the order of ``lr · |∇L|²/L``); their signs and order, which decide the grouping, are what to read. Give
     ``lr`` to fix η.
 
-    At the end of every training epoch with new samples it logs the average so far as a heatmap
+    At the end of every ``every_n_epochs``-th training epoch with new samples it logs the average so far as a heatmap
     (``train/task_affinity``; rows: the task stepped on, "from"; columns: the task measured, "onto"; the colour
     scale is set by the off-diagonal entries, as the self-affinities can be much larger) through
     :func:`~lightning_mtl.callbacks.figures.log_figure`, and writes ``task_affinity.json`` in the run's log
@@ -363,8 +363,8 @@ class TaskAffinity(pl.Callback):
     not whole on a process. Data that holds one task per step (round-robin, proportional, temperature,
     sequential sampling) is refused too: ``L_j`` must be measured on a batch that holds task j after task i's step.
 
-    Cost per sample: about one forward and K backward-and-forward passes of the backbone (K + 1 forwards, a
-    K-row batched backward); see ``benchmarks/RESULTS.md`` for the default interval's share of a run.
+    Cost per sample: K + 1 forwards and a K-row batched backward of the backbone, about 2 (K = 2) to 6 (K = 10)
+    training steps of a W-MLP; the default interval keeps that near 3 % of the run (``benchmarks/RESULTS.md``).
 
     Args:
         every_n_steps: sample every this many optimizer steps (steps 0, N, 2N, ...).
@@ -372,19 +372,24 @@ class TaskAffinity(pl.Callback):
         num_groups: the group count(s) for which a grouping is suggested (default: every count from 1 to K - 1;
             comparing their scores shows whether splitting the tasks gains anything: all tasks apart score 0).
         heatmap: log the heatmap (needs matplotlib: ``pip install lightning-mtl[plots]``).
+        every_n_epochs: write the JSON file and draw the heatmap at the end of every this many training epochs
+            (0: only at the end of fit, which always reports).
         filename: the JSON file's name in the run's log directory.
     """
 
     def __init__(
         self,
-        every_n_steps: int = 100,
+        every_n_steps: int = 200,
         lr: Optional[float] = None,
         num_groups: Union[int, Sequence[int], None] = None,
         heatmap: bool = True,
+        every_n_epochs: int = 1,
         filename: str = "task_affinity.json",
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 0:
+            raise ValueError(f"every_n_epochs must be a non-negative integer, got {every_n_epochs!r}")
         if lr is not None and not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a positive number or None (the optimizer's), got {lr!r}")
         counts = [num_groups] if isinstance(num_groups, int) else list(num_groups or [])
@@ -396,6 +401,7 @@ class TaskAffinity(pl.Callback):
         self.lr = lr
         self.num_groups = None if num_groups is None else counts
         self.heatmap = heatmap
+        self.every_n_epochs = every_n_epochs
         self.filename = filename
         self.task_names: tuple[str, ...] = ()
         self._sum: Optional[Tensor] = None
@@ -478,7 +484,7 @@ class TaskAffinity(pl.Callback):
         return {g: task_groups(affinity, g, self.task_names) for g in counts}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._samples != self._reported:
+        if self._samples != self._reported and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._report(trainer, final=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

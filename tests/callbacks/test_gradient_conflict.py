@@ -107,6 +107,17 @@ def test_logged_values_equal_cosines_of_per_task_gradients_computed_by_hand(tmp_
     torch.testing.assert_close(conflict.cosines, references[-1], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("every_n_epochs, drawn", [(0, {6: [0, 2, 4]}), (2, {6: [0, 2, 4]}), (1, {3: [0, 2], 6: [4]})])
+def test_heatmap_every_n_epochs_averages_the_samples_since_the_last_picture(tmp_path, every_n_epochs, drawn):
+    conflict = GradientConflict(every_n_steps=2, every_n_epochs=every_n_epochs)
+    quiet_trainer(max_epochs=2, callbacks=[conflict], default_root_dir=tmp_path).fit(
+        three_task_module(), DataLoader(ThreeTasks(48), batch_size=16)
+    )  # 2 epochs of 3 steps; logger steps at the epoch ends: 3 and 6
+    folder = Path(tmp_path) / "figures" / "train" / "gradients" / "cosine"
+    found = {int(p.stem[5:]): json.loads(p.read_text())["steps"] for p in folder.glob("*.json")}
+    assert found == drawn
+
+
 class GramianRecorder(L.Callback):
     def __init__(self):
         self.gramians = []
@@ -160,6 +171,9 @@ def test_arguments_model_and_sampling_are_checked():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="every_n_steps"):
             GradientConflict(every_n_steps=bad)
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        GradientConflict(every_n_epochs=-1)
+    assert GradientConflict().every_n_steps == 100  # the interval benchmarks/diagnostics.py measured
 
     class Plain(L.LightningModule):
         pass

@@ -194,6 +194,14 @@ def test_files_under_a_csv_logger_and_without_a_logger(tmp_path):
         torch.testing.assert_close(torch.tensor(data["affinity"], dtype=torch.float64), affinity.affinity)
 
 
+def test_every_n_epochs_zero_reports_at_the_end_of_fit_only(tmp_path):
+    affinity = TaskAffinity(every_n_steps=2, every_n_epochs=0)
+    quiet_trainer(max_epochs=2, callbacks=[affinity], default_root_dir=tmp_path).fit(build(), DataLoader(ThreeTasks(96), batch_size=16))
+    folder = Path(tmp_path) / "figures" / "train" / "task_affinity"
+    assert sorted(p.name for p in folder.iterdir()) == ["step_000012.json", "step_000012.png"]
+    assert json.loads((Path(tmp_path) / "task_affinity.json").read_text())["samples"] == 6
+
+
 def test_the_mean_survives_a_checkpoint():
     affinity = TaskAffinity(every_n_steps=1, heatmap=False)
     quiet_trainer(max_steps=3, callbacks=[affinity]).fit(build(), DataLoader(ThreeTasks(96), batch_size=16))
@@ -209,6 +217,9 @@ def test_arguments_model_and_sampling_are_checked():
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="lr"):
             TaskAffinity(lr=bad)
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        TaskAffinity(every_n_epochs=-1)
+    assert TaskAffinity().every_n_steps == 200  # the interval benchmarks/diagnostics.py measured
     with pytest.raises(ValueError, match="num_groups"):
         TaskAffinity(num_groups=[2, 0])
     with pytest.raises(ValueError, match="at most that many groups"):
