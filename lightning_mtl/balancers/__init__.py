@@ -15,7 +15,13 @@ See :class:`Balancer` for the contract with ``MultiTaskModule``.
 from __future__ import annotations
 
 from lightning_mtl.balancers.alignedmtl import AlignedMTL
-from lightning_mtl.balancers.base import Balancer, GradientBalancer, GramianBalancer
+from lightning_mtl.balancers.base import (
+    Balancer,
+    GradientBalancer,
+    GramianBalancer,
+    MaskedScalarizer,
+    NonlinearScalarization,
+)
 from lightning_mtl.balancers.cagrad import CAGrad
 from lightning_mtl.balancers.config import ConFIG
 from lightning_mtl.balancers.dbmtl import DBMTL
@@ -47,11 +53,27 @@ _CLASSES: tuple[type[Balancer], ...] = (
 BALANCERS: dict[str, type[Balancer]] = {cls.__name__.lower(): cls for cls in _CLASSES}
 
 
+#: Bases that hold what their methods share but no method of their own: not usable as a balancer.
+ABSTRACT_BALANCERS: tuple[type[Balancer], ...] = (
+    Balancer, NonlinearScalarization, GramianBalancer, GradientBalancer, MaskedScalarizer,
+)  # fmt: skip
+
+
+def check_not_abstract(cls: type) -> None:
+    """Refuse one of :data:`ABSTRACT_BALANCERS` (it would fail in the first training step), naming the usable ones."""
+    if cls in ABSTRACT_BALANCERS:
+        raise TypeError(
+            f"balancer {cls.__name__} is an abstract base of the balancers, not a method: choose one of "
+            f"{', '.join(c.__name__ for c in _CLASSES)} (by name, case-insensitive, or class_path)."
+        )
+
+
 def resolve_balancer(balancer: Balancer | str | None) -> Balancer:
     """Return a balancer instance from an instance, a registered name (case-insensitive) or ``None`` (``Static``)."""
     if balancer is None:
         return Static()
     if isinstance(balancer, Balancer):
+        check_not_abstract(type(balancer))
         return balancer
     if isinstance(balancer, str):
         cls = BALANCERS.get(balancer.lower())
@@ -70,6 +92,8 @@ def resolve_balancer(balancer: Balancer | str | None) -> Balancer:
 
 __all__ = [
     "AlignedMTL",
+    "ABSTRACT_BALANCERS",
+    "check_not_abstract",
     "BALANCERS",
     "Balancer",
     "CAGrad",
