@@ -41,16 +41,18 @@ import os
 import re
 import sys
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from fsspec.implementations.local import LocalFileSystem
 from jsonargparse import DefaultHelpFormatter
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelSummary
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
@@ -59,6 +61,7 @@ from lightning_mtl.callbacks.model_summary import MultiTaskModelSummary
 from lightning_mtl.callbacks.prediction_writer import TaskPredictionWriter
 from lightning_mtl.callbacks.task_table import TaskTable
 from lightning_mtl.module import MultiTaskModule
+from lightning_mtl.run_config import log_config_to_wandb, require_wandb
 from lightning_mtl.runs import run_dir as _run_dir
 
 
@@ -70,6 +73,9 @@ class SaveRunConfig(SaveConfigCallback):
     two runs that share the folder (one after the other, or at once) cannot both write it: the second stops
     with a ``FileExistsError`` saying what to change. A run that continues from one of the folder's own
     checkpoints (``ckpt_path`` inside it) writes ``config-<subcommand>-<n>.yaml`` beside the first instead.
+
+    A ``WandbLogger`` also gets the config (:meth:`save_config`): as its run config, and the file as one of the run's
+    files, ``lightning-mtl/config.yaml``. Other loggers have the file beside their checkpoints.
     """
 
     ckpt_path: Optional[str] = None
@@ -98,8 +104,18 @@ class SaveRunConfig(SaveConfigCallback):
             path = os.path.join(run_dir, name)
             if _claim(fs, path):
                 self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=self.multifile)
+                self.saved_path = path
                 return path
         return None
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Rank zero, after the file is written: every ``WandbLogger`` gets the resolved config as its run config and
+        the file as one of its run's files (:func:`~lightning_mtl.run_config.log_config_to_wandb`)."""
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if loggers:
+            config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            for logger in loggers:
+                log_config_to_wandb(logger, config, getattr(self, "saved_path", None))
 
 
 class ConfigError(ValueError):
@@ -172,6 +188,7 @@ class MultiTaskCLI(LightningCLI):
             if config.get(key) is not None:
                 raise ConfigError(_optimizer_rule(key))
         check_balancer_name(config.get("model.balancer"))
+        check_wandb_installed(config)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI opens an existing --ckpt_path file right after parsing (for hyper-parameters): check it first
@@ -271,6 +288,33 @@ def check_balancer_name(balancer: Any) -> None:
         f"{', '.join(sorted(BALANCERS))}; or a class_path with init_args, e.g. "
         "--model.balancer '{class_path: lightning_mtl.balancers.UPGrad}'."
     )
+
+
+def check_wandb_installed(config: Any) -> None:
+    """Refuse a config naming a Weights & Biases class (``--trainer.logger WandbLogger``) when wandb cannot be imported,
+    with the install hint, before anything is built."""
+    for key, class_path in _wandb_class_paths(config):
+        try:
+            require_wandb(f"--{key} {class_path}")
+        except ImportError as error:
+            raise ConfigError(str(error)) from None
+
+
+def _wandb_class_paths(value: Any, key: str = "") -> list[tuple[str, str]]:
+    """``(option, class_path)`` of every ``class_path`` in a parsed config that names a W&B class."""
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    found: list[tuple[str, str]] = []
+    if isinstance(value, Mapping):
+        class_path = value.get("class_path")
+        if isinstance(class_path, str) and "wandb" in class_path.lower():
+            found.append((key, class_path))
+        for name, item in value.items():
+            found += _wandb_class_paths(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found += _wandb_class_paths(item, f"{key}[{index}]")
+    return found
 
 
 _LIGHTNING_OPTIMIZER_KEYS = ("optimizer", "lr_scheduler")

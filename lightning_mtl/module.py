@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import AttributeDict
 from torch import Tensor, nn
 
 from lightning_mtl.balancers import Balancer, Static, resolve_balancer
@@ -36,6 +37,7 @@ from lightning_mtl.evaluation import TaskEvaluation, stage_metrics, stage_task_l
 from lightning_mtl.forward import Prediction, TaskForward
 from lightning_mtl.gradients import GRADIENT_MODES, GradientMode
 from lightning_mtl.nonfinite import NonfiniteCheck, SkippedStepGuard
+from lightning_mtl.run_config import describe
 from lightning_mtl.runs import explain_load_error
 from lightning_mtl.step import StepContext, StepRecord, StepView
 from lightning_mtl.task import Task, task_module_dict
@@ -78,6 +80,9 @@ class MultiTaskModule(LightningModule):
     ``lightning-mtl`` CLI saves the whole YAML config beside the logs instead. Restore a ``lightning-mtl``
     run with ``lightning_mtl.load_run(run_folder)``; otherwise with
     ``MultiTaskModule.load_from_checkpoint(path, backbone=..., tasks=...)`` or ``fit(ckpt_path=...)``.
+    Loggers still get the run's description: :attr:`hparams_initial` adds ``"multitask"``, the module as
+    plain data (:func:`lightning_mtl.run_config.describe`: tasks, balancer, gradient mode, optimizer,
+    parameter counts), which Lightning logs to every logger when a run starts (``log_hyperparams``).
     """
 
     def __init__(
@@ -141,6 +146,7 @@ class MultiTaskModule(LightningModule):
         # representation mode: what to log once the backward has weighted the step; a skip it asked for
         self._pending_log: Optional[tuple[StepRecord, int, bool]] = None
         self._skip_optimizer_step = False
+        self._log_hyperparams = True  # Lightning logs hparams_initial (the description) to every logger at run start
 
     def _build_balancing(self) -> None:
         """The units that depend on the settings: rebuilt when ``balancer``, ``gradients`` or ``nonfinite_loss``
@@ -162,6 +168,14 @@ class MultiTaskModule(LightningModule):
         except TypeError as error:
             explain_load_error(error, checkpoint_path)
             raise
+
+    @property
+    def hparams_initial(self) -> AttributeDict:
+        """What Lightning gives every logger as hyper-parameters when a run starts (``log_hyperparams``, rank zero):
+        any hyper-parameters a subclass saved, and ``"multitask"``: this module as plain data
+        (:func:`lightning_mtl.run_config.describe`), read at that moment. Never in a checkpoint (``hparams`` stays
+        empty); ``Trainer(enable_autolog_hparams=False)`` leaves it out of the loggers."""
+        return AttributeDict({**super().hparams_initial, "multitask": describe(self)})
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
