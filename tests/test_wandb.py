@@ -356,6 +356,7 @@ def printed_config(args: list[str]) -> dict:
     return yaml.safe_load(out.getvalue())
 
 
+@pytest.mark.slow
 def test_the_sweep_yaml_is_a_grid_over_balancers_whose_every_value_is_a_valid_cli_option(monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.chdir(ROOT)  # the sweep runs from the repository root
@@ -484,6 +485,7 @@ except ImportError as error:
 """
 
 
+@pytest.mark.slow
 def test_without_wandb_the_wandb_options_fail_with_the_install_hint_and_nothing_else_needs_it(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", _WITHOUT_WANDB, str(CONFIG)],
