@@ -47,16 +47,19 @@ from typing import Any, Optional
 
 import yaml
 from fsspec.implementations.local import LocalFileSystem
-from jsonargparse import DefaultHelpFormatter
+from jsonargparse import ArgumentError, ArgumentParser, DefaultHelpFormatter
+from jsonargparse.typing import import_object
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelSummary
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from lightning_mtl.balancers import BALANCERS, resolve_balancer
+from lightning_mtl.balancers import BALANCERS, Balancer, check_not_abstract
 from lightning_mtl.callbacks.model_summary import MultiTaskModelSummary
 from lightning_mtl.callbacks.prediction_writer import TaskPredictionWriter
 from lightning_mtl.callbacks.task_table import TaskTable
@@ -181,6 +184,9 @@ class MultiTaskCLI(LightningCLI):
                 match = re.fullmatch(r"--(optimizer|lr_scheduler)([.=].*)?", str(arg))
                 if match:
                     raise ConfigError(_optimizer_rule(match.group(1)))
+            printing = [arg for arg in given if str(arg).startswith("--print_config")]
+            if printing:  # it prints and exits while parsing: check the same arguments without it first
+                self.parse_arguments(parser, [arg for arg in given if arg not in printing])
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
@@ -218,13 +224,24 @@ class MultiTaskCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._resolve_ckpt_path()
+        self._check_run_folder()
 
     before_validate = before_test = before_fit
 
     def before_predict(self) -> None:
         self._resolve_ckpt_path()
-        if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
-            self.trainer.callbacks.append(TaskPredictionWriter())
+        self._check_run_folder()
+        if not is_overridden("predict_dataloader", self.datamodule, LightningDataModule):
+            raise ConfigError(
+                f"predict: the data module {type(self.datamodule).__name__} has no predict split. Give it one: for "
+                "MultiTaskDataModule, data.init_args.predict (a Dataset, or {task: Dataset} with x-only or (x, y) "
+                "items); MultiDigitsDataModule predicts its test split."
+            )
+        callbacks = self.trainer.callbacks
+        if not any(isinstance(callback, BasePredictionWriter) for callback in callbacks):
+            # before SaveRunConfig: a folder that already holds predictions is refused before a config is written
+            saver = next((i for i, callback in enumerate(callbacks) if isinstance(callback, SaveRunConfig)), len(callbacks))
+            callbacks.insert(saver, TaskPredictionWriter())
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
@@ -232,6 +249,33 @@ class MultiTaskCLI(LightningCLI):
         callback = self.trainer.checkpoint_callback
         best = getattr(callback, "best_model_path", "") if callback is not None else ""
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
+
+    def _check_run_folder(self) -> None:
+        """Refuse a run whose folder holds another run's ``config.yaml`` before any logger touches the folder, and
+        keep the ``metrics.csv`` of a run this command continues.
+
+        :class:`SaveRunConfig` makes the same refusal, but at setup, after Lightning has created the loggers'
+        experiments, and a ``CSVLogger`` deletes the ``metrics.csv`` of the folder it opens. A command continuing the
+        run in its folder (``--ckpt_path`` inside it) would lose the earlier metrics the same way: that file is
+        renamed ``metrics-<n>.csv`` first, and the new command's metrics go to a fresh ``metrics.csv``.
+        """
+        folder = _run_dir(self.trainer)
+        config_path = os.path.join(folder, "config.yaml")
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        continuing = ckpt_path is not None and _is_inside(str(ckpt_path), folder)
+        fs = get_filesystem(folder)
+        if fs.isfile(config_path) and not continuing:
+            raise FileExistsError(_refusal(config_path, folder))
+        if not (continuing and self.trainer.is_global_zero):
+            return
+        for logger in self.trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                metrics = os.path.join(logger.log_dir, "metrics.csv")
+                if fs.isfile(metrics):
+                    names = (os.path.join(logger.log_dir, f"metrics-{n}.csv") for n in itertools.count(1))
+                    kept = next(name for name in names if not fs.exists(name))
+                    fs.mv(metrics, kept)
+                    rank_zero_info(f"Kept the continued run's {metrics} as {kept}; this command's metrics go to metrics.csv.")
 
     def _resolve_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path`` as the Trainer will, refuse a damaged file, and pass the path on."""
@@ -274,13 +318,16 @@ def check_balancer_name(balancer: Any) -> None:
 
     A ``class_path`` config arrives here as a string only when it did not validate; it is refused with the reason.
     """
+    class_path = getattr(balancer, "class_path", None)
+    if isinstance(class_path, str):
+        try:
+            check_not_abstract(import_object(class_path))
+        except TypeError as error:
+            raise ConfigError(f"--model.balancer: {error}") from None
     if not isinstance(balancer, str) or balancer.lower() in BALANCERS:
         return
     if "class_path" in balancer or balancer.lstrip().startswith("{"):
-        try:
-            resolve_balancer(balancer)
-        except ValueError as error:
-            raise ConfigError(f"--model.balancer: {error}") from None
+        raise ConfigError(f"--model.balancer: {balancer!r} did not validate: {_class_path_problem(balancer)}")
     close = difflib.get_close_matches(balancer.lower(), list(BALANCERS), n=1)
     guess = f" (did you mean {close[0]!r}?)" if close else ""
     raise ConfigError(
@@ -288,6 +335,17 @@ def check_balancer_name(balancer: Any) -> None:
         f"{', '.join(sorted(BALANCERS))}; or a class_path with init_args, e.g. "
         "--model.balancer '{class_path: lightning_mtl.balancers.UPGrad}'."
     )
+
+
+def _class_path_problem(balancer: str) -> str:
+    """Why a ``class_path`` balancer config does not validate, as the parser says it for one in a YAML file."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--balancer", type=Balancer)
+    try:
+        parser.parse_args(["--balancer", balancer])
+    except ArgumentError as error:
+        return " ".join(str(error).split())
+    return "unknown reason"
 
 
 def check_wandb_installed(config: Any) -> None:
