@@ -82,3 +82,18 @@ def run_script(script, *args, timeout: float = 240):
         output, _ = process.communicate()
         pytest.fail(f"{script} did not finish in {timeout} s (a rank hung?):\n{output.decode()[-4000:]}")
     return process.returncode, output.decode()
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """W&B without network or home-directory writes; the working directory is ``tmp_path/cwd``."""
+    wandb = pytest.importorskip("wandb")
+    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-dir"), "WANDB_SILENT": "true",
+                       "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+                       "WANDB_DISABLE_GIT": "true"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    (tmp_path / "wandb-dir").mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    yield tmp_path
+    wandb.finish()

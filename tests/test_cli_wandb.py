@@ -11,20 +11,6 @@ from test_cli import short
 wandb = pytest.importorskip("wandb")
 
 
-@pytest.fixture
-def offline(tmp_path, monkeypatch):
-    """W&B without network or home-directory writes; the working directory is ``tmp_path/cwd``."""
-    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-dir"), "WANDB_SILENT": "true",
-                       "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "cache"),
-                       "WANDB_DISABLE_GIT": "true"}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    (tmp_path / "wandb-dir").mkdir()
-    (tmp_path / "cwd").mkdir()
-    monkeypatch.chdir(tmp_path / "cwd")
-    yield tmp_path
-    wandb.finish()
-
-
 def wandb_logger(**init_args) -> tuple[str, str]:
     spec = {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"offline": True, **init_args}}
     return "--trainer.logger", json.dumps(spec)

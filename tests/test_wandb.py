@@ -112,21 +112,6 @@ def _read_records(folder: Path) -> tuple[OfflineRun, bool]:
     return result, finished
 
 
-@pytest.fixture
-def offline(tmp_path, monkeypatch):
-    """W&B without network or home-directory writes; the working directory is ``tmp_path/cwd``."""
-    wandb = pytest.importorskip("wandb")
-    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-dir"), "WANDB_SILENT": "true",
-                       "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "cache"),
-                       "WANDB_DISABLE_GIT": "true"}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    (tmp_path / "wandb-dir").mkdir()
-    (tmp_path / "cwd").mkdir()
-    monkeypatch.chdir(tmp_path / "cwd")
-    yield tmp_path
-    wandb.finish()
-
-
 def per_task_keys(module: MultiTaskModule, weights: bool = True) -> set:
     """Every per-task key the module logs in a fit with validation, then a test."""
     keys = set()
