@@ -14,10 +14,9 @@ jobs the CPU time of a one-thread run (``--threads 1``) is the steadier measure 
 the median over rounds of each configuration's per-round ratio to ``base`` of the same round (UPGrad + callback:
 to UPGrad alone), with the spread of those ratios. Goal (issue 13): ≤ 1.05× at the default intervals.
 
-``--per-sample`` measures what one sample costs instead, robustly on a shared machine: each callback with
-``every_n_steps=2`` (pictures off), so that sampled and plain steps alternate within one run; the extra
-milliseconds of a sampled step are the difference of the two medians. An interval follows: interval ≥
-per-sample cost / (0.05 × plain step time) for 5 %. It also times drawing and writing each picture once (paid once
+``--per-sample`` measures what one sample costs instead: each callback with ``every_n_steps=1`` (pictures off)
+against no callback, interleaved; the extra milliseconds of a sampled step are the difference of the two runs'
+median step times. An interval follows: interval ≥ per-sample cost / (0.05 × step time) for 5 %. It also times drawing and writing each picture once (paid once
 per epoch). The whole-run ratio at interval N and E steps per epoch is then about
 1 + (per-sample cost / N + pictures / E) / step time.
 
@@ -173,20 +172,22 @@ class StepTimer(Callback):
 
 
 def per_sample(args: argparse.Namespace) -> None:
-    """Extra time of a sampled step: ``every_n_steps=2``, so sampled and plain steps alternate in one run (the
-    machine's slow spells hit both alike); the difference of their medians, median over rounds."""
+    """Extra time of a sampled step: each callback with ``every_n_steps=1`` (pictures off) against ``base``, runs
+    interleaved; the difference of their median step times (so that a slow spell of the machine counts little and
+    a cost that spills over into the next step counts in full), median over rounds."""
     steps = args.per_sample_steps
     for num_tasks in args.workloads:
         data = batches(num_tasks, steps)
         configs: list[tuple[str, Callable[[], list[Callback]], "str | None"]] = [
-            ("GradientConflict", lambda: [GradientConflict(every_n_steps=2, heatmap=False)], None),
-            ("TaskWeights", lambda: [TaskWeights(every_n_steps=2, every_n_epochs=0)], None),
-            ("TaskAffinity", lambda: [TaskAffinity(every_n_steps=2, heatmap=False, num_groups=1)], None),
-            ("UPGrad + GradientConflict", lambda: [GradientConflict(every_n_steps=2, heatmap=False)], "upgrad"),
+            ("base", lambda: [], None),
+            ("GradientConflict", lambda: [GradientConflict(every_n_steps=1, heatmap=False)], None),
+            ("TaskWeights", lambda: [TaskWeights(every_n_steps=1, every_n_epochs=0)], None),
+            ("TaskAffinity", lambda: [TaskAffinity(every_n_steps=1, heatmap=False, every_n_epochs=0, num_groups=1)], None),
+            ("UPGrad", lambda: [], "upgrad"),
+            ("UPGrad + GradientConflict", lambda: [GradientConflict(every_n_steps=1, heatmap=False)], "upgrad"),
         ]
         clocks = {"wall": time.perf_counter, "CPU": time.process_time}
-        extra = {(name, clock): [] for name, *_ in configs for clock in clocks}
-        plain = {(name, clock): [] for name, *_ in configs for clock in clocks}
+        medians: dict[tuple[str, str], list[float]] = {(name, clock): [] for name, *_ in configs for clock in clocks}
         with tempfile.TemporaryDirectory() as root:
             run(num_tasks, data[:10], 1, [], None, root)
             for _ in range(args.rounds):
@@ -194,20 +195,21 @@ def per_sample(args: argparse.Namespace) -> None:
                     timers = {clock: StepTimer(function) for clock, function in clocks.items()}
                     run(num_tasks, data, 1, [*timers.values(), *callbacks()], balancer, root)
                     for clock, timer in timers.items():
-                        durations = [(step, seconds) for step, seconds in timer.durations().items() if step >= 4]
-                        sampled = statistics.median(d for step, d in durations if step % 2 == 0)
-                        unsampled = statistics.median(d for step, d in durations if step % 2 == 1)
-                        extra[name, clock].append((sampled - unsampled) * 1e3)
-                        plain[name, clock].append(unsampled * 1e3)
-        print(f"\nW-MLP K={num_tasks}: one sample's cost (every_n_steps=2, {steps} steps, {args.rounds} rounds)")
-        print("| callback | clock | plain step (ms) | extra ms per sampled step | its spread | interval for ≤ 1.05× |")
-        print("| --- | --- | --- | --- | --- | --- |")
-        for name, *_ in configs:
+                        durations = [seconds for step, seconds in timer.durations().items() if step >= 4]
+                        medians[name, clock].append(statistics.median(durations) * 1e3)
+        print(f"\nW-MLP K={num_tasks}: one sample's cost (every_n_steps=1 against none, {steps} steps, {args.rounds} rounds)")
+        print("| callback | clock | step without it (ms) | extra ms per sample | its spread over rounds | in steps | interval for ≤ 1.05× |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for name, _, balancer in configs:
+            if name in ("base", "UPGrad"):
+                continue
+            reference = "UPGrad" if balancer == "upgrad" else "base"
             for clock in clocks:
-                base, cost = statistics.median(plain[name, clock]), statistics.median(extra[name, clock])
+                extra = [a - b for a, b in zip(medians[name, clock], medians[reference, clock])]
+                base, cost = statistics.median(medians[reference, clock]), statistics.median(extra)
                 print(
-                    f"| {name} | {clock} | {base:.2f} | {cost:.2f} | {min(extra[name, clock]):.2f} to "
-                    f"{max(extra[name, clock]):.2f} | ≥ {max(1.0, cost / (0.05 * base)):.0f} |"
+                    f"| {name} | {clock} | {base:.2f} | {cost:.2f} | {min(extra):.2f} to {max(extra):.2f} | "
+                    f"{cost / base:.2f} | ≥ {max(1.0, cost / (0.05 * base)):.0f} |"
                 )
         pictures(num_tasks, args.rounds)
 
@@ -262,7 +264,7 @@ def main() -> None:
     parser.add_argument("--tw", type=int, default=TaskWeights().every_n_steps, help="TaskWeights interval")
     parser.add_argument("--ta", type=int, default=TaskAffinity().every_n_steps, help="TaskAffinity interval")
     parser.add_argument("--per-sample", action="store_true", help="measure the cost of one sample instead")
-    parser.add_argument("--per-sample-steps", type=int, default=200)
+    parser.add_argument("--per-sample-steps", type=int, default=60)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
     if args.threads is not None:

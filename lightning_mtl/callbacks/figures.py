@@ -129,7 +129,8 @@ def heatmap(
     ylabel: str = "",
     colorbar: str = "",
 ) -> "Figure":
-    """A K × K matrix as a labelled heatmap, each cell annotated with its value (NaN cells left blank).
+    """A K × K matrix as a labelled heatmap; up to 8 × 8 each cell is annotated with its value (NaN cells left blank:
+    drawing text is most of a picture's cost, and a larger matrix's numbers are in its table or JSON).
 
     Without ``vmin``/``vmax`` the colour scale is symmetric around 0 (``±`` the largest absolute value), so that
     the diverging colour map shows the sign.
@@ -157,7 +158,7 @@ def heatmap(
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize=10)
-    if size <= 16:
+    if size <= 8:
         span = max(abs(vmin), abs(vmax)) or 1.0
         for i in range(size):
             for j in range(size):

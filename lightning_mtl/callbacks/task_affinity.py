@@ -77,10 +77,11 @@ def task_groups(
     one); this is the partition, where each task is trained in exactly one group.
 
     The search is exact: a branch-and-bound over the assignments of tasks to groups (each partition visited
-    once), pruned by an upper bound on every task's final score, started from a local-search solution. On random
-    affinities it takes ~0.1 s for K = 10 and about a second for K = 12 (measured, one CPU core); it grows
-    exponentially with K, so after ``max_nodes`` search nodes it stops and returns the best partition found, with
-    ``exact=False`` and a warning.
+    once), pruned by an upper bound on every task's final score, started from a local-search solution. Every
+    group count from 1 to K - 1 together took 0.1 s for K = 10 and 1 s for K = 12 on random affinities, 0.3 s and
+    7 s on nearly equal ones (the hard case: many near-ties to rule out), on one CPU core; it grows
+    exponentially with K, so after ``max_nodes`` search nodes (about 2 s per million) it stops and returns the best
+    partition found, with ``exact=False`` and a warning.
 
     Args:
         affinity: K × K (tensor, array or nested lists), finite off the diagonal.
@@ -126,22 +127,29 @@ class _BranchAndBound:
     """Exact search over partitions of ``range(K)`` into ``G`` groups maximising :func:`grouping_score`.
 
     Tasks are assigned in order, each to an existing group or to a new one (so every partition is reached
-    once). The bound of a partial assignment is, for each task, the largest mean it can still reach: for an
-    assigned task, the largest mean over its current group mates plus any subset of the unassigned tasks (its
-    mates' mean raised by the unassigned affinities above it, best first); 0 or its best unassigned affinity
-    if it is alone so far; for an unassigned task, 0 or its best affinity from any task.
+    once). A partition's score is ``Σ_g S_g / (|g| - 1)`` with ``S_g`` the sum of the affinities within group g,
+    kept up to date as tasks are placed. The bound of a partial assignment is, for each task, the largest mean
+    it can still reach: for an assigned task, the mean over its current group mates raised by the unassigned
+    tasks' affinities onto it that exceed it, best first (0 or its best unassigned affinity if it is alone so
+    far); for an unassigned task, 0 or its best affinity from any task.
     """
 
     def __init__(self, z: list[list[float]], num_groups: int, max_nodes: int) -> None:
-        self.z, self.k, self.num_groups, self.max_nodes = z, len(z), num_groups, max_nodes
+        k = len(z)
+        self.z, self.k, self.num_groups, self.max_nodes = z, k, num_groups, max_nodes
         self.best_score = -math.inf
         self.best: list[list[int]] = []
         self.nodes = 0
-        self.column_best = [max([z[i][j] for i in range(self.k) if i != j] + [0.0]) for j in range(self.k)]
+        # offers[t][j]: the affinities onto j from the tasks not placed yet when task t is placed (i >= t), best first
+        self.offers = [[sorted((z[i][j] for i in range(t, k) if i != j), reverse=True) for j in range(k)] for t in range(k + 1)]
+        self.alone_best = [max([z[i][j] for i in range(k) if i != j] + [0.0]) for j in range(k)]
+        self.groups: list[list[int]] = []
+        self.group_sum: list[float] = []  # S_g
+        self.mate_sum = [0.0] * k  # affinity onto j from its current group mates
 
     def solve(self) -> tuple[list[list[int]], bool]:
         self._incumbent()
-        exact = self._search(0, [])
+        exact = self._search(0)
         return [list(group) for group in self.best], exact
 
     def _incumbent(self) -> None:
@@ -170,47 +178,68 @@ class _BranchAndBound:
                     break
         self.best_score, self.best = score, [sorted(g) for g in groups]
 
-    def _bound(self, t: int, groups: list[list[int]]) -> float:
-        z, unassigned = self.z, range(t, self.k)
-        total = 0.0
-        for group in groups:
-            for j in group:
-                offers = sorted((z[i][j] for i in unassigned), reverse=True)
-                mates = [z[i][j] for i in group if i != j]
-                if not mates:
-                    total += max(0.0, offers[0]) if offers else 0.0
-                    continue
-                s, n = sum(mates), len(mates)
-                for value in offers:
-                    if value * n <= s:
-                        break
-                    s, n = s + value, n + 1
-                total += s / n
-        return total + sum(max(0.0, self.column_best[j]) for j in unassigned)
+    def _place(self, t: int, g: int) -> None:
+        z, group = self.z, self.groups[g]
+        onto_t = 0.0
+        for i in group:
+            self.mate_sum[i] += z[t][i]
+            onto_t += z[i][t]
+        self.mate_sum[t] = onto_t
+        self.group_sum[g] += onto_t + sum(z[t][i] for i in group)
+        group.append(t)
 
-    def _search(self, t: int, groups: list[list[int]]) -> bool:
+    def _unplace(self, t: int, g: int) -> None:
+        z, group = self.z, self.groups[g]
+        group.pop()
+        for i in group:
+            self.mate_sum[i] -= z[t][i]
+        self.group_sum[g] -= self.mate_sum[t] + sum(z[t][i] for i in group)
+        self.mate_sum[t] = 0.0
+
+    def _bound(self, t: int) -> float:
+        offers, total = self.offers[t], 0.0
+        for group in self.groups:
+            n = len(group) - 1
+            for j in group:
+                if n == 0:
+                    total += max(0.0, offers[j][0]) if offers[j] else 0.0
+                    continue
+                s, m = self.mate_sum[j], n
+                for value in offers[j]:
+                    if value * m <= s:
+                        break
+                    s, m = s + value, m + 1
+                total += s / m
+        return total + sum(self.alone_best[j] for j in range(t, self.k))
+
+    def _search(self, t: int) -> bool:
         """Explore the assignments of tasks ``t..K-1``; False once the node budget is spent."""
         self.nodes += 1
         if self.nodes > self.max_nodes:
             return False
+        groups = self.groups
         if t == self.k:
             if len(groups) == self.num_groups:
-                score = grouping_score(self.z, groups)[0]
+                score = sum(s / (len(g) - 1) for g, s in zip(groups, self.group_sum) if len(g) > 1)
                 if score > self.best_score + 1e-12:
                     self.best_score, self.best = score, [list(g) for g in groups]
             return True
-        if len(groups) + self.k - t < self.num_groups or self._bound(t, groups) <= self.best_score + 1e-12:
+        if len(groups) + self.k - t < self.num_groups or self._bound(t) <= self.best_score + 1e-12:
             return True
-        for group in groups:
-            group.append(t)
-            complete = self._search(t + 1, groups)
-            group.pop()
+        for g in range(len(groups)):
+            self._place(t, g)
+            complete = self._search(t + 1)
+            self._unplace(t, g)
             if not complete:
                 return False
         if len(groups) < self.num_groups:
-            groups.append([t])
-            complete = self._search(t + 1, groups)
+            groups.append([])
+            self.group_sum.append(0.0)
+            self._place(t, len(groups) - 1)
+            complete = self._search(t + 1)
             groups.pop()
+            self.group_sum.pop()
+            self.mate_sum[t] = 0.0
             if not complete:
                 return False
         return True
@@ -369,8 +398,8 @@ class TaskAffinity(pl.Callback):
     Args:
         every_n_steps: sample every this many optimizer steps (steps 0, N, 2N, ...).
         lr: the lookahead step size η; default: the optimizer's learning rate.
-        num_groups: the group count(s) for which a grouping is suggested (default: every count from 1 to K - 1;
-            comparing their scores shows whether splitting the tasks gains anything: all tasks apart score 0).
+        num_groups: the group count(s) for which a grouping is suggested (default: 1 to 4, below K; comparing
+            their scores shows whether splitting the tasks gains anything: all tasks apart score 0).
         heatmap: log the heatmap (needs matplotlib: ``pip install lightning-mtl[plots]``).
         every_n_epochs: write the JSON file and draw the heatmap at the end of every this many training epochs
             (0: only at the end of fit, which always reports).
@@ -480,7 +509,7 @@ class TaskAffinity(pl.Callback):
         affinity, k = self.affinity, len(self.task_names)
         if affinity is None:
             return {}
-        counts = self.num_groups if self.num_groups is not None else list(range(1, k))
+        counts = self.num_groups if self.num_groups is not None else list(range(1, min(k, 5)))
         return {g: task_groups(affinity, g, self.task_names) for g in counts}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
