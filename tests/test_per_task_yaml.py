@@ -43,7 +43,8 @@ def small_config(path: Path, sampling: str) -> Path:
 
 def test_the_bundled_config_builds_per_task_datasets_for_every_sampling_mode(tmp_path: Path) -> None:
     for sampling in SAMPLING_MODES:
-        cli = run(["fit", "--config", str(small_config(tmp_path, sampling)), "--trainer.max_epochs", "0"])
+        root = ["--trainer.default_root_dir", str(tmp_path / sampling)]  # each run its own folder
+        cli = run(["fit", "--config", str(small_config(tmp_path, sampling)), "--trainer.max_epochs", "0", *root])
         data = cli.datamodule
         assert isinstance(data, MultiTaskDataModule) and data.sampling == sampling
         assert data.task_names == ["left", "right", "sum"]
@@ -72,15 +73,19 @@ def weights(cli) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("sampling", SAMPLING_MODES)
 def test_a_per_task_cli_run_resumed_mid_epoch_equals_a_straight_run(tmp_path: Path, sampling: str) -> None:
     config = ["--config", str(small_config(tmp_path, sampling))]
-    straight = weights(run(["fit", *config, "--trainer.max_epochs", "2"]))
+
+    def root(name: str) -> list[str]:
+        return ["--trainer.default_root_dir", str(tmp_path / name)]  # each run its own folder
+
+    straight = weights(run(["fit", *config, *root("straight"), "--trainer.max_epochs", "2"]))
     checkpoint = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=5",
                   "--trainer.callbacks.filename=mid", "--trainer.callbacks.dirpath", str(tmp_path / "ckpt")]
-    run(["fit", *config, "--trainer.max_epochs", "2", "--trainer.max_steps", "5", *checkpoint])
+    run(["fit", *config, *root("first"), "--trainer.max_epochs", "2", "--trainer.max_steps", "5", *checkpoint])
     state = torch.load(tmp_path / "ckpt" / "mid.ckpt", weights_only=True)["loops"]["fit_loop"]["state_dict"]
     (loader_state,) = state["combined_loader"]
     assert loader_state["step"] > 0  # mid-epoch: every mode here has more than 5 steps per epoch
-    resumed = weights(run(["fit", *config, "--trainer.max_epochs", "2", "--ckpt_path", str(tmp_path / "ckpt" / "mid.ckpt")]))
+    resumed = weights(run(["fit", *config, *root("resumed"), "--trainer.max_epochs", "2", "--ckpt_path", str(tmp_path / "ckpt" / "mid.ckpt")]))
     assert resumed.keys() == straight.keys()
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
-    assert any(not torch.equal(resumed[name], value) for name, value in weights(run(["fit", *config, "--trainer.max_epochs", "1"])).items())
+    assert any(not torch.equal(resumed[name], value) for name, value in weights(run(["fit", *config, *root("one_epoch"), "--trainer.max_epochs", "1"])).items())
