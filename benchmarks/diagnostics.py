@@ -14,6 +14,9 @@ jobs the CPU time of a one-thread run (``--threads 1``) is the steadier measure 
 the median over rounds of each configuration's per-round ratio to ``base`` of the same round (UPGrad + callback:
 to UPGrad alone), with the spread of those ratios. Goal (issue 13): ≤ 1.05× at the default intervals.
 
+``--paired`` runs each configuration against ``base`` in back-to-back ABBA / BAAB quadruples instead (a slow
+drift of the machine cancels within a quadruple), CPU time, and reports the median of the quadruples' ratios.
+
 ``--per-sample`` measures what one sample costs instead: each callback with ``every_n_steps=1`` (pictures off)
 against no callback, interleaved; the extra milliseconds of a sampled step are the difference of the two runs'
 median step times. An interval follows: interval ≥ per-sample cost / (0.05 × step time) for 5 %. It also times drawing and writing each picture once (paid once
@@ -22,6 +25,7 @@ per epoch). The whole-run ratio at interval N and E steps per epoch is then abou
 
     python benchmarks/diagnostics.py                          # defaults: 3 rounds, 2 x 250 steps, K = 2 and 10
     python benchmarks/diagnostics.py --per-sample --rounds 3
+    python benchmarks/diagnostics.py --paired --rounds 4 --epochs 1 --steps-per-epoch 1000 --threads 1
     python benchmarks/diagnostics.py --rounds 1 --epochs 1 --steps-per-epoch 20 --workloads 2   # smoke run
 """
 
@@ -121,6 +125,37 @@ def configurations(gc: int, tw: int, ta: int) -> list[Config]:
     ]
 
 
+def paired_runs(args: argparse.Namespace) -> None:
+    """Each configuration against ``base`` in pairs run back to back, in ABBA / BAAB order (a drift of the machine's
+    speed over a few runs cancels out); the ratio of the pair sums, median over repetitions."""
+    for num_tasks in args.workloads:
+        data = batches(num_tasks, args.steps_per_epoch)
+        configs = [config for config in configurations(args.gc, args.tw, args.ta) if config[3] == "base" and config[0] != "base"]
+        base_config: Config = ("base", lambda: [], None, "base")
+        ratios: dict[str, list[float]] = {name: [] for name, *_ in configs}
+        base_seconds: list[float] = []
+        with tempfile.TemporaryDirectory() as root:
+            run(num_tasks, data[:10], 1, [], None, root)  # warm-up
+            for repetition in range(args.rounds):
+                for config in configs:
+                    order = [base_config, config, config, base_config]
+                    if repetition % 2:
+                        order.reverse()
+                    times: dict[str, float] = {"base": 0.0, config[0]: 0.0}
+                    for name, callbacks, balancer, _ in order:
+                        seconds = run(num_tasks, data, args.epochs, callbacks(), balancer, root)[1]  # CPU time
+                        times[name] += seconds
+                    ratios[config[0]].append(times[config[0]] / times["base"])
+                    base_seconds.append(times["base"] / 2)
+        steps = args.epochs * args.steps_per_epoch
+        print(f"\nW-MLP K={num_tasks}: paired ABBA runs of {args.epochs} epoch(s) x {args.steps_per_epoch} steps, "
+              f"{args.rounds} repetitions, CPU time; base {statistics.median(base_seconds) / steps * 1e3:.2f} ms/step")
+        print("| configuration | ratio to base (median) | spread | per repetition |")
+        print("| --- | --- | --- | --- |")
+        for name, values in ratios.items():
+            print(f"| {name} | **{statistics.median(values):.3f}×** | {spread(values)} | {' '.join(f'{v:.3f}' for v in values)} |")
+
+
 def spread(values: list[float]) -> str:
     return f"{min(values):.3f}–{max(values):.3f}" if len(values) > 1 else "-"
 
@@ -129,6 +164,8 @@ def whole_runs(args: argparse.Namespace) -> None:
     for num_tasks in args.workloads:
         data = batches(num_tasks, args.steps_per_epoch)
         configs = configurations(args.gc, args.tw, args.ta)
+        if args.skip_upgrad:
+            configs = [config for config in configs if config[2] is None]
         wall: dict[str, list[float]] = {name: [] for name, *_ in configs}
         cpu: dict[str, list[float]] = {name: [] for name, *_ in configs}
         with tempfile.TemporaryDirectory() as root:
@@ -264,13 +301,15 @@ def main() -> None:
     parser.add_argument("--tw", type=int, default=TaskWeights().every_n_steps, help="TaskWeights interval")
     parser.add_argument("--ta", type=int, default=TaskAffinity().every_n_steps, help="TaskAffinity interval")
     parser.add_argument("--per-sample", action="store_true", help="measure the cost of one sample instead")
+    parser.add_argument("--paired", action="store_true", help="whole runs in ABBA pairs against base (CPU time)")
+    parser.add_argument("--skip-upgrad", action="store_true", help="whole runs: leave out the UPGrad pair (slow at K=10)")
     parser.add_argument("--per-sample-steps", type=int, default=60)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(header())
-    (per_sample if args.per_sample else whole_runs)(args)
+    (per_sample if args.per_sample else paired_runs if args.paired else whole_runs)(args)
     print(f"# finished {datetime.now(timezone.utc):%H:%M} UTC, load {os.getloadavg()[0]:.1f}")
 
 
