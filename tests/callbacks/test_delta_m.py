@@ -256,6 +256,18 @@ def test_a_task_without_labels_in_the_epoch_gives_nan_or_is_left_out_when_partia
     assert float(logged["val/delta_m"]) == pytest.approx(by_hand(logged, "val", {"cls": BASE["cls"]}), rel=1e-5)
 
 
+
+def test_the_sanity_check_does_not_warn_about_tasks_its_few_batches_miss():
+    # the sanity check runs 1 batch (16 samples) of a loader whose first 16 samples have no label of 'reg': no warning
+    trainer = quiet_trainer(callbacks=[DeltaM(baselines())], max_epochs=1, num_sanity_val_steps=1, limit_train_batches=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module(), loader(64, seed=0), loader(64, missing_reg=range(16)))
+    sanity = [w for w in caught if "no labelled sample" in str(w.message)]
+    # the full val epoch (after the training batch) has 'reg' labels after sample 16: no warning either
+    assert sanity == []
+    assert math.isfinite(float(trainer.callback_metrics["val/delta_m"]))
+
 # -- directions ---------------------------------------------------------------------------------------------
 
 
