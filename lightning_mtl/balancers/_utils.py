@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from importlib.util import find_spec
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -74,6 +75,24 @@ class Seeded:
         """A fresh 62-bit seed drawn from the generator (CPU only: no device synchronisation)."""
         return int(torch.randint(0, 2**62, (1,), generator=self.generator))
 
+    def draw_orders(self, k: int) -> Optional[np.ndarray]:
+        """Random visiting orders for PCGrad and GradVac: a K × (K − 1) array whose row ``i`` is a uniformly
+        random permutation of the other tasks (``None`` for K ≤ 2, where the order is fixed).
+
+        One seed is drawn from the balancer's generator whatever K (so the stream advances by one draw
+        per call), and the orders come from a private generator seeded with it: row ``i`` sorts K
+        uniform keys, task ``i``'s own key set above the others.
+        """
+        seed = self.draw_seed()
+        if k <= 2:
+            return None
+        if getattr(self, "_order_generator", None) is None:
+            self._order_generator = torch.Generator()
+        self._order_generator.manual_seed(seed)
+        keys = torch.rand(k, k, generator=self._order_generator, dtype=torch.float64).numpy()
+        np.fill_diagonal(keys, 2.0)
+        return keys.argsort(axis=1)[:, :-1]
+
     def reset(self) -> None:
         self.generator.manual_seed(self.seed)
 
@@ -88,7 +107,7 @@ class Seeded:
 def global_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Run a block that draws from the *global* RNG of ``device`` with ``seed``, then restore it.
 
-    torchjd's random methods (PCGrad, GradVac, GradDrop) draw from the global generator. Wrapping
+    torchjd's random methods (GradDrop here; PCGrad and GradVac are native) draw from the global generator. Wrapping
     their call in this block, with a seed drawn from the balancer's own generator, makes them
     reproducible and identical on every rank, and leaves the user's global RNG untouched.
     """
@@ -116,6 +135,25 @@ def unit_trace(gramian: Tensor) -> Tensor:
     is positive: :meth:`GramianBalancer.weights` passes the tasks with a nonzero gradient only.
     """
     return gramian / gramian.trace()
+
+
+def host_float64(gramian: Tensor) -> np.ndarray:
+    """The K × K Gramian as a float64 NumPy array on the host, where the native weightings compute.
+
+    K × K problems are a few dozen tiny operations: NumPy runs each in about a microsecond (a torch
+    call costs several), and float64 keeps them exact to rounding for ill-conditioned Gramians.
+    """
+    return gramian.detach().cpu().numpy().astype(np.float64)
+
+
+def rank_tolerance(dtype: torch.dtype, k: int) -> float:
+    """Relative eigenvalue below which a K × K Gramian stored in ``dtype`` is taken as singular.
+
+    The Gramian's entries carry the rounding of its dtype (``eps``), so eigenvalues below about
+    ``K eps λ_max`` are noise, however precisely the weighting computes afterwards; a margin of 10
+    keeps that noise out of a pseudo-inverse.
+    """
+    return 10.0 * k * torch.finfo(dtype).eps
 
 
 def loaded_copy(tensor: Optional[Tensor]) -> Optional[Tensor]:

@@ -4,10 +4,29 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
+import torch
 from torch import Tensor
-from torchjd.aggregation import AlignedMTLWeighting
 
+from lightning_mtl.balancers._utils import host_float64
 from lightning_mtl.balancers.base import GramianBalancer
+
+
+def alignedmtl_weights(gramian: np.ndarray, scale_mode: str, rtol: float) -> np.ndarray:
+    """Aligned-MTL's weights ``B 1/K`` for the K × K ``gramian``; eigenvalues below ``rtol λ_max`` are dropped."""
+    k = gramian.shape[0]
+    values, vectors = np.linalg.eigh(gramian)
+    keep = values > rtol * values[-1]
+    if not keep.any():
+        return np.full(k, 1.0 / k)
+    values, vectors = values[keep], vectors[:, keep]  # ascending
+    if scale_mode == "min":
+        scale = values[0]
+    elif scale_mode == "median":
+        scale = values[(values.size - 1) // 2]  # the lower median, as torch.median
+    else:
+        scale = values.mean()
+    return vectors @ (np.sqrt(scale / values) * vectors.sum(axis=0)) / k
 
 
 class AlignedMTL(GramianBalancer):
@@ -15,18 +34,23 @@ class AlignedMTL(GramianBalancer):
     <https://arxiv.org/abs/2305.19000>`_ (Senushkin et al., CVPR 2023), Algorithm 1.
 
     Rescales the task gradients so that their matrix has condition number 1 (equal singular values,
-    the smallest one by default) before averaging them: ``w = B 1/K`` with ``B = √λ_min V Σ^{-1} Vᵀ``
-    from the eigendecomposition of the Gramian. Wraps ``torchjd.aggregation.AlignedMTLWeighting``.
+    the smallest one by default) before averaging them: ``w = B 1/K`` with ``B = √λ V Λ^{-1/2} Vᵀ``
+    from the eigendecomposition ``V Λ Vᵀ`` of the Gramian, restricted to its rank (eigenvalues above
+    ``K eps λ_max``, ``eps`` of the Gramian's dtype, as in torchjd's ``AlignedMTLWeighting``; a zero
+    Gramian gives the mean). Native (:func:`alignedmtl_weights`): float64 on the host. The weights do
+    not depend on the gradients' scale.
 
     Args:
-        scale_mode: the common singular value: ``"min"`` (the paper), ``"median"`` or ``"rmse"``.
+        scale_mode: the common singular value: ``"min"`` (the paper), ``"median"`` (the lower median of
+            the eigenvalues) or ``"rmse"`` (their mean).
     """
 
     def __init__(self, scale_mode: Literal["min", "median", "rmse"] = "min") -> None:
         super().__init__()
         if scale_mode not in ("min", "median", "rmse"):
             raise ValueError(f"scale_mode must be 'min', 'median' or 'rmse', got {scale_mode!r}")
-        self.weighting = AlignedMTLWeighting(scale_mode=scale_mode)
+        self.scale_mode = scale_mode
 
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
-        return self.weighting(gramian)
+        rtol = gramian.shape[0] * torch.finfo(gramian.dtype).eps
+        return torch.from_numpy(alignedmtl_weights(host_float64(gramian), self.scale_mode, rtol))

@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from torch import Tensor
-from torchjd.aggregation import IMTLGWeighting
 
+from lightning_mtl.balancers._utils import host_float64, rank_tolerance
 from lightning_mtl.balancers.base import GramianBalancer
+
+
+def imtlg_weights(gramian: np.ndarray, rtol: float) -> np.ndarray:
+    """IMTL-G's weights ``w ∝ (G Gᵀ)⁺ ‖g‖``, summing to 1, for the K × K ``gramian`` (no zero diagonal).
+
+    Computed on ``G Gᵀ / tr(G Gᵀ)`` (the weights do not depend on the scale); eigenvalues below
+    ``rtol λ_max`` count as zero in the pseudo-inverse. Zero weights where ``‖g‖`` has (almost) no
+    component in the range of the Gramian, i.e. no combination has positive equal projections.
+    """
+    normalised = gramian / np.trace(gramian)
+    norms = np.sqrt(normalised.diagonal())
+    values, vectors = np.linalg.eigh(normalised)
+    keep = values > rtol * values[-1]
+    kept = vectors[:, keep]
+    v = kept @ ((kept.T @ norms) / values[keep])
+    total = float(v.sum())
+    if not total > 1e-9 * float(norms @ norms) / values[-1]:
+        return np.zeros_like(v)
+    return v / total
 
 
 class IMTLG(GramianBalancer):
@@ -13,15 +34,15 @@ class IMTLG(GramianBalancer):
     (Liu et al., ICLR 2021).
 
     Chooses the combination ``d = Gᵀ w`` (weights summing to 1) whose projections on every task's
-    unit gradient are equal, so that no task dominates the step: ``w ∝ (G Gᵀ)⁺ ‖g‖``. Wraps
-    ``torchjd.aggregation.IMTLGWeighting`` (the pseudo-inverse form of `Jacobian Descent for
-    Multi-Objective Optimization <https://arxiv.org/abs/2406.16232>`_, which also covers linearly
-    dependent gradients). The loss-balancing half is :class:`~lightning_mtl.balancers.IMTLL`.
+    unit gradient are equal, so that no task dominates the step: ``w ∝ (G Gᵀ)⁺ ‖g‖`` (then
+    ``G d ∝ ‖g‖``), the pseudo-inverse form of `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_ (as torchjd's ``IMTLGWeighting``), which also covers linearly
+    dependent gradients. Native (:func:`imtlg_weights`): float64 on the host, on the trace-normalised
+    Gramian, so the weights do not depend on the gradients' scale; eigenvalues below
+    ``10 K eps λ_max`` (``eps`` of the Gramian's dtype) count as zero. The loss-balancing half is
+    :class:`~lightning_mtl.balancers.IMTLL`.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.weighting = IMTLGWeighting()
-
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
-        return self.weighting(gramian)
+        rtol = rank_tolerance(gramian.dtype, gramian.shape[0])
+        return torch.from_numpy(imtlg_weights(host_float64(gramian), rtol))

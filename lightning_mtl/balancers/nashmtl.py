@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._utils import check_range, loaded_copy, require_modules
+from lightning_mtl.balancers._utils import check_range, host_float64, loaded_copy
 from lightning_mtl.balancers.base import GramianBalancer
 
-
-def gramian_factor(gramian: Tensor) -> Tensor:
-    """A K × K matrix ``M`` with ``M Mᵀ = gramian`` (from its eigendecomposition)."""
-    values, vectors = torch.linalg.eigh(gramian)
-    return vectors * values.clamp_min(0).sqrt()
+#: Regularisation ``ε`` (relative to the normalised Gramian) of the fallback for Gramians with no solution.
+FALLBACK_EPS = 1e-8
+#: An iterate with an entry above this (normalised units) is taken as running off to infinity: no solution.
+ALPHA_LIMIT = 1.0 / math.sqrt(FALLBACK_EPS)
+#: Stop when ``‖M α − 1/α‖ ≤ TOLERANCE ‖1/α‖``.
+TOLERANCE = 1e-13
 
 
 def _positive_int(name: str, value: int) -> int:
@@ -23,26 +26,130 @@ def _positive_int(name: str, value: int) -> int:
     return value
 
 
+def relative_residual(gramian: np.ndarray, alpha: np.ndarray) -> float:
+    """``‖(G Gᵀ) α − 1/α‖ / ‖1/α‖``: how far ``α`` is from solving the bargaining equation (scale free)."""
+    inverse = 1.0 / alpha
+    return float(np.linalg.norm(gramian @ alpha - inverse) / np.linalg.norm(inverse))
+
+
+def _two_tasks(a: float, b: float, c: float, floor: float) -> Optional[np.ndarray]:
+    """The solution for ``M = [[a, b], [b, c]]`` in closed form, or None where it does not exist or an entry
+    would exceed ``1/√floor``.
+
+    ``a α₁² + b α₁α₂ = 1 = b α₁α₂ + c α₂²`` gives ``α₂ = α₁ √(a/c)``, then ``α₁ = 1/√(a + b √(a/c))``: a
+    solution exists unless ``b = −√(ac)`` (opposite gradients).
+    """
+    first, second = a + b * math.sqrt(a / c), c + b * math.sqrt(c / a)
+    if first <= floor or second <= floor:
+        return None
+    return np.array([1.0 / math.sqrt(first), 1.0 / math.sqrt(second)])
+
+
+def _objective(gramian: np.ndarray, alpha: np.ndarray) -> float:
+    return 0.5 * float(alpha @ gramian @ alpha) - float(np.log(alpha).sum())
+
+
+def _newton(gramian: np.ndarray, alpha: np.ndarray, iterations: int) -> tuple[np.ndarray, bool]:
+    """Newton's method on ``f(α) = ½ αᵀ M α − Σ log α_i`` from ``alpha``; the last iterate and whether it converged.
+
+    ``f`` is strictly convex and self-concordant (a convex quadratic plus a log barrier) and
+    ``∇f = M α − 1/α``: its minimiser solves the bargaining equation. Where the Newton decrement
+    ``λ² = −∇fᵀΔ`` is at most 1/16 the full step is taken (it converges quadratically there: Nesterov &
+    Nemirovskii's analysis of self-concordant functions); else a backtracking (Armijo) line search from
+    the largest step that keeps every ``α_i`` positive (99 % of the way to the boundary). Stops at a
+    relative residual of :data:`TOLERANCE`, or early if an entry exceeds :data:`ALPHA_LIMIT`.
+    """
+    for _ in range(iterations):
+        inverse = 1.0 / alpha
+        gradient = gramian @ alpha - inverse
+        if np.linalg.norm(gradient) <= TOLERANCE * np.linalg.norm(inverse):
+            return alpha, True
+        step = np.linalg.solve(gramian + np.diag(inverse * inverse), -gradient)
+        decrement = -float(gradient @ step)
+        if decrement <= 1.0 / 16.0:
+            alpha = alpha + step
+            if decrement < 1e-28:  # the step changes nothing at float64 precision
+                return alpha, True
+            continue
+        shrinking = step < 0
+        size = min(1.0, 0.99 * float(np.min(-alpha[shrinking] / step[shrinking]))) if shrinking.any() else 1.0
+        value = _objective(gramian, alpha)
+        while _objective(gramian, alpha + size * step) > value - 0.01 * size * decrement and size > 1e-12:
+            size *= 0.5
+        alpha = alpha + size * step
+        if alpha.max() > ALPHA_LIMIT:
+            return alpha, False
+    inverse = 1.0 / alpha
+    return alpha, bool(np.linalg.norm(gramian @ alpha - inverse) <= TOLERANCE * np.linalg.norm(inverse))
+
+
+def nash_solution(gramian: np.ndarray, start: Optional[np.ndarray], iterations: int) -> np.ndarray:
+    """``α > 0`` with ``M α = 1/α`` for a K × K Gramian ``M`` of Frobenius norm 1 (no zero diagonal).
+
+    From ``start`` (a previous solution) or ``1/√diag(M)``, first scaled along its ray to the minimiser of
+    ``f`` on it (``s = √(K / αᵀMα)``), then :func:`_newton`; K ≤ 2 in closed form. Where the equation has
+    no solution (``0`` in the convex hull of the gradients: the iterates run off to infinity), the solution
+    for ``M + ε I`` with ``ε = FALLBACK_EPS``.
+    """
+    k = gramian.shape[0]
+    if k == 1:
+        return np.array([1.0 / math.sqrt(gramian[0, 0])])
+    if k == 2:
+        (a, b), (_, c) = gramian.tolist()
+        solution = _two_tasks(a, b, c, 1.0 / ALPHA_LIMIT**2)
+        return solution if solution is not None else _two_tasks(a + FALLBACK_EPS, b, c + FALLBACK_EPS, 0.0)  # type: ignore[return-value]
+    alpha = 1.0 / np.sqrt(gramian.diagonal()) if start is None else start
+    curvature = float(alpha @ gramian @ alpha)
+    if curvature > 0:
+        alpha = alpha * math.sqrt(k / curvature)
+    solution, converged = _newton(gramian, alpha, iterations)
+    if converged or solution.max() <= ALPHA_LIMIT:
+        return solution
+    regularised = gramian + FALLBACK_EPS * np.eye(k)
+    return _newton(regularised, np.minimum(solution, ALPHA_LIMIT), iterations)[0]
+
+
 class NashMTL(GramianBalancer):
     """Nash-MTL, from `Multi-Task Learning as a Bargaining Game <https://arxiv.org/abs/2202.01017>`_
     (Navon et al., ICML 2022), Algorithm 1.
 
-    The update is the Nash bargaining solution between tasks: ``d = Gᵀ α`` with ``α`` solving
-    ``(G Gᵀ) α = 1/α`` (elementwise), found by a sequence of convex problems warm-started from the
-    previous step's ``α``; the direction is clipped to norm ``max_norm``.
+    The update is the Nash bargaining solution between tasks: ``d = Gᵀ α`` with ``α > 0`` solving
+    ``(G Gᵀ) α = 1/α`` (elementwise), then clipped to norm ``max_norm``. At the solution every task
+    improves (``g_iᵀ d = 1/α_i > 0``) and ``‖d‖² = αᵀ G Gᵀ α = K``.
 
-    Wraps ``torchjd.aggregation.NashMTL``, which solves with cvxpy (building this class without it
-    raises ``ImportError``: install ``lightning-mtl[solvers]``). torchjd's version takes the gradient
-    matrix but uses only ``G Gᵀ`` and ``‖Gᵀ α‖``, so it is a Gramian weighting: it is given a K × K
-    factor ``M`` with ``M Mᵀ = G Gᵀ``. The warm start ``α`` is extra state (a resumed run restarts its
-    ``update_weights_every`` cycle but keeps the warm start). A step with absent tasks is solved on
-    the present tasks only, without warm start, and leaves the warm start unchanged. A single task is
-    solved in closed form (``α = 1``, then clipped), since cvxpy rejects the 1 × 1 problem.
+    Solved natively, in float64 on the host, to machine precision (relative residual
+    ``‖G Gᵀ α − 1/α‖ / ‖1/α‖ ≤ 1e-13``): ``α`` minimises the strictly convex ``½ αᵀ G Gᵀ α − Σ log α_i``,
+    found by Newton's method with a positivity-preserving line search (:func:`nash_solution`), K = 2 in
+    closed form. The problem is solved for ``M = G Gᵀ / N``, ``N = ‖G Gᵀ‖_F``, whose solution ``α̂``
+    does not depend on the gradients' scale, and rescaled: ``(G Gᵀ)(α̂/√N) = √N M α̂ = 1/(α̂/√N)``, so
+    ``α = α̂ / √N``, which scales as ``1/‖g‖``: the direction is the same at every scale and its norm is
+    ``√K`` before clipping. (The official code and torchjd's ``NashMTL`` solve the same equation,
+    normalised the same way, by a sequence of cvxpy programs stopped at a residual of 1e-3 or after
+    ``optim_niter`` programs: relative residuals of 1e-9 to 1e-5 on ordinary Gramians, and no solution
+    at all, residual 0.1 to 1, for gradient norms of 1e-6 or 1e6, where ours keeps 1e-13.) The
+    previous solution ``α̂`` warm-starts the next solve.
+
+    Degenerate Gramians: a zero row (an absent task) is left out by :meth:`GramianBalancer.weights`.
+    Linearly dependent gradients (duplicates, K above the rank) still have a solution, found as above,
+    unless ``0`` lies in the convex hull of the gradients (e.g. two exactly opposite gradients: a
+    Pareto-stationary point, where no direction improves every task): then the objective is unbounded
+    below and the equation has no solution. Newton detects it when an entry of ``α̂`` exceeds
+    ``1e4`` (:data:`ALPHA_LIMIT`) and returns instead the solution for ``M + 1e-8 I``
+    (:data:`FALLBACK_EPS`): finite weights, large (up to about ``1e4 / √N``) on the tasks whose
+    gradients cancel, so that their combination nearly vanishes, and a direction close to the limit
+    ``ε → 0`` (which improves the other tasks and leaves those to first order unchanged).
+
+    A single task gets ``α = 1/‖g‖``: its unit gradient, clipped to ``max_norm``. A step with absent
+    tasks is solved on the present tasks only, without warm start, and leaves the state unchanged.
+    State (extra state): the warm start ``α̂``, the call count that schedules ``update_weights_every``
+    (``solver_step``) and the weights reused between solves; a checkpoint written by the former
+    cvxpy-based version (no stored weights) re-solves at its first call.
 
     Args:
         max_norm: clip ``‖d‖`` to this (0 disables).
         update_weights_every: solve every this many steps, reuse ``α`` in between.
-        optim_niter: iterations of the sequential convex solver.
+        optim_niter: the most Newton iterations per solve (and as many again for the fallback); a solve
+            takes 3–9 (K ≤ 40, from scratch), fewer from a warm start. It was the number of cvxpy programs.
     """
 
     def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: int = 20) -> None:
@@ -50,52 +157,47 @@ class NashMTL(GramianBalancer):
         self.max_norm = check_range("max_norm", max_norm, 0.0)
         self.update_weights_every = _positive_int("update_weights_every", update_weights_every)
         self.optim_niter = _positive_int("optim_niter", optim_niter)
-        require_modules("NashMTL", ["cvxpy", "ecos"])
-        self._solver: Any = None
-        self._warm_start: Optional[Tensor] = None
-        self._solver_step = 0.0  # torchjd's step count (when to re-solve), for a solver rebuilt from a checkpoint
+        self.reset()
 
-    def _new_solver(self, num_tasks: int) -> Any:
-        from torchjd.aggregation import NashMTL as TorchjdNashMTL
+    def _solve(self, gramian: np.ndarray, start: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``(α, α̂)`` for the Gramian: the weights and the normalised solution."""
+        scale = float(np.linalg.norm(gramian))
+        normalised = nash_solution(gramian / scale, start, self.optim_niter)
+        return normalised / math.sqrt(scale), normalised
 
-        return TorchjdNashMTL(
-            n_tasks=num_tasks,
-            max_norm=self.max_norm,
-            update_weights_every=self.update_weights_every,
-            optim_niter=self.optim_niter,
-        ).weighting
+    def _clip(self, gramian: np.ndarray, alpha: np.ndarray) -> Tensor:
+        if self.max_norm > 0:
+            norm = math.sqrt(max(float(alpha @ gramian @ alpha), 0.0))
+            if norm > self.max_norm:
+                alpha = alpha * (self.max_norm / norm)
+        return torch.from_numpy(alpha)
 
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
-        if gramian.shape[0] == 1:
-            # One task (cvxpy rejects the 1 x 1 problem): torchjd normalises the Gramian by its norm, so
-            # the bargaining solution is alpha = 1, then clipped like torchjd's to ‖alpha g‖ <= max_norm.
-            norm = gramian[0, 0].sqrt()
-            clip = self.max_norm > 0 and bool(norm > self.max_norm)
-            return (self.max_norm / norm).reshape(1) if clip else torch.ones_like(gramian[0])
-        factor = gramian_factor(gramian)
-        if not bool(present.all()):
-            return self._new_solver(gramian.shape[0])(factor)
-        if self._solver is None or self._solver.n_tasks != gramian.shape[0]:
-            self._solver = self._new_solver(gramian.shape[0])
-            if self._warm_start is not None and self._warm_start.numel() == gramian.shape[0]:
-                self._solver.prvs_alpha = self._warm_start.numpy().astype("float32")
-                if self._solver_step > 0:  # continue the re-solve schedule of update_weights_every
-                    self._solver._init_optim_problem()
-                    self._solver.step = self._solver_step
-        weights = self._solver(factor)
-        self._warm_start = torch.as_tensor(self._solver.prvs_alpha, dtype=torch.float32).clone()
-        return weights
+        matrix = host_float64(gramian)
+        k = matrix.shape[0]
+        if k != present.numel() or not bool(present.all()):
+            return self._clip(matrix, self._solve(matrix, None)[0])
+        due = self._solver_step % self.update_weights_every == 0
+        self._solver_step += 1.0
+        if due or self._alpha is None or self._alpha.numel() != k:
+            warm = self._warm_start
+            start = warm.numpy().astype(np.float64) if warm is not None and warm.numel() == k else None
+            if start is not None and not (np.isfinite(start).all() and (start > 0).all()):
+                start = None
+            alpha, normalised = self._solve(matrix, start)
+            self._warm_start = torch.from_numpy(normalised)
+            self._alpha = torch.from_numpy(alpha)
+        return self._clip(matrix, self._alpha.numpy())
 
     def reset(self) -> None:
-        self._solver = None
-        self._warm_start = None
-        self._solver_step = 0.0
+        self._warm_start: Optional[Tensor] = None  # α̂ of the last solve (normalised Gramian)
+        self._alpha: Optional[Tensor] = None  # the weights of the last solve, reused until the next
+        self._solver_step = 0.0  # calls so far (when to re-solve)
 
     def get_extra_state(self) -> dict[str, Any]:
-        step = float(getattr(self._solver, "step", self._solver_step)) if self._solver is not None else self._solver_step
-        return {"warm_start": self._warm_start, "solver_step": step}
+        return {"warm_start": self._warm_start, "solver_step": self._solver_step, "weights": self._alpha}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self._warm_start = loaded_copy(state["warm_start"])
         self._solver_step = float(state.get("solver_step", 0.0))  # absent from checkpoints written before it
-        self._solver = None
+        self._alpha = loaded_copy(state.get("weights"))  # absent from the cvxpy version's: solve at the next call

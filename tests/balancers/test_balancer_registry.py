@@ -1,13 +1,13 @@
 import pytest
 
-from lightning_mtl.balancers import BALANCERS, CAGrad, Balancer, NashMTL, Static, resolve_balancer
+from lightning_mtl.balancers import BALANCERS, CAGrad, Balancer, Static, resolve_balancer
 
 ALL_NAMES = [
     "static", "uw", "dwa", "rlw", "gls", "imtll", "famo", "stch",
     "mgda", "pcgrad", "cagrad", "graddrop", "gradvac", "imtlg", "nashmtl", "alignedmtl", "upgrad", "dualproj",
     "config", "gradnorm", "dbmtl",
 ]  # fmt: skip
-NEEDS_SOLVERS = {"cagrad", "nashmtl"}
+NEEDS_SOLVERS = {"cagrad"}
 
 
 def test_registry_holds_every_method_by_lower_case_name():
@@ -46,7 +46,7 @@ def test_needs_categories():
     assert BALANCERS["dbmtl"].log_losses and not BALANCERS["graddrop"].log_losses
 
 
-@pytest.mark.parametrize("cls", [CAGrad, NashMTL])
+@pytest.mark.parametrize("cls", [CAGrad])
 def test_solver_methods_without_cvxpy_say_how_to_install(cls, monkeypatch):
     import lightning_mtl.balancers._utils as utils
 

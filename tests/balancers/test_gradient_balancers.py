@@ -6,7 +6,6 @@ from lightning_mtl.balancers import (
     DBMTL, MGDA, AlignedMTL, CAGrad, ConFIG, DualProj, GradDrop, GradNorm, GradVac, IMTLG, PCGrad, UPGrad,
 )  # fmt: skip
 from lightning_mtl.balancers._utils import global_rng
-from lightning_mtl.balancers.nashmtl import gramian_factor
 
 from balancer_helpers import GRADIENT_METHODS, HAS_SOLVERS, direction
 
@@ -99,7 +98,9 @@ def _seeds(seed: int, count: int) -> list[int]:
     return [int(torch.randint(0, 2**62, (1,), generator=generator)) for _ in range(count)]
 
 
-@pytest.mark.parametrize("cls", [PCGrad, GradVac, GradDrop])
+# PCGrad and GradVac are native and draw their visiting orders from their own generator: they are
+# checked against reference loops under the same orders in test_native_weightings.py.
+@pytest.mark.parametrize("cls", [GradDrop])
 def test_random_methods_equal_torchjd_under_the_same_draws(cls):
     ours, theirs = cls(seed=5), getattr(jd, cls.__name__)()
     for step, seed in enumerate(_seeds(5, 4)):
@@ -177,7 +178,6 @@ def test_gradvac_keeps_the_targets_of_an_absent_task():
     torch.testing.assert_close(balancer.targets[2], before[2])
     torch.testing.assert_close(balancer.targets[:, 2], before[:, 2])
     assert not torch.equal(balancer.targets[:2, :2], before[:2, :2])
-    assert balancer.weighting._phi_t is None  # torchjd's copy is not left behind (nor saved twice)
 
 
 def test_random_methods_leave_the_global_rng_alone():
@@ -190,46 +190,9 @@ def test_random_methods_leave_the_global_rng_alone():
     torch.testing.assert_close(torch.rand(3), expected)
 
 
-def test_gramian_factor_reproduces_the_gramian():
-    G = _random_gradients(4, k=5, p=3)  # rank 3
-    factor = gramian_factor(G @ G.T)
-    torch.testing.assert_close(factor @ factor.T, G @ G.T, rtol=1e-4, atol=1e-4)
-
-
 def test_graddrop_with_full_leak_is_the_sum():
     G = _random_gradients(6)
     torch.testing.assert_close(GradDrop(leak=1.0)(G), G.sum(dim=0))
-
-
-def test_nashmtl_wrapper_with_a_stand_in_solver(monkeypatch):
-    """cvxpy is optional: check the wrapper's own logic (factor, warm start, absent tasks) with a stand-in."""
-    import numpy as np
-
-    import lightning_mtl.balancers.nashmtl as nashmtl
-
-    class StandIn:
-        def __init__(self, num_tasks):
-            self.n_tasks, self.prvs_alpha, self.inputs = num_tasks, np.ones(num_tasks, dtype=np.float32), []
-
-        def __call__(self, matrix):
-            self.inputs.append(matrix)
-            self.prvs_alpha = self.prvs_alpha * 2
-            return torch.from_numpy(self.prvs_alpha).to(matrix.dtype)
-
-    monkeypatch.setattr(nashmtl, "require_modules", lambda *args: None)
-    monkeypatch.setattr(nashmtl.NashMTL, "_new_solver", lambda self, num_tasks: StandIn(num_tasks))
-    balancer = nashmtl.NashMTL()
-    G = _random_gradients(8, k=3)
-    torch.testing.assert_close(balancer.weights(G @ G.T), torch.full((3,), 2.0))
-    factor = balancer._solver.inputs[0]
-    torch.testing.assert_close(factor @ factor.T, G @ G.T, rtol=1e-4, atol=1e-4)
-    resumed = nashmtl.NashMTL()
-    resumed.load_state_dict(balancer.state_dict())
-    torch.testing.assert_close(resumed.weights(G @ G.T), torch.full((3,), 4.0))  # warm start restored
-    absent = G.clone()
-    absent[0] = 0
-    torch.testing.assert_close(resumed.weights(absent @ absent.T), torch.tensor([0.0, 2.0, 2.0]))
-    torch.testing.assert_close(resumed._warm_start, torch.full((3,), 4.0))  # untouched by the absent step
 
 
 def test_random_methods_refuse_devices_whose_generator_they_cannot_control():
@@ -259,11 +222,11 @@ def test_half_precision_gradients(cls, dtype):
         assert cls().weights((G @ G.T).to(dtype), torch.ones(3)).dtype == torch.float32
 
 
-def test_nashmtl_single_task_is_the_clipped_gradient():
-    pytest.importorskip("cvxpy")
+def test_nashmtl_single_task_is_the_clipped_unit_gradient():
+    """One task: ‖g‖² α = 1/α gives α = 1/‖g‖, the unit gradient, then clipped to max_norm."""
     from lightning_mtl.balancers import NashMTL
 
     g = torch.tensor([[3.0, 4.0]])  # norm 5
-    torch.testing.assert_close(NashMTL(max_norm=1.0)(g), torch.tensor([0.6, 0.8]))
-    torch.testing.assert_close(NashMTL(max_norm=10.0)(g), g[0])
-    torch.testing.assert_close(NashMTL(max_norm=0.0)(g), g[0])
+    torch.testing.assert_close(NashMTL(max_norm=0.5)(g), torch.tensor([0.3, 0.4]))
+    torch.testing.assert_close(NashMTL(max_norm=10.0)(g), torch.tensor([0.6, 0.8]))
+    torch.testing.assert_close(NashMTL(max_norm=0.0)(g), torch.tensor([0.6, 0.8]))
