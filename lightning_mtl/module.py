@@ -36,6 +36,7 @@ from lightning_mtl.checks import (
 from lightning_mtl.evaluation import TaskEvaluation, stage_metrics, stage_task_losses
 from lightning_mtl.forward import Prediction, TaskForward
 from lightning_mtl.gradients import GRADIENT_MODES, GradientMode
+from lightning_mtl.meta import MetaSteps
 from lightning_mtl.nonfinite import NonfiniteCheck, SkippedStepGuard
 from lightning_mtl.run_config import describe
 from lightning_mtl.runs import explain_load_error
@@ -140,6 +141,7 @@ class MultiTaskModule(LightningModule):
         # plain DDP (no find_unused_parameters): every parameter needs a gradient at every step
         self._ddp_needs_every_parameter = False
         self._last_batch: Any = None  # FAMO: the batch whose losses are recomputed after the optimizer step
+        self._meta_steps: Optional[MetaSteps] = None  # Auto-Lambda: held-out batches before training steps (fit)
         self._step_record: Optional[StepRecord] = None  # the last training step, read through last_step
         self._gramian_requested = False
         self._unlabelled_steps = 0  # training steps of this epoch whose batch had no labelled sample
@@ -190,6 +192,10 @@ class MultiTaskModule(LightningModule):
         return {name: self.task_forward.head(name, features) for name in self.task_names}
 
     # ------------------------------------------------------------------ the training step
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._meta_steps is not None:  # a balancer that learns from held-out batches (needs_meta_batches)
+            self._meta_steps.before_training_step(batch, batch_idx)
+
     def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
         """Forward, task losses, then the balancing path's loss (see ``docs/architecture.md``)."""
         context = self._step_context(batch_idx)
@@ -428,6 +434,7 @@ class MultiTaskModule(LightningModule):
             self._check_gradient_strategy()
             if self.trainer.world_size > 1:
                 self.balancer.all_reduce_mean = partial(self._all_reduce, op="mean")
+            self._meta_steps = MetaSteps(self) if self.balancer.needs_meta_batches else None
 
     def _check_gradient_strategy(self) -> None:
         check_gradient_strategy(self.trainer.strategy, self.balancer, self.gradients)

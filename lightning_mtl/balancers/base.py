@@ -44,6 +44,11 @@ class Balancer(nn.Module):
     - :meth:`after_optimizer_step` after each optimizer step, only when
       :attr:`needs_losses_after_step` is true, with the same batch's task losses recomputed (under
       ``no_grad``) after the update (FAMO);
+    - when :attr:`needs_meta_batches` is true (Auto-Lambda), ``meta_step(task_losses, parameters, train_batch,
+      meta_batch, lr, loss_scale)`` before the training step of every optimizer step for which
+      ``meta_step_due(global_step)`` holds, with a held-out batch drawn from the data module's
+      ``meta_dataloader()`` at position ``meta_batches`` (an ``int`` the balancer keeps in its state and
+      advances), and the module's forward as ``task_losses`` (see :class:`~lightning_mtl.balancers.AutoLambda`);
     - :meth:`on_train_epoch_end` at the end of each training epoch (DWA);
     - :meth:`reset` to forget all state (a new run with the same object).
 
@@ -62,6 +67,8 @@ class Balancer(nn.Module):
     needs: ClassVar[str] = "losses"
     #: Whether the module must call :meth:`after_optimizer_step` with the losses after the update.
     needs_losses_after_step: ClassVar[bool] = False
+    #: Whether the module must call ``meta_step`` with held-out batches before training steps (Auto-Lambda).
+    needs_meta_batches: ClassVar[bool] = False
     #: Loss level: whether ``forward`` updates state (DWA's loss history, FAMO's pre-step losses, RLW's
     #: generator). The module then checks the losses for NaN/inf *before* calling it, so that a step
     #: skipped by ``nonfinite_loss="skip"`` leaves that state untouched (one more host read per step).

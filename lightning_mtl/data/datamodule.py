@@ -83,6 +83,21 @@ stores it in the checkpoint (``loops.fit_loop.state_dict.combined_loader``) and 
 start of the next epoch or from the middle of the interrupted one; skipped steps load no data.
 The data module itself keeps no state (``state_dict()`` stays empty): the position belongs to the
 loader, and storing it twice could skip steps twice.
+
+Meta batches
+------------
+``meta`` is an optional split of held-out batches for a balancer that learns from them during training
+(:class:`~lightning_mtl.balancers.AutoLambda`, whose task weights follow the loss on these batches after a
+one-step lookahead). It is not a Lightning stage: the model draws from :meth:`MultiTaskDataModule.meta_dataloader`
+itself, one batch per meta step. Either form works (per-task datasets may hold a subset of the training tasks, e.g.
+only the primary ones). Every meta batch holds every task of the split (``zip``: a shorter task cycles), with the
+training ``batch_size`` and ``shuffle``; the order is a pure function of ``(seed, meta epoch)``, in a stream of its
+own (``meta`` may be the training dataset itself: its batches are then drawn in another order than the training
+batches), and it is sharded across DDP processes like training data (a shared-input ``meta`` dataset like the
+shared-input training one: not under ``use_distributed_sampler=False``). The stream runs on from epoch to epoch
+of the meta split, independently of the training epochs; its position is one number, the meta batches drawn so
+far, which the balancer keeps in its state (so in the checkpoint) and the model seeks to when it draws
+(:class:`~lightning_mtl.data.loader.EndlessLoader`). Under DDP its lengths are checked with the training split's.
 """
 
 from __future__ import annotations
@@ -109,7 +124,9 @@ from lightning_mtl.data.sampler import (
 
 Split = Union[Dataset, Mapping[str, Dataset]]
 _EVAL_SPLITS = ("val", "test", "predict")
-_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+_STAGE_SPLITS = {"fit": ("train", "val", "meta"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+#: The meta stream's permutations are drawn with ``seed + META_SEED_OFFSET``: another stream than training's.
+META_SEED_OFFSET = zlib.crc32(b"meta") << 32
 
 
 def _check_columns(what: str, data: Any) -> None:
@@ -212,6 +229,8 @@ class MultiTaskDataModule(LightningDataModule):
         train: a shared-input ``Dataset`` of ``(x, {task: y})`` or a mapping ``{task: Dataset}`` of
             ``(x, y)``.
         val, test, predict: the evaluation splits, in either form, or ``None``.
+        meta: held-out data drawn during training by a balancer that learns from it (``AutoLambda``), in
+            either form, or ``None`` (see *Meta batches* in the module docstring).
         batch_size: one batch size, or ``{task: batch_size}`` for per-task datasets.
         sampling: how training steps pick tasks; one of
             :data:`~lightning_mtl.data.sampler.SAMPLING_MODES`.
@@ -238,11 +257,14 @@ class MultiTaskDataModule(LightningDataModule):
         drop_last: bool = False,
         pin_memory: bool = False,
         collate_fn: Optional[Callable[[list[Any]], Any]] = None,
+        meta: Optional[Split] = None,
     ) -> None:
         super().__init__()
         if train is None:
             raise ValueError("`train` is required: a shared-input Dataset or a mapping {task: Dataset}.")
-        self.splits: dict[str, Optional[Split]] = {"train": train, "val": val, "test": test, "predict": predict}
+        self.splits: dict[str, Optional[Split]] = {
+            "train": train, "val": val, "test": test, "predict": predict, "meta": meta,
+        }  # fmt: skip
         for split, data in self.splits.items():
             _check_split(split, data)
         self.sampling = _check_sampling(sampling)
@@ -256,7 +278,7 @@ class MultiTaskDataModule(LightningDataModule):
                 "{task: Dataset} to schedule tasks."
             )
         train_tasks = list(train) if isinstance(train, Mapping) else None
-        for split in _EVAL_SPLITS:
+        for split in (*_EVAL_SPLITS, "meta"):
             data = self.splits[split]
             if train_tasks is not None and isinstance(data, Mapping):
                 unknown = [task for task in data if task not in train_tasks]
@@ -396,6 +418,45 @@ class MultiTaskDataModule(LightningDataModule):
     def _lightning_shards_shared_input(self) -> bool:
         """Whether the Trainer's ``use_distributed_sampler`` asks for a shared-input dataset to be sharded."""
         return bool(getattr(self.trainer._accelerator_connector, "use_distributed_sampler", False))
+
+    def meta_dataloader(self) -> Union[MultiTaskLoader, SharedInputLoader]:
+        """The ``meta`` split's loader, for a balancer that learns from held-out batches (see *Meta batches*).
+
+        ``ValueError`` when there is no ``meta`` split, naming the argument to set.
+        """
+        data = self.splits["meta"]
+        if data is None:
+            raise ValueError(
+                f"{type(self).__name__} has no `meta` split, which the balancer draws held-out batches from during "
+                "training: pass MultiTaskDataModule(meta=...) (a held-out shared-input Dataset or {task: Dataset}, "
+                "e.g. a slice of the training data set aside; the training dataset itself also works)."
+            )
+        if isinstance(data, IterableDataset):
+            raise TypeError(
+                "The `meta` dataset is an IterableDataset; it must be map-style (indexable, with a length) to be drawn "
+                "in a resumable, sharded order."
+            )
+        rank, world_size = self._replicas()
+        shared = not isinstance(data, Mapping)
+        if shared and self.trainer is not None and not self._lightning_shards_shared_input():
+            rank, world_size = 0, 1  # as for shared-input training data
+        sizes = {SHARED_INPUT: len(data)} if shared else {task: len(dataset) for task, dataset in data.items()}  # type: ignore[arg-type, union-attr]
+        batch_size = self.batch_size
+        if isinstance(batch_size, Mapping):
+            batch_size = {task: batch_size[task] for task in sizes}
+        sampler = MultiTaskSampler(
+            sizes,
+            batch_size=batch_size,
+            sampling="zip",
+            seed=self.seed + META_SEED_OFFSET,
+            shuffle=self.shuffle,
+            rank=rank,
+            world_size=world_size,
+        )
+        options = dict(collate_fn=self.collate_fn, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        if shared:
+            return SharedInputLoader(data, sampler, **options)  # type: ignore[arg-type]
+        return MultiTaskLoader(data, sampler, **options)  # type: ignore[arg-type]
 
     def train_dataloader(self) -> Any:
         return self._loader("train")

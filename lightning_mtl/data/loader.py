@@ -320,3 +320,40 @@ class SharedInputLoader(MultiTaskLoader):
             raise ValueError(f"The dataset has {len(dataset)} items but the sampler expects {sampler.sizes[SHARED_INPUT]}.")  # type: ignore[arg-type]
         self._build(dataset, sampler, _SharedInputSteps(sampler), collate_fn or default_collate,
                     num_workers, pin_memory, worker_init_fn, persistent_workers)
+
+
+class EndlessLoader:
+    """A :class:`MultiTaskLoader`'s batches without end, positioned by one number: the batches drawn so far.
+
+    Epoch after epoch of ``loader`` (each in its own ``(seed, epoch)`` order); batch ``n`` of the stream is step
+    ``n % len(loader)`` of epoch ``n // len(loader)``. The caller keeps the position (a balancer's state, so the
+    checkpoint) and :meth:`seek` s to it before drawing: a resumed run draws the batches the interrupted one
+    would have drawn. Used for the meta batches of ``MultiTaskDataModule(meta=...)``.
+    """
+
+    def __init__(self, loader: MultiTaskLoader) -> None:
+        if len(loader) == 0:
+            raise ValueError("The loader yields no batch: an endless stream of it would never yield one.")
+        self.loader = loader
+        self.position = 0
+        self._iterator: Optional[Iterator[Any]] = None
+        self._epoch: Optional[int] = None
+
+    def seek(self, position: int) -> None:
+        """Make the next batch drawn batch ``position`` of the stream (without loading the skipped ones)."""
+        if position < 0:
+            raise ValueError(f"Cannot seek to batch {position} of a stream.")
+        if position != self.position:
+            self.position, self._iterator = position, None
+
+    def __iter__(self) -> "EndlessLoader":
+        return self
+
+    def __next__(self) -> Any:
+        epoch, step = divmod(self.position, len(self.loader))
+        if self._iterator is None or epoch != self._epoch:
+            self.loader.sampler.resume(epoch, step)
+            self._iterator, self._epoch = iter(self.loader), epoch
+        batch = next(self._iterator)
+        self.position += 1
+        return batch
