@@ -31,6 +31,12 @@ the median training-step time (:class:`~lightning_mtl.callbacks.StepTimer`, all 
 the first balancer listed (put ``static`` first to read it as "× static"). The table is printed and saved as
 ``leaderboard.md`` and ``leaderboard.json`` in ``--output`` (default ``<default_root_dir>/compare``). Step times
 are a relative guide: they are only as quiet as the machine the runs share.
+
+``--wandb_project NAME`` also logs the leaderboard to Weights & Biases: one run of that project (job type
+``leaderboard``, its config the balancers, seeds and config files; ``--wandb_dir`` its folder; ``WANDB_MODE=offline``
+and the other ``WANDB_*`` variables apply) holding ``leaderboard``, a W&B Table with the columns of
+``leaderboard.md``, each ``mean ± std`` as two number columns. Without wandb installed the option fails before
+anything is trained.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_mtl.baselines import logged_task_metrics, task_directions, write_baselines
+from lightning_mtl.run_config import require_wandb
 
 
 class CommandError(ValueError):
@@ -135,12 +142,25 @@ def train_baselines(config_args: Sequence[str], output: Optional[str] = None) ->
 
 
 def compare_balancers(
-    config_args: Sequence[str], balancers: Sequence[str], seeds: Sequence[int], output: Optional[str] = None
+    config_args: Sequence[str],
+    balancers: Sequence[str],
+    seeds: Sequence[int],
+    output: Optional[str] = None,
+    wandb_project: Optional[str] = None,
+    wandb_dir: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Fit the config with every balancer and seed; the leaderboard (also written to ``output``)."""
+    """Fit the config with every balancer and seed; the leaderboard (also written to ``output``, and with
+    ``wandb_project`` logged as a W&B Table, see :func:`log_leaderboard_to_wandb`)."""
     from lightning_mtl.callbacks import StepTimer
     from lightning_mtl.cli import check_balancer_name, run
 
+    if wandb_dir is not None and wandb_project is None:
+        raise CommandError("lightning-mtl compare: --wandb_dir is the folder of the W&B run that --wandb_project makes; give both.")
+    if wandb_project is not None:
+        try:
+            require_wandb("lightning-mtl compare --wandb_project")
+        except ImportError as error:
+            raise CommandError(str(error)) from None
     for name in balancers:
         check_balancer_name(name)
     config = resolved_config(config_args)
@@ -156,6 +176,7 @@ def compare_balancers(
             "--trainer.default_root_dir", run_dir, "--trainer.callbacks+=lightning_mtl.callbacks.StepTimer",
         ])  # fmt: skip
         timer = next(callback for callback in cli.trainer.callbacks if isinstance(callback, StepTimer))
+        _finish_wandb_runs(cli.trainer)
         entry = results.setdefault(name, {"metrics": {}, "step_seconds": []})
         for key, value in cli.trainer.callback_metrics.items():
             if key.startswith("test/") and key != "test/loss":
@@ -167,6 +188,9 @@ def compare_balancers(
     table = format_leaderboard(board)
     (folder / "leaderboard.md").write_text(table + "\n")
     print(f"{table}\nlightning-mtl compare: wrote {folder / 'leaderboard.md'} and leaderboard.json", flush=True)
+    if wandb_project is not None:
+        config_files = [path for flag, path in zip(config_args, config_args[1:]) if flag in ("-c", "--config")]
+        log_leaderboard_to_wandb(board, wandb_project, {"balancers": list(balancers), "seeds": list(seeds), "config": config_files}, wandb_dir)
     return board
 
 
@@ -185,6 +209,12 @@ def leaderboard(results: dict[str, dict[str, Any]], balancers: Sequence[str]) ->
     return {"reference": balancers[0], "rows": rows}
 
 
+def _leaderboard_keys(board: dict[str, Any]) -> list[str]:
+    """Every test key of the leaderboard, ``test/delta_m`` first, then in alphabetical order."""
+    keys = {key for row in board["rows"].values() for key in row["metrics"]}
+    return sorted(keys, key=lambda key: (key != "test/delta_m", key))
+
+
 def _mean_std(values: list[float]) -> dict[str, float]:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"mean": statistics.fmean(values), "std": spread, "n": len(values)}
@@ -193,7 +223,7 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 def format_leaderboard(board: dict[str, Any]) -> str:
     """The leaderboard as a Markdown table: one row per balancer, ``mean ± std`` per test metric, Δm first."""
     rows = board["rows"]
-    keys = sorted({key for row in rows.values() for key in row["metrics"]}, key=lambda k: (k != "test/delta_m", k))
+    keys = _leaderboard_keys(board)
     header = ["balancer", *(key.removeprefix("test/") for key in keys), f"step time (× {board['reference']})"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in rows.items():
@@ -204,6 +234,40 @@ def format_leaderboard(board: dict[str, Any]) -> str:
         cells.append(f"{row['step_time_ratio']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def leaderboard_table(board: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """``(columns, data)`` of :func:`format_leaderboard`'s table with numbers: each ``mean ± std`` cell as a
+    ``{metric} mean`` and a ``{metric} std`` column (``None`` where a balancer lacks the metric)."""
+    keys = _leaderboard_keys(board)
+    columns = ["balancer", *(f"{key.removeprefix('test/')} {part}" for key in keys for part in ("mean", "std"))]
+    columns.append(f"step time (× {board['reference']})")
+    data = []
+    for name, row in board["rows"].items():
+        cells = [(row["metrics"].get(key) or {}).get(part) for key in keys for part in ("mean", "std")]
+        data.append([name, *cells, row["step_time_ratio"]])
+    return columns, data
+
+
+def log_leaderboard_to_wandb(board: dict[str, Any], project: str, config: dict[str, Any], folder: Optional[str] = None) -> Path:
+    """Log ``board`` as the W&B Table ``leaderboard`` of a new run of ``project`` (job type ``leaderboard``,
+    run config ``config``, files under ``folder``); the run's folder. A W&B run still active in the process is
+    finished first (``wandb.init`` would otherwise log into it)."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=project, dir=folder, job_type="leaderboard", config=config)
+    try:
+        columns, data = leaderboard_table(board)
+        run.log({"leaderboard": wandb.Table(columns=columns, data=data)})
+        run_folder = Path(run.dir).parent
+    finally:
+        run.finish()
+    print(f"lightning-mtl compare: logged the leaderboard to W&B project {project!r} ({run_folder})", flush=True)
+    return run_folder
 
 
 def main(argv: Sequence[str]) -> None:
@@ -220,6 +284,8 @@ def main(argv: Sequence[str]) -> None:
         parser.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..n-1 (default 3)")
         parser.add_argument("--seed_values", help="comma-separated seeds, instead of --seeds")
         parser.add_argument("--output", help="folder of leaderboard.md/.json (default <default_root_dir>/compare)")
+        parser.add_argument("--wandb_project", help="also log the leaderboard as a W&B Table, in a run of this project")
+        parser.add_argument("--wandb_dir", help="the folder of that W&B run (default: wandb's, ./wandb)")
     known, overrides = parser.parse_known_args(argv)
     config_args = [arg for path in known.config for arg in ("--config", path)] + overrides
     try:
@@ -230,7 +296,7 @@ def main(argv: Sequence[str]) -> None:
         balancers = [name.strip() for name in known.balancers.split(",") if name.strip()]
         if not balancers or not seeds:
             raise CommandError("lightning-mtl compare: give at least one balancer (--balancers) and one seed.")
-        compare_balancers(config_args, balancers, seeds, known.output)
+        compare_balancers(config_args, balancers, seeds, known.output, known.wandb_project, known.wandb_dir)
     except (CommandError, ConfigError) as error:
         sys.stderr.write(f"{error}\n")
         sys.exit(2)
@@ -248,6 +314,16 @@ _DESCRIPTIONS = {
         "the first balancer. Any other option is a fit override applied to every run."
     ),
 }
+
+
+def _finish_wandb_runs(trainer: Any) -> None:
+    """Finish the W&B run of each ``WandbLogger`` of a finished fit, so that the next fit's logger starts its own
+    (a ``WandbLogger`` reuses an active run)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 def _init_args(entry: Any) -> dict[str, Any]:

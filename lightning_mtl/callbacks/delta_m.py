@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_mtl.baselines import Baselines, Direction, metric_direction, read_baselines
+from lightning_mtl.callbacks.task_table import _table_loggers
 from lightning_mtl.evaluation import _compute, _compute_quietly
 
 Average = Literal["tasks", "metrics"]
@@ -116,7 +117,9 @@ class DeltaM(pl.Callback):
 
     When fit (its last validation epoch), validate or test ends it prints, on global rank zero, a
     table: per task and metric, the baseline, the multi-task value, the relative change, the signed
-    gain and Δm. :meth:`rows` returns the last compared rows of a split.
+    gain and Δm. :meth:`rows` returns the last compared rows of a split. The same table goes, as a table
+    (:func:`delta_m_table`: the numbers unrounded, change and gain in %, Δm as a last row), to every logger
+    of the trainer that can hold one: a ``WandbLogger`` logs it as a W&B Table under ``{split}/delta_m_table``.
 
     A callback rather than a module argument: the model's constructor and checkpoints stay unchanged,
     it is added like any Lightning callback (in YAML under ``trainer.callbacks``), and runs without
@@ -131,6 +134,9 @@ class DeltaM(pl.Callback):
         include_loss: also compare each task's loss (``{split}/{task}/loss``, lower is better); by
             default Δm compares metrics only, as the papers do.
         digits: significant digits of the printed values.
+        log_table: log the table to the loggers that can hold one (``WandbLogger.log_table``): ``None`` (the
+            default) when the trainer has such a logger, ``True`` always (a ``ValueError`` at set-up when no logger
+            can), ``False`` never (the table is still printed, ``{split}/delta_m`` still logged).
     """
 
     def __init__(
@@ -141,6 +147,7 @@ class DeltaM(pl.Callback):
         partial: bool = False,
         include_loss: bool = False,
         digits: int = 4,
+        log_table: Optional[bool] = None,
     ) -> None:
         if not isinstance(baselines, (str, os.PathLike, Baselines)):
             raise TypeError(f"DeltaM: baselines must be a file path or Baselines, got {type(baselines).__name__}")
@@ -153,12 +160,15 @@ class DeltaM(pl.Callback):
             raise ValueError(f"DeltaM: average must be 'tasks' or 'metrics', got {average!r}")
         if isinstance(digits, bool) or not isinstance(digits, int) or digits <= 0:
             raise ValueError(f"DeltaM: digits must be a positive int, got {digits!r}")
+        if log_table not in (None, True, False):
+            raise ValueError(f"DeltaM: log_table must be None (when a logger can), True or False, got {log_table!r}")
         self.baselines = baselines
         self.directions: dict[str, Direction] = dict(directions or {})
         self.average = average
         self.partial = partial
         self.include_loss = include_loss
         self.digits = digits
+        self.log_table = log_table
         self._loaded: Optional[Baselines] = None
         self._plans: dict[str, dict[str, list[tuple[str, float, Direction]]]] = {}
         self._last: dict[str, tuple[list[Row], float]] = {}
@@ -172,6 +182,12 @@ class DeltaM(pl.Callback):
         self._loaded = baselines if isinstance(baselines, Baselines) else read_baselines(baselines)
         self._plans = {}
         self._last.pop(_SPLITS.get(stage, ""), None)  # a run without evaluation prints no earlier run's table
+        if self.log_table and stage in _SPLITS and not _table_loggers(trainer):
+            names = [type(logger).__name__ for logger in trainer.loggers] or "none"
+            raise ValueError(
+                f"DeltaM(log_table=True): no logger of the trainer can log a table (loggers: {names}); use a "
+                "WandbLogger, or DeltaM(log_table=None) to log the table only when a logger can."
+            )
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._plan(trainer, pl_module, "val")
@@ -198,6 +214,10 @@ class DeltaM(pl.Callback):
             when = ", last validation epoch" if stage == "fit" else ""
             title = f"Δm against single-task baselines ({split}{when}): {value:+.2f} %"
             print("\n" + format_delta_m(rows, value, title, self.average, self.digits))
+            if self.log_table is not False:
+                columns, data = delta_m_table(rows, value, self.average)
+                for logger in _table_loggers(trainer):
+                    logger.log_table(key=f"{split}/delta_m_table", columns=columns, data=data)
 
     def _plan(self, trainer: pl.Trainer, pl_module: Any, split: str) -> None:
         """Check the baselines of ``split`` against the run once: ``{task: [(metric, baseline, direction)]}``."""
@@ -357,6 +377,18 @@ def format_delta_m(rows: list[Row], value: float, title: str, average: str = "ta
     how = "mean over tasks of each task's mean gain" if average == "tasks" else "mean gain over all task-metric pairs"
     footer = f"Δm = {value:+.2f} % ({how}; gain: the change signed so that positive is better)"
     return "\n".join([title, line(*header), rule, *(line(*cell) for cell in cells), footer])
+
+
+def delta_m_table(rows: list[Row], value: float, average: str = "tasks") -> tuple[list[str], list[list[Any]]]:
+    """``(columns, data)`` of the printed table for a logger's table: the printed columns, the numbers unrounded
+    (change and gain in %), then a row ``Δm``, ``mean over tasks`` (or ``metrics``) with Δm as its gain."""
+    columns = ["task", "metric", "better", "baseline", "multi-task", "change", "gain"]
+    data: list[list[Any]] = [
+        [row.task, row.metric, "higher" if row.direction == "max" else "lower", row.baseline, row.value, row.change, row.gain]
+        for row in rows
+    ]
+    data.append(["Δm", f"mean over {average}", "higher", None, None, None, value])
+    return columns, data
 
 
 def _keys(pairs: Any) -> list[str]:

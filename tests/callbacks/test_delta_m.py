@@ -24,7 +24,7 @@ from lightning_mtl.baselines import (
     write_baselines,
 )
 from lightning_mtl.callbacks import DeltaM
-from lightning_mtl.callbacks.delta_m import delta_m, relative_gain
+from lightning_mtl.callbacks.delta_m import delta_m, delta_m_table, relative_gain
 from test_module import SharedInput
 
 # Baselines of the tiny module below: two metrics per task, one task's lower-is-better.
@@ -175,6 +175,60 @@ def test_fit_then_test_print_the_table(capsys):
     trainer.test(model, loader(seed=2), verbose=False)
     out = capsys.readouterr().out
     assert f"Δm against single-task baselines (test): {float(trainer.callback_metrics['test/delta_m']):+.2f} %" in out
+
+
+class TableLogger(RecordingLogger):
+    """A logger that can hold a table (as ``WandbLogger.log_table``): keeps ``(key, columns, data)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list = []
+
+    def log_table(self, key, columns=None, data=None, dataframe=None, step=None) -> None:
+        self.tables.append((key, columns, data))
+
+
+def test_the_table_goes_to_every_logger_that_can_hold_one_by_default():
+    callback = DeltaM(baselines())
+    tables, plain = TableLogger(), RecordingLogger()
+    trainer = quiet_trainer(callbacks=[callback], logger=[tables, plain], max_epochs=1)
+    model = module()
+    trainer.fit(model, loader(64, seed=0), loader())
+    logged = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    trainer.test(model, loader(seed=2), verbose=False)
+    logged |= {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("test/")}
+    assert [key for key, _, _ in tables.tables] == ["val/delta_m_table", "test/delta_m_table"]
+    columns = ["task", "metric", "better", "baseline", "multi-task", "change", "gain"]
+    for (key, got_columns, data), split in zip(tables.tables, ("val", "test")):
+        assert got_columns == columns
+        rows = callback.rows(split)
+        assert data[:-1] == [[r.task, r.metric, "higher" if r.direction == "max" else "lower", r.baseline, r.value, r.change, r.gain] for r in rows]
+        assert [row[:3] for row in data[:-1]] == [["cls", "acc", "higher"], ["cls", "f1", "higher"], ["reg", "mae", "lower"], ["reg", "mse", "lower"]]
+        assert [row[4] for row in data[:-1]] == pytest.approx([logged[f"{split}/{r[0]}/{r[1]}"] for r in data[:-1]])
+        assert data[-1][:3] == ["Δm", "mean over tasks", "higher"] and data[-1][3:6] == [None, None, None]
+        assert data[-1][6] == pytest.approx(logged[f"{split}/delta_m"], rel=1e-6)
+        assert data[-1][6] == pytest.approx(by_hand(logged, split), rel=1e-5)
+    assert delta_m_table(rows, 1.5, "metrics")[1][-1] == ["Δm", "mean over metrics", "higher", None, None, None, 1.5]
+
+
+def test_log_table_false_logs_none_and_true_needs_a_logger_that_can():
+    tables = TableLogger()
+    trainer = quiet_trainer(callbacks=[DeltaM(baselines(), log_table=False)], logger=tables)
+    trainer.validate(module(), loader(), verbose=False)
+    assert tables.tables == [] and "val/delta_m" in tables.keys
+    trainer = quiet_trainer(callbacks=[DeltaM(baselines(), log_table=True)], logger=RecordingLogger())
+    with pytest.raises(ValueError, match=r"DeltaM\(log_table=True\): no logger of the trainer can log a table \(loggers: \['RecordingLogger'\]\)"):
+        trainer.validate(module(), loader(), verbose=False)
+
+
+def test_a_run_without_evaluation_logs_no_table():
+    tables = TableLogger()
+    callback = DeltaM(baselines(), log_table=True)
+    trainer = quiet_trainer(callbacks=[callback], logger=tables, max_epochs=1)
+    trainer.validate(module(), loader(), verbose=False)
+    trainer = quiet_trainer(callbacks=[callback], logger=tables, max_epochs=1, limit_val_batches=0)
+    trainer.fit(module(), loader(64, seed=0), loader())
+    assert [key for key, _, _ in tables.tables] == ["val/delta_m_table"]  # the validate's, not the fit's
 
 
 def test_include_loss_compares_the_task_losses_too():
@@ -351,6 +405,7 @@ def test_a_model_without_task_registry_is_refused():
         ({"directions": {"reg/mae": "lower"}}, "must be 'max' .* or 'min'"),
         ({"average": "pairs"}, "average must be 'tasks' or 'metrics'"),
         ({"digits": 0}, "digits must be a positive int"),
+        ({"log_table": "yes"}, "log_table must be None"),
     ],
 )
 def test_constructor_arguments_are_checked(kwargs, message):
