@@ -65,8 +65,10 @@ def test_a_balancer_that_supports_one_task_per_step_declares_it(cls):
 
 
 # With one task, NashMTL is the task's gradient clipped to max_norm (test_nashmtl_single_task_is_the_clipped_gradient)
-# and DB-MTL the task's own moving average of its log-loss gradient (below): no multiple of the step's gradient.
-CONSTANT = [cls for cls in METHODS if not cls.supports_one_task_per_step and cls.__name__ not in ("NashMTL", "DBMTL")]
+# and DB-MTL the task's own moving average of its log-loss gradient (below): no multiple of the step's gradient;
+# FairGrad's weight is ‖g‖^(-2α/(1+α)) and MoCo's direction the task's tracked gradient (test_new_methods.py).
+NOT_CONSTANT = ("NashMTL", "DBMTL", "FairGrad", "MoCo")
+CONSTANT = [cls for cls in METHODS if not cls.supports_one_task_per_step and cls.__name__ not in NOT_CONSTANT]
 
 
 @pytest.mark.parametrize("cls", CONSTANT, ids=lambda cls: cls.__name__)

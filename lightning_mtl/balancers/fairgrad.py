@@ -1,0 +1,118 @@
+"""FairGrad: fair resource allocation in multi-task learning (Ban & Ji, 2024)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_mtl.balancers._utils import check_range
+from lightning_mtl.balancers.base import GramianBalancer
+
+#: Normalised weights above this mean the equation has no solution (see FairGrad's docstring).
+_CAP = 1e6
+_MAX_ITERS = 100
+
+
+def solve_fairgrad(gramian: np.ndarray, alpha: float, ridge: float = 0.0) -> Optional[np.ndarray]:
+    """The positive ``w`` with ``(A + ridge·I) w = w^{-1/α}`` for a K × K Gramian ``A`` whose diagonal
+    mean is 1, by Newton's method on the strictly convex ``f(w) = ½ wᵀ(A + ridge·I)w − Σ_k φ(w_k)``,
+    ``φ' = w^{-1/α}``, with a fraction-to-the-boundary step that keeps ``w`` positive and an Armijo
+    backtracking line search. Without a ridge, returns None when the iterates grow past ``_CAP`` (no solution)."""
+    k = gramian.shape[0]
+    A = gramian + ridge * np.eye(k) if ridge else gramian
+    power = -1.0 / alpha
+    mean = A.sum() / k  # 1ᵀA1 / K: start from the solution along 1, if the mean gradient is not ~0
+    w = np.full(k, mean ** (-alpha / (alpha + 1.0))) if mean > 1e-3 else np.diag(A) ** (-alpha / (alpha + 1.0))
+
+    def objective(w: np.ndarray, Aw: np.ndarray) -> float:
+        barrier = np.log(w).sum() if alpha == 1.0 else (w ** (1.0 + power)).sum() / (1.0 + power)
+        return 0.5 * float(w @ Aw) - float(barrier)
+
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # a rejected trial point may overflow
+        return _newton(A, w, objective, power, ridge)
+
+
+def _newton(A: np.ndarray, w: np.ndarray, objective: Any, power: float, ridge: float) -> Optional[np.ndarray]:
+    Aw = A @ w
+    value = objective(w, Aw)
+    previous = math.inf
+    for _ in range(_MAX_ITERS):
+        rhs = w**power
+        residual = Aw - rhs
+        error = float(np.abs(residual).max() / rhs.max())
+        if error <= 1e-14 or (error <= 1e-10 and error > 0.5 * previous):  # converged, or at rounding level
+            break
+        previous = error
+        try:
+            step = -np.linalg.solve(A - np.diag(power * rhs / w), residual)
+        except np.linalg.LinAlgError:  # singular to rounding: weights so large that their barrier term vanishes
+            return w if ridge else None
+        shrinking = step < 0
+        t = min(1.0, 0.99 * float(np.min(-w[shrinking] / step[shrinking]))) if shrinking.any() else 1.0
+        slope = float(residual @ step)  # minus the squared Newton decrement
+        while True:
+            candidate = w + t * step
+            A_candidate = A @ candidate
+            new_value = objective(candidate, A_candidate)
+            # near the solution f's decrease is below its rounding: the (quadratically convergent) step is taken
+            if new_value <= value + 1e-4 * t * slope or -slope < 1e-12 * (1.0 + abs(value)) or t < 1e-10:
+                break
+            t *= 0.5
+        w, Aw, value = candidate, A_candidate, new_value
+        if not ridge and w.max() > _CAP:
+            return None
+    return w
+
+
+class FairGrad(GramianBalancer):
+    """FairGrad, from `Fair Resource Allocation in Multi-Task Learning <https://arxiv.org/abs/2402.15638>`_
+    (Ban & Ji, ICML 2024), Algorithm 1.
+
+    The step is chosen as a fair allocation of progress among the tasks: the direction ``d`` maximises
+    ``Σ_k u_α(g_kᵀ d)`` (within a ball), ``u_α(x) = x^{1−α} / (1−α)`` (``log x`` at ``α = 1``) being the
+    α-fair utility of task k's rate of loss decrease. Its optimality conditions give ``d = Gᵀw`` with
+    ``w > 0`` solving ``(G Gᵀ) w = w^{−1/α}`` element-wise (the paper's Eq. 4), solved at every step.
+    ``α = 1`` is proportional fairness, the equation of Nash-MTL (Navon et al. 2022); ``α → 0``
+    gives ``w → 1`` (linear scalarisation: the sum of the gradients); ``α → ∞`` gives ``(G Gᵀ) w = 1``,
+    every task's loss decreasing at the same rate (max-min fairness). The weights are not normalised:
+    their scale is part of the method (like Nash-MTL's).
+
+    Solved natively in float64, without a general-purpose solver: the equation is the stationarity
+    condition of the strictly convex ``f(w) = ½ wᵀ(G Gᵀ)w − Σ_k φ(w_k)`` on ``w > 0``, ``φ' = w^{−1/α}``
+    (its Hessian ``G Gᵀ + diag(w^{−1/α−1}/α)`` is positive definite), minimised by Newton's method with
+    a fraction-to-the-boundary step (``w`` stays positive) and an Armijo backtracking line search: a
+    handful of iterations to a relative residual of about 1e-14. The Gramian is first divided by its mean
+    diagonal ``s`` and the weights multiplied back by ``s^{−α/(1+α)}`` (the equation's scaling law), so
+    the solve does not depend on the gradients' scale.
+
+    Degenerate Gramians: a singular Gramian (duplicate or linearly dependent task gradients) keeps a
+    unique solution and needs nothing special. If a convex combination of the task gradients is 0 (a
+    Pareto-stationary step: some tasks cancel each other exactly), the equation has no solution:
+    ``f`` is unbounded below along that combination and its weights grow without bound. When the
+    Newton iterates pass 10⁶ (normalised) the solve restarts on ``G Gᵀ + ρ I`` with
+    ``ρ = (10⁻⁶)^{1+1/α}`` (relative to ``s``), whose solution exists and whose weights stay near or
+    below 10⁶: the cancelling combination contributes (almost) nothing to ``d``, the other tasks keep
+    their part. The weights are computed in float64; near such a point their float32 copy, applied to
+    the gradients, leaves a rounding residue of up to about 10⁻¹ of a gradient along the cancelling tasks.
+
+    Args:
+        alpha: the fairness ``α > 0``; 1 (proportional fairness) by default. The paper tunes it per
+            benchmark (larger ``α``: more weight to the tasks that progress least).
+    """
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        super().__init__()
+        self.alpha = check_range("alpha", alpha, 0.0, open_low=True)
+
+    def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
+        A = gramian.detach().double().numpy()
+        scale = float(A.trace()) / A.shape[0]
+        A = A / scale
+        w = solve_fairgrad(A, self.alpha)
+        if w is None:
+            w = solve_fairgrad(A, self.alpha, ridge=(1.0 / _CAP) ** (1.0 + 1.0 / self.alpha))
+        return torch.from_numpy(w * scale ** (-self.alpha / (1.0 + self.alpha)))

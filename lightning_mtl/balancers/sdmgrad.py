@@ -1,0 +1,122 @@
+"""SDMGrad: stochastic direction-oriented multi-objective gradient descent (Xiao et al., 2023)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_mtl.balancers._utils import Seeded, check_range, loaded_copy
+from lightning_mtl.balancers.base import GramianBalancer
+
+
+def project_simplex(v: np.ndarray) -> np.ndarray:
+    """The Euclidean projection of ``v`` onto the probability simplex ``{x ≥ 0, Σ x = 1}``.
+
+    The sort-based algorithm (Held, Wolfe & Crowder 1974; Duchi et al. 2008): ``x = max(v − θ, 0)`` with
+    the threshold ``θ`` that makes the kept entries sum to 1.
+    """
+    u = np.sort(v)[::-1]
+    excess = np.cumsum(u) - 1.0
+    kept = u * np.arange(1, v.size + 1) > excess  # u_j > (Σ_{i≤j} u_i − 1) / j: true for a prefix
+    count = int(np.count_nonzero(kept))
+    return np.maximum(v - excess[count - 1] / count, 0.0)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class SDMGrad(Seeded, GramianBalancer):
+    """Stochastic direction-oriented multi-objective gradient descent, from `Direction-oriented
+    Multi-objective Learning: Simple and Provable Stochastic Algorithms <https://arxiv.org/abs/2305.18409>`_
+    (Xiao, Ban & Ji, NeurIPS 2023).
+
+    The direction is kept near a target, here the average gradient ``g₀ = Gᵀ 1/K``: with simplex weights
+    ``w`` solving ``min_{w ∈ Δ} ½ ‖Gᵀw + λ g₀‖²``, the step is ``d = (Gᵀw + λ g₀) / (1 + λ)``, i.e. the
+    Gramian weighting ``(w + λ/K) / (1 + λ)``. ``λ = 0`` is MGDA's min-norm direction, ``λ → ∞`` the
+    mean gradient. SDMGrad does not solve for ``w`` at each step: ``w`` is carried from step to step and
+    moved by ``num_iters`` projected-gradient steps ``w ← Π_Δ(w − lr ∇)``, ``∇ = (G Gᵀ)(w + λ/K)`` (the
+    gradient of the objective above; the paper's inner update).
+
+    The paper estimates ``∇`` from two independent samples and the direction from a third, so that each
+    is unbiased. ``MultiTaskModule`` balances one batch: here all three use that batch's task gradients
+    (its Gramian), as the usual one-batch practice does; the weights are then those of the batch's own
+    objective. Under DDP that batch is the global one: every rank runs the same update.
+
+    The Gramian is divided by its trace before the inner steps, so that its largest eigenvalue is at most
+    1 and ``lr = 1`` stays within the ``1/L`` step of projected gradient descent whatever the gradients'
+    scale and K (the paper normalises the Gramian's scale too). ``w`` (extra state, checkpointed) starts
+    uniform. A step without some tasks runs on the present ones, from their part of ``w`` renormalised to
+    sum to 1, and writes it back at the same total: the absent tasks' entries are kept exactly.
+
+    Objective sampling (SDMGrad-OS, ``num_sampled = n < K``): each step draws ``n`` of the present tasks
+    uniformly without replacement, from the balancer's own generator (the same on every DDP rank, continued
+    on resume), and uses only their gradients: the inner updates run on the drawn tasks' part of ``w``
+    (renormalised, then written back at the same total; the other entries are kept) and the direction is
+    ``(G_Sᵀ w_S + λ g₀) / (1 + λ)``, the target ``g₀`` staying the mean of all the tasks (one backward of
+    the mean loss in the paper's setting). The variant exists to compute ``n`` task gradients instead of
+    ``K``; the module computes them all anyway, so here it changes the method (a randomised step), not the
+    step's cost.
+
+    Args:
+        lam: the pull ``λ ≥ 0`` toward the average gradient; 0.3 as in the paper's experiments.
+        lr: step of the inner projected-gradient updates on the trace-normalised Gramian.
+        num_iters: inner projected-gradient updates per training step.
+        num_sampled: SDMGrad-OS's ``n`` (objectives sampled per step); None (default) uses every task.
+        seed: seed of the balancer's generator (used by SDMGrad-OS only).
+    """
+
+    def __init__(
+        self, lam: float = 0.3, lr: float = 1.0, num_iters: int = 20, num_sampled: Optional[int] = None, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.lam = check_range("lam", lam, 0.0)
+        self.lr = check_range("lr", lr, 0.0, open_low=True)
+        self.num_iters = _positive_int("num_iters", num_iters)
+        self.num_sampled = None if num_sampled is None else _positive_int("num_sampled", num_sampled)
+        self._init_generator(seed)
+        self.simplex_weights: Optional[Tensor] = None  # w, float64, on CPU
+
+    def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
+        k_all = present.numel()
+        if self.simplex_weights is None or self.simplex_weights.numel() != k_all:
+            self.simplex_weights = torch.full((k_all,), 1.0 / k_all, dtype=torch.float64)
+        elif self.simplex_weights.device.type != "cpu" or self.simplex_weights.dtype != torch.float64:
+            self.simplex_weights = self.simplex_weights.to("cpu", torch.float64)  # e.g. loaded onto a GPU
+        A = gramian.detach().double().numpy()
+        A = A / A.trace()
+        k = A.shape[0]
+        target = A.sum(axis=1) * (self.lam / k)  # (G Gᵀ) λ/K: the pull toward g₀ = Gᵀ 1/K
+        rows = present.nonzero().squeeze(1).numpy()  # the present tasks' entries of w
+        if self.num_sampled is not None and self.num_sampled < k:  # SDMGrad-OS
+            chosen = np.sort(torch.randperm(k, generator=self.generator)[: self.num_sampled].numpy())
+            A, target, rows = A[np.ix_(chosen, chosen)], target[chosen], rows[chosen]
+        else:
+            chosen = slice(None)
+        state = self.simplex_weights.numpy()  # shares memory with the state: written back in place
+        mass = float(state[rows].sum())
+        w = state[rows] / mass if mass > 0 else np.full(rows.size, 1.0 / rows.size)
+        for _ in range(self.num_iters):
+            w = project_simplex(w - self.lr * (A @ w + target))
+        if mass > 0:
+            state[rows] = w * mass
+        weights = np.full(k, self.lam / k)
+        weights[chosen] += w
+        return torch.from_numpy(weights / (1.0 + self.lam))
+
+    def reset(self) -> None:
+        super().reset()
+        self.simplex_weights = None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "simplex_weights": self.simplex_weights}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        self.simplex_weights = loaded_copy(state["simplex_weights"])
