@@ -217,7 +217,7 @@ def test_gradnorm_updates_its_weights_once_per_micro_batch():
     """Balancing is per micro-batch, so is GradNorm's weight update (documented in docs/balancers.md)."""
     module = make_module(tasks=make_tasks(metrics=False), balancer="gradnorm")
     quiet_trainer(max_steps=2, accumulate_grad_batches=3).fit(module, DataLoader(SharedInput(16 * 6), batch_size=16))
-    (state,) = module.balancer._adam.optimizer.state.values()
+    (state,) = module.balancer.get_extra_state()["optimizer"]["state"].values()
     assert int(state["step"]) == 6
 
 

@@ -18,10 +18,10 @@ def gradvac_weights(
 ) -> np.ndarray:
     """GradVac's weights for the K × K ``gramian`` (no zero diagonal); updates the K × K ``targets`` φ̂ in place.
 
-    Task i's modified gradient ``g_i' = Σ_k c_ik g_k`` is kept as its coefficients ``c_i`` over the
-    original gradients, its inner products ``c_i G Gᵀ`` with every ``g_j`` and its squared norm (adding
-    ``w g_j`` adds ``w`` to ``c_ij``, ``w (G Gᵀ)_j`` to the products and ``2w g_i'·g_j + w² ‖g_j‖²`` to
-    the squared norm); the cosine with ``g_j`` and the correction (Eq. 3) follow. Task ``i`` visits the others in the order of row ``i`` of ``orders``
+    Task i's modified gradient ``g_i' = g_i + Σ_j w_ij g_j`` is kept as its inner products with every
+    ``g_j`` and its squared norm (adding ``w g_j`` adds ``w (G Gᵀ)_j`` to the products and
+    ``2w g_i'·g_j + w² ‖g_j‖²`` to the squared norm): the cosine with ``g_j`` and the correction (Eq. 3)
+    follow, and the weights are ``1 + Σ_i w_ij``. Task ``i`` visits the others in the order of row ``i`` of ``orders``
     (``None`` for K ≤ 2); each task only touches its own row of coefficients and of ``targets``, so
     step ``s`` is done for every task at once. The Gramian is first divided by its mean diagonal, which
     changes neither cosines nor corrections: ``eps`` is then relative to the mean squared gradient norm.
@@ -42,32 +42,31 @@ def gradvac_weights(
                 weights[j] += norm[i] * (target * root_phi - phi * root_target) / (norm[j] * root_target + eps)
             targets[i, j] = (1.0 - beta) * target + beta * phi
         return np.array(weights)
-    diagonal = gramian.diagonal()
-    squared = diagonal.copy()  # ‖g_i‖², updated as row i is modified
     visits = orders.T  # (K − 1) × K: step s visits task visits[s, i] from row i
     flat = np.arange(k) * k + visits  # the visited entries, as indices into a raveled K × K array
     target = targets.ravel()[flat]  # each entry of φ̂ is read and written once per call
-    norm_j = np.sqrt(diagonal[visits])
     root_target = np.sqrt(np.maximum(1.0 - target * target, 0.0))
+    squared_j = gramian.diagonal()[visits]
+    norm_j = np.sqrt(squared_j)
     denominator = norm_j * root_target + eps
-    cosines = np.empty_like(target)
-    coefficients = np.eye(k)
-    products = gramian.copy()  # row i: inner products of task i's modified gradient with every g_j
+    cosines, added = np.empty_like(target), np.zeros_like(target)
+    squared = gramian.diagonal().copy()  # ‖g_i'‖², updated as row i is modified
+    products = gramian.copy()  # row i: inner products g_i'·g_j with every g_j
+    entries = products.ravel()
     for step in range(k - 1):
-        index, visited = flat[step], visits[step]
-        dot = products.ravel()[index]
+        dot = entries[flat[step]]
         norm_i = np.sqrt(squared)
         phi = dot / (norm_i * norm_j[step] + eps)
         cosines[step] = phi
         low = phi < target[step]
         if low.any():
-            added = norm_i * (target[step] * np.sqrt(np.maximum(1.0 - phi * phi, 0.0)) - phi * root_target[step])
-            added = np.where(low, added / denominator[step], 0.0)
-            coefficients.ravel()[index] += added
-            products += added[:, None] * gramian[visited]
-            squared = np.maximum(squared + added * (2.0 * dot + added * diagonal[visited]), 0.0)
+            root_phi = np.sqrt(np.maximum(1.0 - phi * phi, 0.0))
+            w = np.where(low, norm_i * (target[step] * root_phi - phi * root_target[step]) / denominator[step], 0.0)
+            added[step] = w
+            products += w[:, None] * gramian[visits[step]]
+            squared = np.abs(squared + w * (2.0 * dot + w * squared_j[step]))
     targets.ravel()[flat] = (1.0 - beta) * target + beta * cosines
-    return coefficients.sum(axis=0)
+    return 1.0 + np.bincount(visits.ravel(), weights=added.ravel(), minlength=k)
 
 
 class GradVac(Seeded, GramianBalancer):

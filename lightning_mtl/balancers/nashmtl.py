@@ -56,27 +56,28 @@ def _newton(gramian: np.ndarray, alpha: np.ndarray, iterations: int) -> tuple[np
     ``∇f = M α − 1/α``: its minimiser solves the bargaining equation. Where the Newton decrement
     ``λ² = −∇fᵀΔ`` is at most 1/16 the full step is taken (it converges quadratically there: Nesterov &
     Nemirovskii's analysis of self-concordant functions); else a backtracking (Armijo) line search from
-    the largest step that keeps every ``α_i`` positive (99 % of the way to the boundary). Stops at a
-    relative residual of :data:`TOLERANCE`, or early if an entry exceeds :data:`ALPHA_LIMIT`.
+    the largest step that keeps every ``α_i`` positive (99 % of the way to the boundary). Stops after a
+    full step with ``λ² < 1e-16`` (the next one would be below ``1e-32``: the residual is at rounding), or
+    early if an entry exceeds :data:`ALPHA_LIMIT`; after ``iterations`` steps, converged means a relative
+    residual within :data:`TOLERANCE`.
     """
     for _ in range(iterations):
         inverse = 1.0 / alpha
-        gradient = gramian @ alpha - inverse
-        if np.linalg.norm(gradient) <= TOLERANCE * np.linalg.norm(inverse):
-            return alpha, True
-        step = np.linalg.solve(gramian + np.diag(inverse * inverse), -gradient)
-        decrement = -float(gradient @ step)
+        product = gramian @ alpha
+        gradient = product - inverse
+        step = np.linalg.solve(gramian + np.diag(inverse * inverse), gradient)  # minus the Newton step
+        decrement = float(gradient @ step)
         if decrement <= 1.0 / 16.0:
-            alpha = alpha + step
-            if decrement < 1e-28:  # the step changes nothing at float64 precision
+            alpha = alpha - step
+            if decrement < 1e-16:  # then the next decrement is below ~1e-32: converged to rounding
                 return alpha, True
             continue
-        shrinking = step < 0
-        size = min(1.0, 0.99 * float(np.min(-alpha[shrinking] / step[shrinking]))) if shrinking.any() else 1.0
-        value = _objective(gramian, alpha)
-        while _objective(gramian, alpha + size * step) > value - 0.01 * size * decrement and size > 1e-12:
+        growing = step > 0
+        size = min(1.0, 0.99 * float(np.min(alpha[growing] / step[growing]))) if growing.any() else 1.0
+        value = 0.5 * float(alpha @ product) - float(np.log(alpha).sum())
+        while _objective(gramian, alpha - size * step) > value - 0.01 * size * decrement and size > 1e-12:
             size *= 0.5
-        alpha = alpha + size * step
+        alpha = alpha - size * step
         if alpha.max() > ALPHA_LIMIT:
             return alpha, False
     inverse = 1.0 / alpha

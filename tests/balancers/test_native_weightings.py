@@ -451,3 +451,43 @@ def test_native_methods_leave_the_global_rng_alone():
     for cls in NATIVE:
         _build(cls)(G)
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+# ------------------------------------------------------------------------------------------------ GradNorm
+
+
+def test_gradnorm_host_adam_steps_like_torch_adam_and_resumes_from_its_state():
+    """GradNorm's private optimizer: the updates of ``torch.optim.Adam`` on a float32 vector, and a state
+    dictionary in its format (loadable by ``torch.optim.Adam`` itself), continued after a round trip."""
+    from lightning_mtl.balancers.gradnorm import HostAdam
+
+    generator = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, generator=generator, dtype=torch.float64) for _ in range(20)]
+    reference = torch.ones(4)
+    adam = torch.optim.Adam([reference], lr=0.025, foreach=False)
+    ours, host = np.ones(4, dtype=np.float32), HostAdam(lr=0.025)
+    for i, grad in enumerate(grads):
+        reference.grad = grad.float()
+        adam.step()
+        host.step(ours, grad.numpy())
+        if i == 9:
+            state = host.state_dict()
+            twin = torch.optim.Adam([torch.ones(4)], lr=0.025, foreach=False)
+            twin.load_state_dict(state)  # torch's own format
+            host = HostAdam(lr=1.0)  # the loaded hyper-parameters win, as in torch
+            host.load_state_dict(state)
+        torch.testing.assert_close(torch.from_numpy(ours), reference, rtol=1e-6, atol=1e-7, msg=f"step {i}")
+    assert ours.dtype == np.float32
+
+
+def test_gradnorm_step_without_any_gradient_leaves_its_state_finite():
+    from lightning_mtl.balancers import GradNorm
+
+    balancer = GradNorm()
+    balancer.setup(["a", "b"])
+    balancer.weights(torch.eye(2), torch.ones(2))
+    weights = balancer.weights(torch.zeros(2, 2), torch.zeros(2))
+    assert weights.tolist() == [0.0, 0.0]
+    state = balancer.get_extra_state()
+    assert all(torch.isfinite(value).all() for value in state["optimizer"]["state"][0].values())
+    assert torch.isfinite(state["weights"]).all()
