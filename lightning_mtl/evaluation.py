@@ -52,6 +52,23 @@ class TaskEvaluation(ModuleUnit):
         self._more_dataloaders: dict[tuple[str, int], tuple[nn.ModuleDict, nn.ModuleDict]] = {}
         self._checked: set[str] = set()  # tasks whose metrics were checked against the head once
 
+    def renew_inference_states(self) -> None:
+        """Give every metric whose state was last reset under ``torch.inference_mode`` fresh, ordinary states.
+
+        ``trainer.validate``/``test`` run under inference mode, and a metric reset there (at the epoch's end)
+        holds inference tensors, which a later ``trainer.fit`` validates without inference mode and cannot
+        update in place ("Inplace update to inference tensor outside InferenceMode"). Called at fit start;
+        the states are empty between epochs, so nothing is lost.
+        """
+        units = [self.module, *(module for pair in self._more_dataloaders.values() for module in pair)]
+        with torch.inference_mode(False):
+            for unit in units:
+                for metric in unit.modules():
+                    if isinstance(metric, Metric) and any(
+                        isinstance(state, Tensor) and state.is_inference() for state in metric.metric_state.values()
+                    ):
+                        metric.reset()
+
     def update_train(self, name: str, prediction: Tensor, target: Tensor) -> None:
         """Update task ``name``'s training metrics with one step's labelled samples."""
         if self._train_metric_items[name]:

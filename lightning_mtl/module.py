@@ -442,6 +442,7 @@ class MultiTaskModule(LightningModule):
     def on_fit_start(self) -> None:
         datamodule = self.trainer.datamodule
         check_data_tasks(getattr(datamodule, "task_names", None) if datamodule else None, self.task_names)
+        self.evaluation.renew_inference_states()  # after a trainer.validate/test of the same module
 
     def on_train_epoch_end(self) -> None:
         if self._unlabelled_steps > 1:

@@ -89,3 +89,29 @@ def test_a_metric_that_fails_to_compute_names_the_task_and_metric():
     module = MultiTaskModule(nn.Sequential(nn.Linear(6, 8), nn.Tanh()), tasks)
     with pytest.raises(ValueError, match=r"task 'reg': metric 'r2' \(R2Score\) failed to compute: .*two samples"):
         quiet_trainer().validate(module, DataLoader(SharedInput(1), batch_size=1), verbose=False)
+
+
+@pytest.mark.parametrize("first", ["validate", "test", "validate-two-loaders"])
+def test_fit_after_validate_or_test_of_the_same_module_works(first):
+    # validate/test run under inference mode; the metrics reset there must not break a later fit's validation
+    torch.manual_seed(0)
+    tasks = [
+        Task("cls", nn.Linear(8, 2), nn.CrossEntropyLoss(), {"acc": MulticlassAccuracy(2)}),
+        Task("reg", nn.Sequential(nn.Linear(8, 1), nn.Flatten(0)), nn.MSELoss()),
+    ]
+    module = MultiTaskModule(nn.Sequential(nn.Linear(6, 8), nn.Tanh()), tasks)
+    loader = DataLoader(SharedInput(32), batch_size=8)
+    trainer = quiet_trainer(max_epochs=1)
+    if first == "test":
+        trainer.test(module, loader, verbose=False)
+    elif first == "validate":
+        trainer.validate(module, loader, verbose=False)
+    else:
+        trainer.validate(module, [loader, loader], verbose=False)
+    val = [loader, loader] if first == "validate-two-loaders" else loader
+    trainer = quiet_trainer(max_epochs=2)
+    trainer.fit(module, loader, val)
+    key = "val/cls/acc/dataloader_idx_1" if first == "validate-two-loaders" else "val/cls/acc"
+    assert 0.0 <= float(trainer.callback_metrics[key]) <= 1.0
+    trainer.validate(module, val, verbose=False)
+    trainer.fit(module, loader, val)  # fit again after another validate: max_epochs already reached, still no error
