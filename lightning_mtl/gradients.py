@@ -17,6 +17,12 @@
     cotangents, which it replaces by the balanced direction before the backbone's backward continues.
     No second backward, no surrogate: the step costs one backward plus the K × K weighting.
 
+A Gramian weighting in one process on a large enough model (K × P ≥
+:data:`lightning_mtl.gramian.LAYERWISE_MIN_ENTRIES`) never needs ``J``: :mod:`lightning_mtl.gramian`
+forms the Gramian layer by layer from the same cotangents, and the update ``Jᵀ w`` is one weighted
+backward of ``Σ_k w_k ∂L_k/∂output``. What follows is the materialised path, used by the methods that
+need the gradients themselves, under DDP and for small models.
+
 In parameter mode the Jacobian is kept as column blocks (:class:`TaskJacobian`): the Gramian
 ``J Jᵀ`` is the sum of the blocks' Gramians and the combined direction ``Jᵀ w`` is formed block by block, so the K × P
 matrix is never concatenated unless a method needs it whole or DDP must reduce it. The direction

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_mtl.gradients import GradientMode, TaskJacobian, global_gramian, parameter_jacobian
+from lightning_mtl.gramian import LayerRecorder, layerwise_gramian, wants_layerwise
 from lightning_mtl.step import StepContext
 from lightning_mtl.updates.base import BalancingPath, Tap
 
@@ -19,16 +20,30 @@ class LossLevelPath(BalancingPath):
     No per-task gradient is formed, unless a callback asked for the step's Gramian
     (``MultiTaskModule.request_gramian``): then the Jacobian of the task losses (w.r.t. the shared
     parameters, or the backbone output in representation mode) is computed on the side for the step
-    record; the update is unchanged.
+    record; the update is unchanged. In parameter mode, in one process, a large enough model's Gramian is
+    formed layer by layer, without the K × P Jacobian (:mod:`lightning_mtl.gramian`).
     """
 
     def __init__(self, *args, gradients: GradientMode = "parameters", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.gradients = gradients
+        self.recorder = LayerRecorder()
+
+    def tap(self, context: StepContext) -> Tap:
+        self.recorder.stop()  # a step that ended before combine left it recording
+        if context.wants_gramian and self.gradients == "parameters" and context.world_size == 1:
+            params = self._shared()
+            if wants_layerwise(len(self.task_names), params):
+                self.recorder.start(params)
+        return Tap()
+
+    def _shared(self) -> list[Tensor]:
+        return [p for p in self.parameter_lists()[0] if p.requires_grad]
 
     def combine(
         self, tap: Tap, losses: Tensor, present: Tensor, context: StepContext, empty: bool = False
     ) -> Optional[Tensor]:
+        calls = self.recorder.stop()
         # A method whose forward updates state (DWA's loss history, FAMO's pre-step losses, RLW's generator)
         # must not see the losses of a step that is then skipped: check them first. For the others the check
         # of the combined loss below is the step's only host sync.
@@ -39,15 +54,18 @@ class LossLevelPath(BalancingPath):
             return None
         context.record.weights = weights
         if context.wants_gramian:
-            context.record.gramian = self.gramian(losses, tap.sources, context)
+            context.record.gramian = self.gramian(losses, tap.sources, context, calls)
         return total
 
-    def gramian(self, losses: Tensor, sources: list, context: StepContext) -> Optional[Tensor]:
+    def gramian(
+        self, losses: Tensor, sources: list, context: StepContext, calls: Optional[list] = None
+    ) -> Optional[Tensor]:
         """The global batch's task-gradient Gramian, for the step record: one batched backward of the K losses
         (a loop for modules without a batching rule), the graph kept for Lightning's backward. Under DDP it is
-        reduced like the balancing paths' (parameter mode: the K x P Jacobian; representation: the K x K Gramian)."""
+        reduced like the balancing paths' (parameter mode: the K x P Jacobian; representation: the K x K Gramian).
+        With ``calls`` (the forward's recorded layers) it is formed layer by layer instead."""
         if self.gradients == "parameters":
-            inputs = [p for p in self.parameter_lists()[0] if p.requires_grad]
+            inputs = self._shared()
         else:
             outputs = [value for source in sources for value in (source.values() if isinstance(source, Mapping) else [source])]
             inputs = [output for output in outputs if isinstance(output, Tensor) and output.requires_grad]
@@ -58,6 +76,9 @@ class LossLevelPath(BalancingPath):
             # Under 16-mixed the backward runs through fp16 ops: scaled like Lightning's, so small gradients
             # do not underflow, then unscaled in the Gramian.
             eye = torch.eye(num_tasks, dtype=losses.dtype, device=losses.device) * scale
+            if calls is not None:
+                gramian = layerwise_gramian(calls, [losses], [eye], inputs)
+                return gramian / scale**2 if scale != 1.0 else gramian
             rows = parameter_jacobian([losses], [eye], inputs)
         else:  # no task has a label on this process: zero rows, and it still joins the reduction
             rows = [x.new_zeros((num_tasks, *x.shape)) for x in inputs]

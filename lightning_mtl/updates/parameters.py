@@ -1,4 +1,4 @@
-"""Parameter mode: the exact task Jacobian of the shared parameters, balanced, reaching them through a surrogate."""
+"""Parameter mode: the exact task gradients of the shared parameters, balanced, reaching them through a surrogate."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import ClassVar, Optional
 from torch import Tensor
 
 from lightning_mtl.gradients import GradientMode, TaskJacobian, output_cotangents, parameter_jacobian, surrogate
+from lightning_mtl.gramian import LayerRecorder, OutputJacobian, layerwise_gramian, wants_layerwise
 from lightning_mtl.step import StepContext
 from lightning_mtl.updates.base import Tap
 from lightning_mtl.updates.gradient import GradientPath
@@ -16,30 +17,52 @@ class ParameterJacobianPath(GradientPath):
     """``gradients="parameters"`` with a gradient-level balancer.
 
     One backward of ``Σ_k L_k`` through the heads (which read detached features) gives every task's
-    cotangent at the backbone output and the heads' own plain gradients; one batched backward through
-    the backbone turns the cotangents into the task Jacobian of the shared parameters (see
-    :mod:`lightning_mtl.gradients`). The Jacobian is reduced across DDP ranks and handed to the
-    balancer. The returned loss has the value ``Σ_k L_k`` and the gradient of a surrogate that puts the
-    balanced direction (``Jᵀ w`` for a Gramian weighting, the method's own direction otherwise) into
-    the shared parameters and each head's plain gradient into the head. Lightning's own backward then
-    runs as usual, so DDP gradient sync, AMP loss scaling, gradient clipping and accumulation all apply.
+    cotangent at the backbone output and the heads' own plain gradients. Then, by what the balancer needs:
+
+    - a Gramian weighting, in one process, with at least
+      :data:`~lightning_mtl.gramian.LAYERWISE_MIN_ENTRIES` Jacobian entries (K × P): the K × K Gramian is
+      formed layer by layer (:mod:`lightning_mtl.gramian`; the forward records the linear layers'
+      inputs), never the K × P Jacobian, and the balanced direction is ``Σ_k w_k ∂L_k/∂output`` at the
+      backbone output: Lightning's own backward takes it through the backbone (one weighted backward,
+      ``Jᵀw`` in the shared parameters);
+    - otherwise (a method that needs the gradients themselves, DDP, a small model): one batched backward
+      through the backbone gives the task Jacobian of the shared parameters (see
+      :mod:`lightning_mtl.gradients`), reduced across DDP ranks and handed to the balancer; the direction
+      (``Jᵀ w`` or the method's own) goes to the shared parameters.
+
+    The returned loss has the value ``Σ_k L_k`` and the gradient of a surrogate that puts the direction
+    into the backbone output or the shared parameters, and each head's plain gradient into the head.
+    Lightning's own backward then runs as usual, so AMP loss scaling, gradient clipping, accumulation
+    (and DDP gradient sync) all apply.
     """
 
     mode: ClassVar[GradientMode] = "parameters"
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.recorder = LayerRecorder()
+
     def tap(self, context: StepContext) -> Tap:
+        self.recorder.stop()  # a step that ended before combine (no labelled sample, an error) left it recording
+        params = self._shared()
+        if self.balancer.needs == "gramian" and context.world_size == 1 and wants_layerwise(len(self.task_names), params):
+            self.recorder.start(params)
         return Tap(captured={})
+
+    def _shared(self) -> list[Tensor]:
+        return [p for p in self.parameter_lists()[0] if p.requires_grad]
 
     def combine(
         self, tap: Tap, losses: Tensor, present: Tensor, context: StepContext, empty: bool = False
     ) -> Optional[Tensor]:
+        calls = self.recorder.stop()  # None: the materialised Jacobian
         single = context.world_size == 1
         # In one process the loss check joins the Gramian's host read (one sync instead of two).
         if not single and not self.nonfinite.losses_finite(losses.sum(), losses, context):
             return None
         total = losses.sum()
-        backbone_params, all_params = self.parameter_lists()
-        params = [p for p in backbone_params if p.requires_grad]
+        params = self._shared()
+        all_params = self.parameter_lists()[1]
         if not tap.captured or not params:  # a frozen backbone (e.g. SequentialTransfer): nothing shared to balance
             if single and not self.nonfinite.losses_finite(total, losses, context):
                 return None
@@ -53,8 +76,11 @@ class ParameterJacobianPath(GradientPath):
         # the heads' (and loss modules') plain gradients, through the same surrogate as the direction
         head_params = [p for p, _ in plain]
         head_grads = [g / scale if scale != 1.0 else g for _, g in plain]
-        cotangents = self.log_loss_cotangents(cotangents, losses, present, context)
-        jacobian = TaskJacobian(params, parameter_jacobian(features, cotangents, params))
+        if calls is not None:
+            jacobian = OutputJacobian(features, cotangents, layerwise_gramian(calls, features, cotangents, params))
+        else:
+            cotangents = self.log_loss_cotangents(cotangents, losses, present, context)
+            jacobian = TaskJacobian(params, parameter_jacobian(features, cotangents, params))
         balanced = self.balance(jacobian, losses, present, context, total if single else None)
         if balanced is None:
             return None
