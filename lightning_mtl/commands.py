@@ -8,7 +8,9 @@ One single-task model per task, from the multi-task run's own config.
 way. ``lightning-mtl baselines --config X.yaml [overrides]`` builds them from ``X.yaml`` itself, so that nothing but
 the task set differs: the config is resolved as ``fit`` resolves it (``--print_config``), then, for each task in
 turn, the model keeps only that task (its head, loss and metrics, weight 1: a single task's weight would only scale
-its loss), the data module serves only that task, a ``DeltaM`` callback is dropped (its file is what this command
+its loss), the balancer is ``static`` (plain single-task training: Nash-MTL would normalise the one gradient, a
+meta-learned weighting would tune the one weight; a ``meta`` split is dropped), the data module serves only that task,
+a ``DeltaM`` callback is dropped (its file is what this command
 writes), and the run goes to ``<default_root_dir>/baselines/<task>``. Backbone, optimizer, trainer budget and
 ``seed_everything`` are the config's. Each model is evaluated with its best checkpoint when a ``ModelCheckpoint``
 monitors a metric (else its last weights), on the validation and the test split, and the per-task metrics of both go
@@ -89,6 +91,7 @@ def single_task_config(config: dict[str, Any], task: str, root: str) -> dict[str
     tasks = [entry for entry in single["model"]["tasks"] if _init_args(entry)["name"] == task]
     _init_args(tasks[0])["weight"] = 1.0
     single["model"]["tasks"] = tasks
+    single["model"]["balancer"] = "static"  # plain single-task training, whatever the multi-task run balances with
     single["data"] = _single_task_data(single["data"], task)
     trainer = single["trainer"]
     trainer["callbacks"] = [callback for callback in trainer.get("callbacks") or [] if not _is_delta_m(callback)]
@@ -336,6 +339,8 @@ def _is_delta_m(callback: Any) -> bool:
 
 def _single_task_data(data: dict[str, Any], task: str) -> dict[str, Any]:
     arguments = _init_args(data)
+    if "meta" in arguments:
+        arguments["meta"] = None  # the held-out batches of a meta-learned weighting (AutoLambda): static needs none
     if "tasks" in arguments:
         arguments["tasks"] = [task]
         return data

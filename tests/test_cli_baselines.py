@@ -63,6 +63,15 @@ def test_per_task_data_is_restricted_to_the_task_with_its_batch_size(tmp_path: P
     assert single["trainer"]["default_root_dir"] == str(tmp_path / "baselines" / "sum")
 
 
+def test_baselines_train_with_static_weights_and_without_a_meta_split(tmp_path: Path) -> None:
+    config = resolved_config(["--config", str(PER_TASK), "--model.balancer", "nashmtl"])
+    config["data"]["init_args"]["meta"] = dict(config["data"]["init_args"]["val"])
+    single = single_task_config(config, "left", str(tmp_path))
+    assert single["model"]["balancer"] == "static"
+    assert single["data"]["init_args"]["meta"] is None
+    assert list(single["data"]["init_args"]["train"]) == ["left"]
+
+
 def test_a_data_module_that_cannot_be_restricted_is_refused_naming_it(tmp_path: Path) -> None:
     config = resolved_config(["--config", str(CONFIG)])
     config["data"] = {"class_path": "my.SharedData", "init_args": {"root": "x"}}
