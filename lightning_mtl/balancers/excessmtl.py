@@ -8,7 +8,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._utils import at_least_float32, check_range, loaded_copy
+from lightning_mtl.balancers._utils import at_least_float32, check_range, loaded_copy, masked_softmax
 from lightning_mtl.balancers.base import GradientBalancer
 
 
@@ -31,7 +31,8 @@ class ExcessMTL(GradientBalancer):
 
     The excess-risk estimate needs the gradients themselves (their squares), so this is not a Gramian
     weighting (``needs = "gradients"``); the weights are updated before the step's direction is formed.
-    The state (``S``, K × P; ``α``; the baselines; the step count) is extra state, so it is in the
+    The state (``S``, K × P; ``log α``, kept in log space so that a long-neglected task's weight stays
+    positive; the baselines; the step count) is extra state, so it is in the
     checkpoint; ``S`` follows the module's ``.to()``. A task absent from a step (zero row) keeps its
     accumulator, baseline and weight exactly; the present tasks' weights take the step within their total
     and are renormalised to sum to 1 for the direction. Under DDP the module hands every rank the global
@@ -59,7 +60,7 @@ class ExcessMTL(GradientBalancer):
         self.warmup_steps = int(warmup_steps)
         self.eps = check_range("eps", eps, 0.0, open_low=True)
         self.second_moments: Optional[Tensor] = None  # S, K x P
-        self.alpha: Optional[Tensor] = None  # α, K
+        self.log_weights: Optional[Tensor] = None  # log α (up to a constant), K
         self.baselines: Optional[Tensor] = None  # e⁰, K
         self.baseline_counts: Optional[Tensor] = None  # estimates averaged into e⁰, K
         self.steps = 0
@@ -71,48 +72,52 @@ class ExcessMTL(GradientBalancer):
         k = work.shape[0]
         if self.second_moments is None or self.second_moments.shape != work.shape:
             self.second_moments = torch.zeros_like(work)
-            self.alpha = torch.full((k,), 1.0 / k, dtype=work.dtype, device=work.device)
+            self.log_weights = torch.zeros(k, dtype=work.dtype, device=work.device)
             self.baselines = torch.zeros(k, dtype=work.dtype, device=work.device)
             self.baseline_counts = torch.zeros(k, dtype=work.dtype, device=work.device)
         self._follow(work)
-        present = (work != 0).any(dim=1)
         self.steps += 1
         squares = work.square()
         self.second_moments += squares  # absent rows add 0
-        risks = (squares / (self.second_moments.sqrt() + self.eps)).sum(dim=1)  # e_k = g_kᵀ diag(√S + ε)⁻¹ g_k
+        # e_k = g_kᵀ diag(√S + ε)⁻¹ g_k, in place: three passes over K x P, two temporaries
+        risks = squares.div_(self.second_moments.sqrt().add_(self.eps)).sum(dim=1)
+        present = risks > 0  # a zero row (an absent task) and only that has e_k = 0
         warming = self.steps <= self.warmup_steps
         fresh = present & (self.baseline_counts == 0)
         count = self.baseline_counts + (present if warming else fresh).to(work.dtype)
         self.baselines.copy_(torch.where(count > self.baseline_counts, self.baselines + (risks - self.baselines) / count, self.baselines))
         self.baseline_counts.copy_(count)
-        alpha = self.alpha
-        if not warming:
-            ratios = torch.where(present, risks / self.baselines.clamp_min(torch.finfo(work.dtype).tiny), 0.0)
-            exponents = self.lr * (ratios - torch.where(present, ratios, -torch.inf).max())  # ≤ 0: no overflow
-            grown = torch.where(present, alpha * exponents.exp(), 0.0)
-            mass = torch.where(present, alpha, 0.0).sum()
-            alpha = torch.where(present, grown * (mass / grown.sum().clamp_min(torch.finfo(work.dtype).tiny)), alpha)
-            self.alpha.copy_(alpha)
-        weights = torch.where(present, alpha, 0.0)
-        weights = weights / weights.sum().clamp_min(torch.finfo(work.dtype).tiny)
-        return (weights @ work).to(G.dtype)
+        logits = self.log_weights
+        if not warming:  # α_k ∝ α_k exp(η e_k / e_k⁰) in log space (a weight never underflows to a final 0)
+            ratios = risks / self.baselines.clamp_min(torch.finfo(work.dtype).tiny)
+            grown = logits + self.lr * ratios
+            mass = torch.logsumexp(torch.where(present, logits, -torch.inf), 0)  # the present tasks' total, kept
+            shift = mass - torch.logsumexp(torch.where(present, grown, -torch.inf), 0)
+            logits = torch.where(present, grown + shift, logits)
+            self.log_weights.copy_(logits)
+        return (masked_softmax(logits, present) @ work).to(G.dtype)
+
+    @property
+    def alpha(self) -> Optional[Tensor]:
+        """The task weights ``α`` (on the simplex), or None before the first step."""
+        return None if self.log_weights is None else torch.softmax(self.log_weights, dim=0)
 
     def _follow(self, work: Tensor) -> None:
         """Keep the state on the gradients' device and dtype (it may have been loaded elsewhere)."""
         if self.second_moments.dtype != work.dtype or self.second_moments.device != work.device:
             self.second_moments = self.second_moments.to(work)
-        for name in ("alpha", "baselines", "baseline_counts"):
+        for name in ("log_weights", "baselines", "baseline_counts"):
             value = getattr(self, name)
             if value.dtype != work.dtype or value.device != work.device:
                 setattr(self, name, value.to(work))
 
     def reset(self) -> None:
-        self.second_moments = self.alpha = self.baselines = self.baseline_counts = None
+        self.second_moments = self.log_weights = self.baselines = self.baseline_counts = None
         self.steps = 0
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ExcessMTL:
         super()._apply(fn, recurse)
-        for name in ("second_moments", "alpha", "baselines", "baseline_counts"):
+        for name in ("second_moments", "log_weights", "baselines", "baseline_counts"):
             value = getattr(self, name)
             if value is not None:  # extra state: moved and cast like a buffer
                 setattr(self, name, fn(value))
@@ -121,7 +126,7 @@ class ExcessMTL(GradientBalancer):
     def get_extra_state(self) -> dict[str, Any]:
         return {
             "second_moments": self.second_moments,
-            "weights": self.alpha,
+            "log_weights": self.log_weights,
             "baselines": self.baselines,
             "baseline_counts": self.baseline_counts,
             "steps": self.steps,
@@ -129,7 +134,7 @@ class ExcessMTL(GradientBalancer):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.second_moments = loaded_copy(state["second_moments"])
-        self.alpha = loaded_copy(state["weights"])
+        self.log_weights = loaded_copy(state["log_weights"])
         self.baselines = loaded_copy(state["baselines"])
         self.baseline_counts = loaded_copy(state["baseline_counts"])
         self.steps = int(state["steps"])

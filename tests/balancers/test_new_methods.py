@@ -450,7 +450,7 @@ def test_excessmtl_leaves_an_absent_task_alone():
     G[0] = 0
     d = balancer(G)
     assert torch.equal(balancer.second_moments[0], state["second_moments"][0])
-    assert balancer.alpha[0] == state["weights"][0] and balancer.baselines[0] == state["baselines"][0]
+    assert balancer.log_weights[0] == state["log_weights"][0] and balancer.baselines[0] == state["baselines"][0]
     torch.testing.assert_close(balancer.alpha.sum(), torch.tensor(1.0))
     torch.testing.assert_close(d, (balancer.alpha[1:] / balancer.alpha[1:].sum()) @ G[1:])
 
@@ -553,6 +553,39 @@ def test_bf16_mixed_keeps_losses_weights_and_state_finite(config):
         if module.balancer.needs == "gramian":
             weights = module.balancer.weights(torch.eye(2) + 0.1)
             assert torch.isfinite(weights).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", STATEFUL)
+def test_a_step_the_grad_scaler_skips_leaves_the_state_alone(config):
+    """16-mixed on CPU: the GradScaler skips the steps whose fp16 gradients overflow (an initial scale of 2^24);
+    the module puts the balancer's state (the K x P extra state included) back as it was before such a step."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from test_module import make_tasks
+
+    module = make_module(tasks=make_tasks(metrics=False), balancer=CONFIGS[config](), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    records = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.parameters = [p.detach().clone() for p in pl_module.parameters()]
+            self.state = {key: value.clone() for key, value in _flat_state(pl_module.balancer).items()}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            moved = any(not torch.equal(p, p0) for p, p0 in zip(pl_module.parameters(), self.parameters))
+            state = _flat_state(pl_module.balancer)
+            same = state.keys() == self.state.keys() and all(torch.equal(state[k], self.state[k]) for k in state)
+            records.append((moved, same))
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    trainer = quiet_trainer(plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], max_steps=12, callbacks=[Watch()])
+    trainer.fit(module, DataLoader(SharedInput(16 * 12), batch_size=16))
+    skipped = [same for moved, same in records if not moved]
+    assert skipped and any(moved for moved, _ in records)  # the scaler skipped some steps and trained on others
+    assert all(skipped)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
 @pytest.fixture(scope="module")
