@@ -125,6 +125,16 @@ def test_fairgrad_at_alpha_1_solves_the_proportional_fairness_equation(seed):
     assert _residual(gramian, weights, 1.0) <= 1e-9
 
 
+def test_fairgrad_at_alpha_1_equals_nashmtl_without_clipping():
+    """Same equation, independent solvers: Nash-MTL's weights with ``max_norm=0`` (no clipping) are FairGrad's at α = 1."""
+    from lightning_mtl.balancers import NashMTL
+
+    for seed in range(6):
+        G = _gradients(seed, k=2 + seed % 4, p=12, dtype=torch.float64)
+        gramian = G @ G.T
+        torch.testing.assert_close(NashMTL(max_norm=0.0).weights(gramian), FairGrad(alpha=1.0).weights(gramian), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("alpha", [0.1, 0.5, 2.0, 5.0, 50.0])
 def test_fairgrad_solves_its_equation_for_every_alpha(alpha):
     for seed in range(6):
