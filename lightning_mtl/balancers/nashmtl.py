@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._utils import check_range, host_float64, loaded_copy
+from lightning_mtl.balancers._utils import check_range, host_float64
 from lightning_mtl.balancers.base import GramianBalancer
 
 #: Regularisation ``ε`` (relative to the normalised Gramian) of the fallback for Gramians with no solution.
@@ -87,8 +87,8 @@ def _newton(gramian: np.ndarray, alpha: np.ndarray, iterations: int) -> tuple[np
 def nash_solution(gramian: np.ndarray, start: Optional[np.ndarray], iterations: int) -> np.ndarray:
     """``α > 0`` with ``M α = 1/α`` for a K × K Gramian ``M`` of Frobenius norm 1 (no zero diagonal).
 
-    From ``start`` (a previous solution) or ``1/√diag(M)``, first scaled along its ray to the minimiser of
-    ``f`` on it (``s = √(K / αᵀMα)``), then :func:`_newton`; K ≤ 2 in closed form. Where the equation has
+    From ``1/√diag(M)`` or ``start`` (a previous solution), whichever has the lower ``f`` once scaled along
+    its ray to the minimiser of ``f`` on it (``s = √(K / αᵀMα)``), then :func:`_newton`; K ≤ 2 in closed form. Where the equation has
     no solution (``0`` in the convex hull of the gradients: the iterates run off to infinity), the solution
     for ``M + ε I`` with ``ε = FALLBACK_EPS``.
     """
@@ -99,10 +99,14 @@ def nash_solution(gramian: np.ndarray, start: Optional[np.ndarray], iterations: 
         (a, b), (_, c) = gramian.tolist()
         solution = _two_tasks(a, b, c, 1.0 / ALPHA_LIMIT**2)
         return solution if solution is not None else _two_tasks(a + FALLBACK_EPS, b, c + FALLBACK_EPS, 0.0)  # type: ignore[return-value]
-    alpha = 1.0 / np.sqrt(gramian.diagonal()) if start is None else start
-    curvature = float(alpha @ gramian @ alpha)
-    if curvature > 0:
-        alpha = alpha * math.sqrt(k / curvature)
+    alpha, best = 1.0 / np.sqrt(gramian.diagonal()), math.inf
+    for candidate in (alpha,) if start is None else (alpha, start):
+        curvature = float(candidate @ gramian @ candidate)
+        if curvature > 0:  # f at the minimiser on the ray: ½K − ½K log(K / curvature) − Σ log candidate
+            scale = math.sqrt(k / curvature)
+            value = 0.5 * k - k * math.log(scale) - float(np.log(candidate).sum())
+            if value < best:
+                alpha, best = candidate * scale, value
     solution, converged = _newton(gramian, alpha, iterations)
     if converged or solution.max() <= ALPHA_LIMIT:
         return solution
@@ -167,38 +171,45 @@ class NashMTL(GramianBalancer):
         return normalised / math.sqrt(scale), normalised
 
     def _clip(self, gramian: np.ndarray, alpha: np.ndarray) -> Tensor:
+        """``alpha`` (a copy) scaled so that ``‖Gᵀ alpha‖ ≤ max_norm``."""
+        factor = 1.0
         if self.max_norm > 0:
             norm = math.sqrt(max(float(alpha @ gramian @ alpha), 0.0))
             if norm > self.max_norm:
-                alpha = alpha * (self.max_norm / norm)
-        return torch.from_numpy(alpha)
+                factor = self.max_norm / norm
+        return torch.from_numpy(alpha * factor)
 
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
         matrix = host_float64(gramian)
         k = matrix.shape[0]
-        if k != present.numel() or not bool(present.all()):
+        if k != present.numel():  # some tasks absent: solved alone, the state left as it is
             return self._clip(matrix, self._solve(matrix, None)[0])
         due = self._solver_step % self.update_weights_every == 0
         self._solver_step += 1.0
-        if due or self._alpha is None or self._alpha.numel() != k:
-            warm = self._warm_start
-            start = warm.numpy().astype(np.float64) if warm is not None and warm.numel() == k else None
-            if start is not None and not (np.isfinite(start).all() and (start > 0).all()):
-                start = None
-            alpha, normalised = self._solve(matrix, start)
-            self._warm_start = torch.from_numpy(normalised)
-            self._alpha = torch.from_numpy(alpha)
-        return self._clip(matrix, self._alpha.numpy())
+        if due or self._alpha is None or self._alpha.size != k:
+            start = self._warm_start if self._warm_start is not None and self._warm_start.size == k else None
+            self._alpha, self._warm_start = self._solve(matrix, start)
+        return self._clip(matrix, self._alpha)
 
     def reset(self) -> None:
-        self._warm_start: Optional[Tensor] = None  # α̂ of the last solve (normalised Gramian)
-        self._alpha: Optional[Tensor] = None  # the weights of the last solve, reused until the next
+        self._warm_start: Optional[np.ndarray] = None  # α̂ of the last solve (normalised Gramian)
+        self._alpha: Optional[np.ndarray] = None  # the weights of the last solve, reused until the next
         self._solver_step = 0.0  # calls so far (when to re-solve)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"warm_start": self._warm_start, "solver_step": self._solver_step, "weights": self._alpha}
+        return {"warm_start": _tensor(self._warm_start), "solver_step": self._solver_step, "weights": _tensor(self._alpha)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self._warm_start = loaded_copy(state["warm_start"])
+        self._warm_start = _array(state["warm_start"])
+        if self._warm_start is not None and not (np.isfinite(self._warm_start).all() and (self._warm_start > 0).all()):
+            self._warm_start = None
         self._solver_step = float(state.get("solver_step", 0.0))  # absent from checkpoints written before it
-        self._alpha = loaded_copy(state.get("weights"))  # absent from the cvxpy version's: solve at the next call
+        self._alpha = _array(state.get("weights"))  # absent from the cvxpy version's: solve at the next call
+
+
+def _tensor(array: Optional[np.ndarray]) -> Optional[Tensor]:
+    return None if array is None else torch.from_numpy(array.copy())
+
+
+def _array(tensor: Optional[Tensor]) -> Optional[np.ndarray]:
+    return None if tensor is None else tensor.detach().cpu().numpy().astype(np.float64)
