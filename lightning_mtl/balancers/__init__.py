@@ -1,13 +1,15 @@
 """Balancers: how the tasks of a step are combined into one update.
 
 Loss level (``needs = "losses"``): :class:`Static`, :class:`UW`, :class:`DWA`, :class:`RLW`,
-:class:`GLS`, :class:`IMTLL`, :class:`FAMO`, :class:`STCH`.
+:class:`GLS`, :class:`IMTLL`, :class:`FAMO`, :class:`STCH`; learning from held-out batches:
+:class:`AutoLambda`.
 
 Gradient level, Gramian weightings (``needs = "gramian"``): :class:`MGDA`, :class:`PCGrad`,
 :class:`CAGrad`, :class:`GradVac`, :class:`IMTLG`, :class:`NashMTL`, :class:`AlignedMTL`,
-:class:`UPGrad`, :class:`DualProj`, :class:`ConFIG`, :class:`GradNorm`.
+:class:`UPGrad`, :class:`DualProj`, :class:`ConFIG`, :class:`GradNorm`, :class:`FairGrad`, :class:`SDMGrad`.
 
-Gradient level, needing the gradients (``needs = "gradients"``): :class:`GradDrop`, :class:`DBMTL`.
+Gradient level, needing the gradients (``needs = "gradients"``): :class:`GradDrop`, :class:`DBMTL`,
+:class:`MoCo`, :class:`ExcessMTL`.
 
 See :class:`Balancer` for the contract with ``MultiTaskModule``.
 """
@@ -15,6 +17,7 @@ See :class:`Balancer` for the contract with ``MultiTaskModule``.
 from __future__ import annotations
 
 from lightning_mtl.balancers.alignedmtl import AlignedMTL
+from lightning_mtl.balancers.autolambda import AutoLambda
 from lightning_mtl.balancers.base import (
     Balancer,
     GradientBalancer,
@@ -27,6 +30,8 @@ from lightning_mtl.balancers.config import ConFIG
 from lightning_mtl.balancers.dbmtl import DBMTL
 from lightning_mtl.balancers.dualproj import DualProj
 from lightning_mtl.balancers.dwa import DWA
+from lightning_mtl.balancers.excessmtl import ExcessMTL
+from lightning_mtl.balancers.fairgrad import FairGrad
 from lightning_mtl.balancers.famo import FAMO
 from lightning_mtl.balancers.gls import GLS
 from lightning_mtl.balancers.graddrop import GradDrop
@@ -35,9 +40,11 @@ from lightning_mtl.balancers.gradvac import GradVac
 from lightning_mtl.balancers.imtlg import IMTLG
 from lightning_mtl.balancers.imtll import IMTLL
 from lightning_mtl.balancers.mgda import MGDA
+from lightning_mtl.balancers.moco import MoCo
 from lightning_mtl.balancers.nashmtl import NashMTL
 from lightning_mtl.balancers.pcgrad import PCGrad
 from lightning_mtl.balancers.rlw import RLW
+from lightning_mtl.balancers.sdmgrad import SDMGrad
 from lightning_mtl.balancers.static import Static
 from lightning_mtl.balancers.stch import STCH
 from lightning_mtl.balancers.upgrad import UPGrad
@@ -47,6 +54,8 @@ _CLASSES: tuple[type[Balancer], ...] = (
     Static, UW, DWA, RLW, GLS, IMTLL, FAMO, STCH,
     MGDA, PCGrad, CAGrad, GradVac, IMTLG, NashMTL, AlignedMTL, UPGrad, DualProj, ConFIG, GradNorm,
     GradDrop, DBMTL,
+    FairGrad, SDMGrad, MoCo, ExcessMTL,
+    AutoLambda,
 )  # fmt: skip
 
 #: Balancers selectable by name (case-insensitive) in ``MultiTaskModule(balancer="...")``.
@@ -92,6 +101,7 @@ def resolve_balancer(balancer: Balancer | str | None) -> Balancer:
 
 __all__ = [
     "AlignedMTL",
+    "AutoLambda",
     "ABSTRACT_BALANCERS",
     "check_not_abstract",
     "BALANCERS",
@@ -101,7 +111,9 @@ __all__ = [
     "DBMTL",
     "DWA",
     "DualProj",
+    "ExcessMTL",
     "FAMO",
+    "FairGrad",
     "GLS",
     "GradDrop",
     "GradNorm",
@@ -111,9 +123,11 @@ __all__ = [
     "IMTLG",
     "IMTLL",
     "MGDA",
+    "MoCo",
     "NashMTL",
     "PCGrad",
     "RLW",
+    "SDMGrad",
     "STCH",
     "Static",
     "UPGrad",
