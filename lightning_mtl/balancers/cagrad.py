@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._utils import check_range, require_modules, unit_trace
+from lightning_mtl.balancers._qp import cagrad_dual, host_gramian
+from lightning_mtl.balancers._utils import check_range
 from lightning_mtl.balancers.base import GramianBalancer
 
 
@@ -13,12 +18,14 @@ class CAGrad(GramianBalancer):
     <https://arxiv.org/abs/2110.14048>`_ (Liu et al., NeurIPS 2021), Algorithm 1.
 
     Maximises the worst task's improvement within a ball of radius ``c ‖g₀‖`` around the average
-    gradient ``g₀``; the solution is ``g₀ + (c‖g₀‖ / ‖G_w‖) G_w`` with ``G_w = Gᵀ w`` and ``w`` solving
-    a small convex problem on the Gramian. Wraps ``torchjd.aggregation.CAGradWeighting``, which
-    solves it with cvxpy: building this class without cvxpy raises ``ImportError`` (install
-    ``lightning-mtl[solvers]``). The weights do not depend on the gradients' scale: the Gramian is
-    divided by its trace before torchjd sees it (torchjd would zero a Gramian of trace below
-    ``norm_eps`` and return zero weights).
+    gradient ``g₀``; the solution is ``g₀ + (c‖g₀‖ / ‖G_w‖) G_w`` with ``G_w = Gᵀ w`` and ``w`` solving the dual
+    ``min_{w ∈ Δ} G_wᵀ g₀ + c ‖g₀‖ ‖G_w‖`` on the Gramian; as a weighting, ``1/K + (c‖g₀‖ / ‖G_w‖) w``.
+
+    The dual is solved exactly in float64 on the host, without cvxpy
+    (:func:`~lightning_mtl.balancers._qp.cagrad_dual`: the solution path of a parametric QP followed from
+    MGDA's point, with the last piece solved in closed form). The weights equal those of
+    ``torchjd.aggregation.CAGradWeighting`` (cvxpy's CLARABEL) to that solver's precision, and do not depend
+    on the gradients' scale: the Gramian is divided by its trace.
 
     Args:
         c: the radius scale ``c ≥ 0`` (0 gives the mean gradient); default 0.4, the value used with
@@ -29,12 +36,18 @@ class CAGrad(GramianBalancer):
 
     def __init__(self, c: float = 0.4, norm_eps: float = 0.0001) -> None:
         super().__init__()
-        check_range("c", c, 0.0)
-        check_range("norm_eps", norm_eps, 0.0)
-        require_modules("CAGrad", ["cvxpy", "clarabel"])
-        from torchjd.aggregation import CAGradWeighting
-
-        self.weighting = CAGradWeighting(c=c, norm_eps=norm_eps)
+        self.c = check_range("c", c, 0.0)
+        self.norm_eps = check_range("norm_eps", norm_eps, 0.0)
 
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
-        return self.weighting(unit_trace(gramian))
+        Q = host_gramian(gramian)
+        K = Q.shape[0]
+        a = np.full(K, 1.0 / K)
+        phi = self.c * math.sqrt(max(a @ Q @ a, 0.0))  # c ‖g₀‖
+        w, s = cagrad_dual(Q, a, phi)
+        if phi == 0.0:  # the mean, unless the problem's solution G_w is (nearly) zero
+            norm = math.sqrt(max(w @ Q @ w, 0.0))
+            return torch.from_numpy(a if norm >= self.norm_eps else np.zeros(K))
+        if phi * s < self.norm_eps:  # ‖G_w‖ = φ s
+            return torch.zeros(K, dtype=torch.float64)
+        return torch.from_numpy(a + w / s)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from torch import Tensor
-from torchjd.aggregation import DualProjWeighting
 
-from lightning_mtl.balancers._utils import unit_trace
+from lightning_mtl.balancers._qp import host_gramian, project_dual_cone
 from lightning_mtl.balancers.base import GramianBalancer
 
 
@@ -16,15 +17,16 @@ class DualProj(GramianBalancer):
     and studied as an aggregator in `Jacobian Descent for Multi-Objective Optimization
     <https://arxiv.org/abs/2406.16232>`_.
 
-    A quadratic program on the Gramian. Wraps ``torchjd.aggregation.DualProjWeighting`` (needs
-    ``quadprog`` and ``qpsolvers``); as for :class:`~lightning_mtl.balancers.UPGrad`, "conflicts with
-    no task" holds to the solver's regularisation, about 1e-3 of the largest squared gradient norm,
-    and the weights do not depend on the gradients' scale (the Gramian is divided by its trace first).
+    The projection of ``g_0 = Gᵀ a`` (``a = 1/K``) onto ``{d : G d ≥ 0}`` is, in GEM's dual form (its Section 3),
+    ``d = Gᵀ (a + v)`` with ``v = argmin_{v ≥ 0} ½ (a + v)ᵀ Q (a + v)`` on the Gramian ``Q = G Gᵀ``; the weights
+    are ``a + v``. Solved exactly in float64 on the host
+    (:func:`~lightning_mtl.balancers._qp.project_dual_cone`), as for :class:`~lightning_mtl.balancers.UPGrad`:
+    the direction conflicts with no task up to the rounding of the Gramian's entries, and the weights do not
+    depend on the gradients' scale. They equal ``torchjd.aggregation.DualProjWeighting``'s wherever its
+    ``1e-4`` regularisation does not matter.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.weighting = DualProjWeighting()
-
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
-        return self.weighting(unit_trace(gramian))
+        Q = host_gramian(gramian)
+        K = Q.shape[0]
+        return torch.from_numpy(project_dual_cone(Q, np.full((1, K), 1.0 / K))[0])

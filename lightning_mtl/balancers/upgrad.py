@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from torch import Tensor
-from torchjd.aggregation import UPGradWeighting
 
-from lightning_mtl.balancers._utils import unit_trace
+from lightning_mtl.balancers._qp import host_gramian, project_dual_cone
 from lightning_mtl.balancers.base import GramianBalancer
 
 
@@ -13,19 +14,22 @@ class UPGrad(GramianBalancer):
     """UPGrad, from `Jacobian Descent for Multi-Objective Optimization <https://arxiv.org/abs/2406.16232>`_
     (Quinton & Rey, 2024).
 
-    Projects each task gradient onto the dual cone of all the task gradients (the directions that
-    conflict with none) and averages the projections; each projection is a quadratic program on the
-    Gramian. The result never conflicts with a task, and is invariant to the order of the tasks.
-    Wraps ``torchjd.aggregation.UPGradWeighting`` (needs ``quadprog`` and ``qpsolvers``: ``torchjd``'s
-    ``quadprog-projector`` extra). The weights do not depend on the gradients' scale: the Gramian is
-    divided by its trace before torchjd sees it (torchjd would zero a Gramian of trace below 1e-4 and
-    fall back to the mean). The solver works on that normalised, slightly regularised Gramian, so
-    "never conflicts" holds to about 1e-3 of the largest squared gradient norm.
+    Projects each task gradient ``g_i`` onto the dual cone ``{d : G d ≥ 0}`` of the task gradients (the
+    directions that conflict with none) and averages the projections. Each projection is, in its dual form,
+    the non-negative quadratic program ``w_i = e_i + v``, ``v = argmin_{v ≥ 0} ½ (e_i + v)ᵀ Q (e_i + v)`` on the
+    Gramian ``Q = G Gᵀ`` (derived in the paper), and the weights are ``(1/K) Σ_i w_i``.
+
+    Solved exactly here in float64 on the host (:func:`~lightning_mtl.balancers._qp.project_dual_cone`: an
+    active-set method for all K projections at once, each answer checked against the KKT conditions), not
+    by a regularised QP solver: the direction conflicts with no task, ``g_k · d ≥ 0`` up to the rounding of
+    the Gramian's entries (about ``1e-14 ‖g_k‖ ‖d‖`` for a float64 Gramian), also for strongly opposed
+    gradients. The weights do not depend on the gradients' scale (the Gramian is divided by its trace) and
+    are invariant to the order of the tasks. They equal ``torchjd.aggregation.UPGradWeighting``'s wherever
+    its ``1e-4`` regularisation does not matter.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.weighting = UPGradWeighting()
-
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
-        return self.weighting(unit_trace(gramian))
+        Q = host_gramian(gramian)
+        K = Q.shape[0]
+        W = project_dual_cone(Q, np.eye(K))
+        return torch.from_numpy(W.sum(axis=0) / K)

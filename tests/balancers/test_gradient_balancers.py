@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torchjd.aggregation as jd
+from torchjd.linalg import QuadprogProjector
 
 from lightning_mtl.balancers import (
     DBMTL, MGDA, AlignedMTL, CAGrad, ConFIG, DualProj, GradDrop, GradNorm, GradVac, IMTLG, PCGrad, UPGrad,
@@ -38,11 +39,10 @@ def test_finite_direction_on_degenerate_input(cls, case):
             assert weights[1] == 0
 
 
-# The paper's guarantee holds for the exact solution. torchjd's MGDA stops Frank–Wolfe at a step of
-# 1e-3 and its QP projector (UPGrad, DualProj) regularises the normalised Gramian by 1e-4, so there
-# the constraint holds to about 1e-3 of the largest squared norm; PCGrad (2 tasks) and ConFIG
-# (independent gradients) are exact up to rounding.
-NON_CONFLICTING = {MGDA: 2e-3, UPGrad: 2e-3, DualProj: 2e-3, ConFIG: 1e-6, PCGrad: 1e-6}
+# The paper's guarantee holds for the exact solution, which MGDA, UPGrad and DualProj compute (float64 on
+# the host; tests/balancers/test_native_qp.py checks 1e-9 in float64); PCGrad (2 tasks) and ConFIG
+# (independent gradients) are exact too. The bound is float32 rounding of G @ d.
+NON_CONFLICTING = {MGDA: 1e-6, UPGrad: 1e-6, DualProj: 1e-6, ConFIG: 1e-6, PCGrad: 1e-6}
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -59,7 +59,7 @@ def test_non_conflicting(cls, seed):
 def test_mgda_is_non_conflicting_to_solver_precision():
     G = _random_gradients(5)
     G[1] = -G[0] + 0.2 * G[1]
-    d = MGDA(epsilon=1e-7, max_iters=10_000)(G)
+    d = MGDA()(G)
     assert (G @ d >= -1e-6 * G.norm(dim=1).max() ** 2).all()
 
 
@@ -75,12 +75,14 @@ def test_permutation_invariance(cls):
     torch.testing.assert_close(direction(cls(), G[permutation]), direction(cls(), G), rtol=1e-4, atol=1e-4)
 
 
+# MGDA is left out: torchjd's Frank–Wolfe stops at a step of 1e-3, short of the optimum that ours computes
+# (test_native_qp.py checks it against an exact oracle and that it is closer than torchjd's). UPGrad and
+# DualProj are exact here; torchjd's are compared without the 1e-4 regularisation of its QP projector.
 TORCHJD = {
-    MGDA: jd.MGDA,
     IMTLG: jd.IMTLG,
     AlignedMTL: jd.AlignedMTL,
-    UPGrad: jd.UPGrad,
-    DualProj: jd.DualProj,
+    UPGrad: lambda: jd.UPGrad(projector=QuadprogProjector(reg_eps=0.0)),
+    DualProj: lambda: jd.DualProj(projector=QuadprogProjector(reg_eps=0.0)),
     ConFIG: jd.ConFIG,
 }
 

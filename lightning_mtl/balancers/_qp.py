@@ -1,0 +1,324 @@
+"""Exact solvers for the small quadratic programs of MGDA, UPGrad, DualProj and CAGrad.
+
+These methods are weightings of the K × K Gramian ``Q = G Gᵀ`` of the task gradients (the rows ``g_k`` of
+``G``): the direction is ``d = Gᵀ w``, so ``g_k · d = (Q w)_k`` and ``‖d‖² = wᵀ Q w``, and nothing else of
+``G`` is needed. The solvers take ``Q`` as a float64 NumPy array divided by its trace (:func:`host_gramian`;
+the weights of these methods do not depend on the gradients' scale) and return float64 weights.
+
+MGDA, UPGrad and DualProj reduce to the non-negative quadratic program (NNQP)
+``minimise ½ vᵀ M v + bᵀ v over v ≥ 0``, characterised by its KKT conditions ``v ≥ 0``,
+``r = M v + b ≥ 0``, ``v_k r_k = 0``. :func:`_nnqp` solves it exactly: an active-set method finds the
+support ``P = {k : v_k > 0}``, ``v_P`` solves the linear system ``M_PP v_P = −b_P``, and a solution is
+accepted only when ``r_k ≥ 0`` holds on every other index up to the rounding of computing ``r_k``
+(:func:`_tolerance`). It first runs the primal–dual active-set method (Hintermüller, Ito & Kunisch, SIAM J.
+Optim. 13(3), 2002: a semismooth Newton method; here typically 2–5 linear solves for all the rows of a batch
+at once); a row it leaves unverified (the method may cycle, or meet a singular system on a degenerate
+Gramian) is solved by Lawson & Hanson's NNLS algorithm (*Solving Least Squares Problems*, 1974, ch. 23) in
+its normal-equation form (Bro & de Jong, J. Chemometrics 11, 1997), which terminates and keeps ``M_PP``
+non-singular. CAGrad's problem is not a QP; :func:`cagrad_dual` follows the solution path of a parametric
+QP, piecewise affine in its parameter, to the point that solves it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+from torch import Tensor
+
+__all__ = ["cagrad_dual", "host_gramian", "min_norm_point", "project_dual_cone"]
+
+#: The rounding unit of the float64 arithmetic the solvers run in.
+EPS = float(np.finfo(np.float64).eps)
+#: Multiples of ``K · EPS`` that a computed ``(M v + b)_k`` may be off by, relative to its terms (see ``_tolerance``).
+ROUNDING = 4.0
+#: Lawson–Hanson leaves out a task whose gradient's squared distance to the span of the support's is below this
+#: fraction of its squared norm (a system with it would be singular to working precision).
+DEPENDENT = 1e-12
+#: Primal–dual active-set steps before the rows left over go to Lawson–Hanson (at least; K / 5 for large K).
+PDAS_STEPS = 8
+
+
+def host_gramian(gramian: Tensor) -> np.ndarray:
+    """The Gramian (on the CPU, with a positive trace) as float64 NumPy, divided by its trace."""
+    array = gramian.detach().numpy().astype(np.float64)
+    return array / array.trace()
+
+
+def _tolerance(norms: np.ndarray, V: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """How far below 0 a computed ``r = V M + B`` may be from rounding alone, per row and index.
+
+    ``(M v)_k = Σ_j M_kj v_j`` with ``|M_kj| ≤ n_k n_j`` (``n = √diag M``) is computed with an error of at most
+    about ``K EPS n_k (n · |v|)``; ``size`` bounds the same for ``b`` (``n · |a|`` for ``b = M a``).
+    """
+    return (ROUNDING * V.shape[1] * EPS) * norms * (np.abs(V) @ norms + size)[:, None]
+
+
+def _nnqp(M: np.ndarray, B: np.ndarray, size: np.ndarray, max_iters: int) -> tuple[np.ndarray, bool]:
+    """The rows ``v_i = argmin_{v ≥ 0} ½ vᵀ M v + b_iᵀ v`` for the rows ``b_i`` of ``B`` (``M`` PSD, positive
+    diagonal), and whether every row was solved within ``max_iters`` linear solves per phase (else that row's
+    last iterate, feasible). ``size[i]`` bounds the rounding of ``b_i`` (see :func:`_tolerance`)."""
+    norms = np.sqrt(M.diagonal())
+    V = np.zeros_like(B)
+    P = B < -_tolerance(norms, V, size)
+    rows = np.flatnonzero(P.any(axis=1))  # the other rows are solved by v = 0
+    P, B_, size_ = P[rows], B[rows], size[rows]
+    identity = np.eye(M.shape[0], dtype=bool)
+    failed = []
+    for _ in range(min(max_iters, max(PDAS_STEPS, M.shape[0] // 5))):
+        if rows.size == 0:
+            break
+        X = _solve(np.where(P[:, :, None] & P[:, None, :], M, identity), np.where(P, -B_, 0.0))
+        update = np.where(P, X > 0, X @ M + B_ < -_tolerance(norms, X, size_))
+        finite = np.isfinite(X).all(axis=1)
+        done = (update == P).all(axis=1) & finite
+        V[rows[done]] = X[done]
+        failed.extend(rows[~finite])  # a singular system: duplicate or dependent tasks both in P
+        going = ~done & finite
+        rows, P, B_, size_ = rows[going], update[going], B_[going], size_[going]
+    converged = True
+    for i in [*failed, *rows]:  # Lawson–Hanson for the rows left (cycling, or singular)
+        V[i], solved = _lawson_hanson(M, B[i], size[i], norms, max_iters)
+        converged &= solved
+    return V, converged
+
+
+def _solve(systems: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """``systems[i]⁻¹ rhs[i]`` for each row; NaN for a row whose system is exactly singular."""
+    try:
+        return np.linalg.solve(systems, rhs[:, :, None])[:, :, 0]
+    except np.linalg.LinAlgError:
+        out = np.full_like(rhs, np.nan)
+        for i in range(rhs.shape[0]):
+            try:
+                out[i] = np.linalg.solve(systems[i], rhs[i])
+            except np.linalg.LinAlgError:
+                pass
+        return out
+
+
+def _lawson_hanson(
+    M: np.ndarray, b: np.ndarray, size: float, norms: np.ndarray, max_iters: int
+) -> tuple[np.ndarray, bool]:
+    """``argmin_{v ≥ 0} ½ vᵀ M v + bᵀ v`` by Lawson & Hanson's NNLS algorithm (1974, Algorithm 23.10) on the
+    normal equations, and whether it finished within ``max_iters`` linear solves."""
+    K = b.shape[0]
+    v = np.zeros(K)
+    passive, dependent = np.zeros(K, dtype=bool), np.zeros(K, dtype=bool)
+    iters = 0
+    while iters < max_iters:
+        r = M @ v + b
+        violated = ~passive & ~dependent & (r < -_tolerance(norms, v[None], np.array([size]))[0])
+        if not violated.any():
+            return v, True
+        j = int(np.argmin(np.where(violated, r / norms, 0.0)))  # the most conflicting, relative to its norm
+        index = np.flatnonzero(passive)
+        if index.size:  # j's squared distance to the span of the passive columns (of M's factor)
+            iters += 1
+            column = M[index, j]
+            pivot = M[j, j] - column @ np.linalg.solve(M[index][:, index], column)
+            if not pivot > DEPENDENT * M[j, j]:  # numerically in the span: a system with it is singular
+                dependent[j] = True
+                continue
+        passive[j] = True
+        while iters < max_iters:
+            iters += 1
+            index = np.flatnonzero(passive)
+            try:
+                s = np.linalg.solve(M[index][:, index], -b[index])
+            except np.linalg.LinAlgError:  # j's column depends on the others': its violation is rounding
+                s = np.full(index.size, np.nan)
+            if (s > 0).all():
+                v[:] = 0.0
+                v[index] = s
+                break
+            if v[j] == 0.0 and not s[index == j][0] > 0.0:  # j does not enter: its violation is rounding
+                passive[j] = False
+                return v, True
+            current = v[index]
+            blocked = np.flatnonzero(s <= 0)
+            steps = current[blocked] / (current[blocked] - s[blocked])
+            step = int(np.argmin(steps))
+            current += steps[step] * (s - current)
+            current[blocked[step]] = 0.0
+            current[current < 0] = 0.0
+            v[index] = current
+            passive[index] = current > 0
+    return v, False
+
+
+def min_norm_point(Q: np.ndarray, max_iters: int) -> tuple[np.ndarray, bool]:
+    """``w = argmin_{w ∈ Δ} wᵀ Q w``: the minimum-norm point ``Gᵀ w`` of the convex hull of the task gradients
+    (MGDA: Désidéri 2012; Sener & Koltun 2018, Eq. 4), and whether it was found within ``max_iters`` solves.
+
+    Two tasks: the closed form of Sener & Koltun's Algorithm 1. More: the simplex QP is the NNQP
+    ``u = argmin_{u ≥ 0} ½ uᵀ (Q + κ 11ᵀ) u − 1ᵀ u`` and ``w = u / 1ᵀu`` for any ``κ > 0`` (its KKT conditions
+    ``(Q w)_k ≥ wᵀ Q w``, with equality where ``w_k > 0``, are those of the simplex QP, with
+    ``1ᵀu = 1 / (wᵀQw + κ)``; Wolfe's device in *Finding the nearest point in a polytope*, Math. Prog. 11,
+    1976). ``κ`` is the smallest ``Q_kk``, so that adding it loses none of the precision of the small entries.
+    """
+    K = Q.shape[0]
+    if K == 1:
+        return np.ones(1), True
+    if K == 2:
+        gap = Q[0, 0] + Q[1, 1] - 2.0 * Q[0, 1]  # ‖g_1 − g_2‖²
+        first = 0.5 if gap <= 0.0 else min(max((Q[1, 1] - Q[0, 1]) / gap, 0.0), 1.0)
+        return np.array([first, 1.0 - first]), True
+    M = Q + Q.diagonal().min()
+    u, converged = _nnqp(M, -np.ones((1, K)), np.zeros(1), max_iters)
+    return u[0] / u[0].sum(), converged
+
+
+def project_dual_cone(Q: np.ndarray, A: np.ndarray, max_iters: int = 1000) -> np.ndarray:
+    """The rows ``w_i = a_i + v_i``, ``v_i = argmin_{v ≥ 0} ½ (a_i + v)ᵀ Q (a_i + v)``, for rows ``a_i ≥ 0``:
+    ``Gᵀ w_i`` is the projection of ``Gᵀ a_i`` onto the dual cone ``{d : G d ≥ 0}`` of the task gradients.
+
+    The projection ``min_d ½ ‖d − Gᵀa‖²`` s.t. ``G d ≥ 0`` has the Lagrangian dual
+    ``min_{v ≥ 0} ½ (a + v)ᵀ Q (a + v)`` with ``d = Gᵀ(a + v)`` (as in Quinton & Rey 2024); the dual's KKT
+    conditions are ``G d ≥ 0`` (no conflict), ``v ≥ 0`` and complementarity. An NNQP with ``M = Q``, ``b = Q a``.
+    Two tasks: at most one constraint is active when ``a ≥ 0`` (were both violated, ``‖Gᵀa‖² =
+    a_1 g_1·Gᵀa + a_2 g_2·Gᵀa`` would be negative), and projecting onto it satisfies the other (Cauchy–Schwarz).
+    """
+    K = Q.shape[0]
+    B = A @ Q
+    if K == 2:
+        V = np.zeros_like(A)
+        for i in range(A.shape[0]):
+            if B[i, 0] < 0.0 and B[i, 0] < B[i, 1]:
+                V[i, 0] = -B[i, 0] / Q[0, 0]
+            elif B[i, 1] < 0.0:
+                V[i, 1] = -B[i, 1] / Q[1, 1]
+        return A + V
+    norms = np.sqrt(Q.diagonal())
+    V, _ = _nnqp(Q, B, np.abs(A) @ norms, max_iters)
+    return A + V
+
+
+def cagrad_dual(Q: np.ndarray, a: np.ndarray, phi: float, max_iters: int = 1000) -> tuple[np.ndarray, float]:
+    """CAGrad's dual (Liu et al. 2021, Section 3.1 and Algorithm 1): ``w = argmin_{w ∈ Δ} wᵀ Q a + φ √(wᵀ Q w)``
+    for ``g_0 = Gᵀa`` and ``φ = c ‖g_0‖ ≥ 0``; returns ``w`` and ``s = ‖Gᵀ w‖ / φ`` (0 when ``Gᵀ w = 0``).
+
+    Where ``Gᵀ w ≠ 0`` the KKT conditions are those of the simplex QP
+    ``W(s) = argmin_{w ∈ Δ} s qᵀ w + ½ wᵀ Q w`` (``q = Q a``) at an ``s > 0`` with ``φ s = ‖Gᵀ W(s)‖``, and any such
+    ``s`` gives the solution. ``W(s)`` is piecewise affine in ``s`` (a parametric QP): on a support ``S``,
+    ``W(s)_S = α + s β`` (:func:`_piece`). The method follows it down from ``s = ∞``, where it is the vertex
+    ``argmin_k q_k`` (the linear program's solution), through the breakpoints where a weight reaches 0 or a task's
+    reduced gradient does (one task leaves or enters), and on each piece solves ``φ² s² = ‖Gᵀ(α + s β)‖²``
+    exactly. Reaching ``s = 0`` (MGDA's point) without a solution means ``Gᵀ w = 0`` is it (0 is in the convex
+    hull and ``f ≥ f(0)`` there). Going down takes few pieces: CAGrad's support is small. Two tasks: the same
+    problem on the segment ``[g_2, g_1]``, in closed form.
+    """
+    K = Q.shape[0]
+    q = Q @ a
+    if phi == 0.0:  # a linear program: a vertex
+        w = np.zeros(K)
+        w[int(np.argmin(q))] = 1.0
+        return w, math.inf
+    if K == 2:
+        return _cagrad_pair(Q, q, phi)
+    norms = np.sqrt(Q.diagonal())
+    support, dependent = np.zeros(K, dtype=bool), np.zeros(K, dtype=bool)
+    support[int(np.argmin(q))] = True
+    high, entered = math.inf, -1
+    for _ in range(max_iters):
+        index = np.flatnonzero(support)
+        piece = _piece(Q, q, index)
+        if piece is None:
+            if entered < 0:
+                break
+            support[entered], dependent[entered], entered = False, True, -1  # it lies in the support's affine hull
+            continue
+        alpha, beta, Qa, Qb = piece
+        # the piece ends, going down, where a weight α_i + s β_i (β_i > 0) or the reduced gradient ν_j(s) = ν0_j + s ν1_j
+        # (ν1_j > 0) of a task outside the support reaches 0; μ0 + s μ1 is the common value of (Q w + s q)_S
+        nu0 = Qa - Qa[index].mean()
+        nu1 = Qb + q - (Qb + q)[index].mean()
+        low, leave, entered = 0.0, -1, -1
+        rising = np.flatnonzero(beta > 0)
+        if rising.size:
+            at = -alpha[rising] / beta[rising]
+            leave = int(rising[np.argmax(at)])
+            low = max(float(at.max()), 0.0)
+        noise = (ROUNDING * K * EPS) * norms * (norms[index] @ np.abs(beta) + norms @ a)
+        candidates = np.flatnonzero(~support & ~dependent & (nu1 > noise))
+        if candidates.size:
+            at = np.minimum(-nu0[candidates] / nu1[candidates], high)
+            if at.max() > low:
+                low, entered = float(at.max()), int(candidates[np.argmax(at)])
+        # h(s) = φ² s² − ‖Gᵀ(α + s β)‖², positive above the solution
+        quad, lin, const = phi * phi - beta @ Qb[index], -2.0 * (alpha @ Qb[index]), -(alpha @ Qa[index])
+        scale = norms[index] @ (np.abs(alpha) + np.abs(beta) * (high if math.isfinite(high) else max(low, 1.0)))
+        root = _last_root(quad, lin, const, low, high, (ROUNDING * K * EPS) * scale * scale)
+        if root is not None:
+            w = np.zeros(K)
+            w[index] = np.maximum(alpha + root * beta, 0.0)
+            return w / w.sum(), root
+        if low <= 0.0:  # MGDA's point is 0 and f ≥ f(0) = 0 on the hull
+            w = np.zeros(K)
+            w[index] = np.maximum(alpha, 0.0)
+            return w / w.sum(), 0.0
+        high = low
+        if entered >= 0:
+            support[entered] = True
+        else:
+            support[index[leave]] = False
+    warnings.warn("CAGrad: the solution path did not close; the weights are those of its last point", RuntimeWarning)
+    w = np.zeros(K)
+    w[int(np.argmin(q))] = 1.0
+    return w, math.sqrt(max(Q.diagonal().min(), 0.0)) / phi
+
+
+def _piece(Q: np.ndarray, q: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, ...] | None:
+    """``α, β`` with ``W(s)_S = α + s β`` on the support ``S = index``, and ``Q_{:S} α``, ``Q_{:S} β`` (None if the
+    support is not affinely independent). ``Q_SS + κ 11ᵀ`` is positive definite on an affinely independent
+    support, and on the simplex ``κ`` changes nothing but the multiplier."""
+    block = Q[index][:, index]
+    try:
+        solved = np.linalg.solve(block + block.diagonal().mean(), np.stack([np.ones(index.size), q[index]], axis=1))
+    except np.linalg.LinAlgError:
+        return None
+    if not np.isfinite(solved).all():
+        return None
+    u, z = solved[:, 0], solved[:, 1]
+    alpha = u / u.sum()
+    beta = alpha * z.sum() - z
+    columns = Q[:, index]
+    return alpha, beta, columns @ alpha, columns @ beta
+
+
+def _cagrad_pair(Q: np.ndarray, q: np.ndarray, phi: float) -> tuple[np.ndarray, float]:
+    """:func:`cagrad_dual` for two tasks: ``min_λ f(λ) = λ δ + φ ‖g_2 + λ (g_1 − g_2)‖`` on ``[0, 1]`` (convex).
+
+    With ``u = A λ + B`` (``A = ‖g_1 − g_2‖²``, ``B = (g_1 − g_2)·g_2``) the norm is ``√(u²/A + D)``, ``D`` the
+    squared distance from 0 to the line; ``f′ = 0`` gives ``u = −δ √(D A / (φ² A − δ²))`` when ``φ² A > δ²``;
+    otherwise ``f`` is monotone and the minimum is an end point.
+    """
+    delta, A, B = q[0] - q[1], Q[0, 0] + Q[1, 1] - 2.0 * Q[0, 1], Q[0, 1] - Q[1, 1]
+    if A <= 0.0:  # the same gradient twice
+        lam = 0.5
+    elif phi * phi * A > delta * delta:
+        D = max(Q[1, 1] - B * B / A, 0.0)
+        lam = min(max((-delta * math.sqrt(D * A / (phi * phi * A - delta * delta)) - B) / A, 0.0), 1.0)
+    else:
+        lam = 0.0 if delta > 0 else 1.0
+    w = np.array([lam, 1.0 - lam])
+    return w, math.sqrt(max(w @ Q @ w, 0.0)) / phi
+
+
+def _last_root(quad: float, lin: float, const: float, low: float, high: float, rounding: float) -> float | None:
+    """The largest zero in ``[low, high]`` (``high`` may be infinite) of ``h(s) = quad s² + lin s + const``, which is
+    positive above it, or None; ``rounding`` bounds the error of computing ``h``. A zero at ``s = 0`` does not count
+    (``‖Gᵀw‖`` is not differentiable there: no KKT point)."""
+    if math.isfinite(high) and high > 0.0 and abs((quad * high + lin) * high + const) <= rounding:
+        return high
+    if quad == 0.0:
+        roots = [-const / lin] if lin != 0.0 else []
+    else:
+        disc = lin * lin - 4.0 * quad * const
+        if disc < 0.0:
+            return None
+        half = -0.5 * (lin + math.copysign(math.sqrt(disc), lin))
+        roots = [half / quad, const / half] if half != 0.0 else [0.0]
+    inside = [r for r in roots if low <= r <= high and r > 0.0]
+    return max(inside) if inside else None
