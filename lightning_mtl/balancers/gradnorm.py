@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar, Optional
 
@@ -17,8 +18,9 @@ class HostAdam:
     """Adam (Kingma & Ba, 2015, Algorithm 1) on a NumPy vector, checkpointed in ``torch.optim.Adam``'s format.
 
     GradNorm's private optimizer on its K weights: a ``torch.optim.Adam`` step costs about a tenth of a
-    millisecond of Python per call, this a few microseconds. Computed in float64, the parameter and the
-    moments stored in the parameter's dtype (so that a state saved and loaded resumes bit for bit).
+    millisecond of Python per call, this a few microseconds. Computed on Python floats (float64), the
+    parameter and the moments stored in the parameter's dtype (so that a state saved and loaded
+    resumes bit for bit).
     :meth:`state_dict` is what ``torch.optim.Adam(...).state_dict()`` gives for one parameter (``None``
     before the first step), and :meth:`load_state_dict` reads it, hyper-parameters included, as
     ``torch.optim.Adam`` does: checkpoints written with the former ``torch.optim.Adam`` load unchanged.
@@ -34,17 +36,21 @@ class HostAdam:
         self.exp_avg: Optional[np.ndarray] = None
         self.exp_avg_sq: Optional[np.ndarray] = None
 
-    def step(self, param: np.ndarray, grad: np.ndarray) -> None:
+    def step(self, param: np.ndarray, grad: list[float]) -> None:
         """One step on ``param`` (in place) along ``grad``."""
         if self.exp_avg is None or self.exp_avg.shape != param.shape:
             self.exp_avg, self.exp_avg_sq = np.zeros_like(param), np.zeros_like(param)
         beta1, beta2 = self.group["betas"]
         self.steps += 1
-        exp_avg = beta1 * self.exp_avg + (1.0 - beta1) * grad
-        exp_avg_sq = beta2 * self.exp_avg_sq + (1.0 - beta2) * grad * grad
+        exp_avg = [beta1 * m + (1.0 - beta1) * g for m, g in zip(self.exp_avg.tolist(), grad)]
+        exp_avg_sq = [beta2 * v + (1.0 - beta2) * g * g for v, g in zip(self.exp_avg_sq.tolist(), grad)]
         self.exp_avg[:], self.exp_avg_sq[:] = exp_avg, exp_avg_sq
-        denominator = np.sqrt(exp_avg_sq) / np.sqrt(1.0 - beta2**self.steps) + self.group["eps"]
-        param[:] = param - self.group["lr"] / (1.0 - beta1**self.steps) * exp_avg / denominator
+        step_size = self.group["lr"] / (1.0 - beta1**self.steps)
+        root_correction, eps = math.sqrt(1.0 - beta2**self.steps), self.group["eps"]
+        param[:] = [
+            p - step_size * m / (math.sqrt(v) / root_correction + eps)
+            for p, m, v in zip(param.tolist(), exp_avg, exp_avg_sq)
+        ]
 
     def state_dict(self) -> Optional[dict[str, Any]]:
         if self.exp_avg is None:
@@ -94,10 +100,11 @@ class GradNorm(GramianBalancer):
     State (``w``, ``L(0)``, the Adam state) is extra state, created at the first call, kept on the host.
 
     Native (torchjd has no GradNorm), on the host: the K norms and losses are read once (the module
-    already reads the Gramian for its finiteness check), the update is a few NumPy operations in
-    float64 and the private Adam is :class:`HostAdam` (``torch.optim.Adam``'s checkpoint format, a
-    small fraction of its per-call cost); ``w``, ``L(0)`` and the moments are stored in the Gramian's
-    dtype (at least float32). The paper updates ``w`` with "standard update rules" and sets no
+    already reads the Gramian for its finiteness check) and the update is computed on Python floats
+    (float64; for the few tasks of a step a list of K numbers costs less than a NumPy or torch call),
+    its private Adam being :class:`HostAdam` (``torch.optim.Adam``'s math and checkpoint format, a small
+    fraction of its per-call cost); ``w``, ``L(0)`` and the moments are stored in the Gramian's dtype
+    (at least float32), so that a resumed run continues bit for bit. The paper updates ``w`` with "standard update rules" and sets no
     separate learning rate; Adam makes the step independent of the gradient scale, and ``lr = 0.025``
     (a step of about 2.5 % of the initial weight) is this library's default, not the paper's.
 
@@ -137,35 +144,40 @@ class GradNorm(GramianBalancer):
         if self.distributed:  # a task's loss is averaged over the processes that have it (``present``: this process's)
             local = diagonal > 0 if present is None else present.to(diagonal.device)
             losses = self._reduced_losses(losses, local)[0]
-        host = torch.stack([diagonal, losses]).cpu().numpy().astype(np.float64)  # one copy to the host
-        norms = np.sqrt(np.maximum(host[0], 0.0))
-        losses_now = host[1]
-        present_now = norms > 0  # the tasks with a gradient in the global batch
-        if self.task_weights_ is None or self.task_weights_.shape != (norms.size,):
-            self.task_weights_ = torch.ones(norms.size, dtype=diagonal.dtype)
-            self.initial_losses = torch.full((norms.size,), float("nan"), dtype=diagonal.dtype)
+        norms = [math.sqrt(value) if value > 0 else 0.0 for value in diagonal.tolist()]
+        losses_now = losses.tolist()
+        k = len(norms)
+        if self.task_weights_ is None or self.task_weights_.shape != (k,):
+            self.task_weights_ = torch.ones(k, dtype=diagonal.dtype)
+            self.initial_losses = torch.full((k,), float("nan"), dtype=diagonal.dtype)
             self._adam.reset()
-        w, initial = self.task_weights_.numpy(), self.initial_losses.numpy()
-        first = present_now & np.isnan(initial)
-        initial[first] = losses_now[first]
-        current = np.where(present_now, w, 0.0).astype(w.dtype)  # this step's weights (absent tasks: 0)
+        present = [norm > 0.0 for norm in norms]  # the tasks with a gradient in the global batch
+        w = self.task_weights_.tolist()
+        initial = self.initial_losses.tolist()
+        initial = [loss if has and math.isnan(first) else first for loss, first, has in zip(losses_now, initial, present)]
+        self.initial_losses.numpy()[:] = initial
+        current = [weight if has else 0.0 for weight, has in zip(w, present)]  # this step's weights
 
-        mask = present_now.astype(np.float64)
-        count = max(float(mask.sum()), 1.0)
-        valid = present_now & (initial > 0)
-        ratios = np.where(valid, losses_now / np.where(valid, initial, 1.0), 1.0)
-        inverse_rates = ratios / (float(ratios @ mask) / count or 1.0)
-        grad_norms = w * norms
-        targets = float(grad_norms @ mask) / count * inverse_rates**self.alpha
-        grad = np.where(present_now, np.sign(grad_norms - targets) * norms, 0.0)
-        before = w.astype(np.float64)
-        self._adam.step(w, grad)
+        count = max(sum(present), 1)
+        ratios = [loss / first if has and first > 0 else 1.0 for loss, first, has in zip(losses_now, initial, present)]
+        mean_ratio = sum(ratio for ratio, has in zip(ratios, present) if has) / count or 1.0
+        grad_norms = [weight * norm for weight, norm in zip(w, norms)]
+        mean_norm = sum(value for value, has in zip(grad_norms, present) if has) / count
+        grad = [
+            math.copysign(norm, value - target) if has and value != target else 0.0
+            for value, norm, has, target in zip(
+                grad_norms, norms, present, (mean_norm * (ratio / mean_ratio) ** self.alpha for ratio in ratios)
+            )
+        ]
+        parameter = self.task_weights_.numpy()
+        self._adam.step(parameter, grad)
         # Absent tasks keep w_k exactly (Adam's momentum would still move it). Present ones are floored
         # (a weight <= 0 would drop or ascend its task), then share what the absent ones leave of Σ w = K.
-        stepped = np.where(present_now, np.maximum(w, self.min_weight), 0.0)
-        share = (w.size - float(before @ (1.0 - mask))) / max(float(stepped.sum()), np.finfo(w.dtype).tiny)
-        w[:] = np.where(present_now, stepped * share, before)
-        return torch.from_numpy(current).to(gramian.device, non_blocking=True)
+        stepped = [max(value, self.min_weight) if has else 0.0 for value, has in zip(parameter.tolist(), present)]
+        kept = sum(before for before, has in zip(w, present) if not has)
+        share = (k - kept) / (sum(stepped) or 1.0)  # no task present: every weight is kept
+        parameter[:] = [value * share if has else before for value, before, has in zip(stepped, w, present)]
+        return torch.tensor(current, dtype=self.task_weights_.dtype).to(gramian.device, non_blocking=True)
 
     def reset(self) -> None:
         self.task_weights_: Optional[Tensor] = None  # w, one per task
