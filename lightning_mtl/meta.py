@@ -9,7 +9,7 @@ this; the balancer itself never sees the ``Trainer``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,9 +63,13 @@ class MetaSteps(ModuleUnit):
             balancer.meta_step(self._task_losses, parameters, batch, meta_batch, lr, module._loss_scale())
 
     def _task_losses(self, batch: Any) -> tuple[Tensor, Tensor]:
-        """The task losses of ``batch`` (K,) with their graph, and which tasks have labels in it."""
+        """The task losses of ``batch`` (K,) with their graph, and which tasks have labels in it.
+
+        In the run's precision; a forward without a graph (the balancer's finite-difference forwards) with autocast
+        off, in the parameters' dtype: the difference of two close losses would be mostly bf16/fp16 rounding."""
         forward = self.module.task_forward
-        with self.module.trainer.precision_plugin.forward_context():
+        full_precision = nullcontext() if torch.is_grad_enabled() else torch.autocast(self.module.device.type, enabled=False)
+        with self.module.trainer.precision_plugin.forward_context(), full_precision:
             _, predictions = forward.run(forward.groups(batch))
             by_name = {}
             for prediction in predictions:
