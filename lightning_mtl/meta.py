@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lightning_mtl.data.loader import EndlessLoader
+from lightning_mtl.data.loader import SHARED_INPUT, EndlessLoader
 from lightning_mtl.forward import ModuleUnit
 
 if TYPE_CHECKING:
@@ -46,6 +46,10 @@ class MetaSteps(ModuleUnit):
                 "held-out Dataset or {task: Dataset}), or a data module with a meta_dataloader() method."
             )
         self.stream = EndlessLoader(meta_dataloader())
+        meta_tasks = getattr(getattr(self.stream.loader, "sampler", None), "tasks", [SHARED_INPUT])
+        check = getattr(module.balancer, "check_meta_tasks", None)
+        if check is not None and SHARED_INPUT not in meta_tasks:  # per-task data: the tasks are known before any step
+            check(meta_tasks)
 
     def before_training_step(self, batch: Any, batch_idx: int) -> None:
         """The meta step, if the balancer asks for one at this optimizer step (first micro-batch of its window)."""

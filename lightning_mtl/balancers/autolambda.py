@@ -116,6 +116,16 @@ class AutoLambda(Balancer):
         mask = torch.tensor([name in primary for name in self.task_names])
         self.register_buffer("primary", mask, persistent=False)
 
+    def check_meta_tasks(self, meta_tasks: Sequence[str]) -> None:
+        """Refuse a meta split of per-task data holding none of the primary tasks: ``λ`` would never move."""
+        primary = [name for name, is_primary in zip(self.task_names, self.primary.tolist()) if is_primary]
+        if not any(name in meta_tasks for name in primary):
+            raise ValueError(
+                f"the meta split holds the tasks {list(meta_tasks)} and none of the primary tasks {primary}: AutoLambda "
+                "learns λ from the primary tasks' loss on meta batches, so λ would never change. Give the primary "
+                "tasks data in MultiTaskDataModule(meta=...), or set AutoLambda(primary_tasks=...)."
+            )
+
     def forward(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         self._require_setup(losses)
         weights = self.lambdas.to(losses)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
-from torch.utils.data import Subset
+from torch.utils.data import Subset, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from conftest import quiet_trainer, run_script
@@ -293,6 +293,22 @@ def test_without_meta_data_the_error_names_the_argument_to_set():
 
     with pytest.raises(ValueError, match=r"no data module gives none: fit with datamodule=MultiTaskDataModule"):
         quiet_trainer(max_epochs=1).fit(make_module(balancer=AutoLambda()), DataLoader(SharedInput(32), batch_size=16))
+
+
+def test_a_per_task_meta_split_without_any_primary_task_is_refused_before_any_step():
+    """λ would never move (every meta batch gives v = 0): refused at set-up, naming both sets of tasks."""
+    def per_task(n, seed=0):
+        x = torch.randn(n, 6, generator=torch.Generator().manual_seed(seed))
+        return {"cls": TensorDataset(x, (x[:, 0] > 0).long()), "reg": TensorDataset(x, x[:, 1] * 2.0)}
+
+    module = make_module(tasks=make_tasks(metrics=False), balancer=AutoLambda(primary_tasks=["cls"]))
+    data = MultiTaskDataModule(train=per_task(32), meta={"reg": per_task(16, seed=2)["reg"]}, batch_size=8)
+    with pytest.raises(ValueError, match=r"holds the tasks \['reg'\] and none of the primary tasks \['cls'\]"):
+        quiet_trainer(max_steps=2).fit(module, datamodule=data)
+    assert module.balancer.meta_batches == 0
+    module = make_module(tasks=make_tasks(metrics=False), balancer=AutoLambda(primary_tasks=["reg"]))
+    quiet_trainer(max_steps=2).fit(module, datamodule=data)  # the primary task's meta data alone is enough
+    assert module.balancer.meta_batches == 2 and not torch.equal(module.balancer.lambdas, torch.full((2,), 0.1))
 
 
 # ---------------------------------------------------------------- under the Trainer
