@@ -3,17 +3,12 @@
 A Gramian weighting (UPGrad, MGDA, ...) needs only the K × K Gramian of the task gradients and then
 one weighted backward. The Gramian is a sum over parameters, so it can be formed one layer at a time:
 
-- a **linear layer** (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``) called with input rows ``A`` (N × in;
-  for a convolution the unfolded patches) and receiving the task cotangents ``D_k`` (N × out) at its
-  output has the weight gradients ``D_kᵀ A``. Its block of the Gramian is either
-  ``Σ_{r,r'} (D_k D_lᵀ)_{rr'} (A Aᵀ + 1)_{rr'}`` (the *kernel* form: the ``+ 1`` is the bias; costs
-  ``N²·in + K·N·out·(N + K)``) or ``<D_kᵀ A, D_lᵀ A>`` from the explicit K × (out·in) block, cut into
-  slices of output features (costs ``K·in·out·(N + K)``). The cheaper one is used, per layer and step.
-  A module called several times in the forward gets the rows of all its calls (its weight's gradient
-  is their sum). The inputs ``A`` are recorded by a forward hook (:class:`LayerRecorder`); the
-  cotangents ``D_k`` arrive, all K at once, in **one batched backward** of the task cotangents through
-  the backbone that computes no parameter gradient: a hook on each layer's output node turns them into
-  the layer's block and drops them, so only one layer's are held at a time.
+- a **linear layer** (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``): its block comes from its input rows and
+  its K output cotangents (:mod:`lightning_mtl.gramian_blocks`: kernel or explicit form). The inputs are
+  recorded by a module forward hook (:class:`LayerRecorder`); the cotangents arrive, all K at once, in
+  **one batched backward** of the task cotangents through the backbone that computes no parameter
+  gradient: a hook on each layer's output node turns them into the layer's block and drops them, so only
+  one layer's are held at a time.
 - every **other shared parameter** (LayerNorm, BatchNorm, embeddings, recurrent layers, a raw
   ``nn.Parameter``, a linear layer whose weight is also used elsewhere) gets its K rows explicitly from a
   batched backward, a few parameters at a time (:data:`FALLBACK_SHARE` of the shared parameters, or one
@@ -27,7 +22,8 @@ fallback. Everything is exact: the tests compare with the materialised Jacobian.
 The batched backward is PyTorch's own (``torch.autograd.grad(..., is_grads_batched=True)`` runs the same
 legacy ``vmap`` over the autograd engine); it is run here directly so that the layer hooks can read the
 K cotangents as one tensor. Modules without a batching rule take one backward per task (exact, and the
-layers' cotangents are then held for all layers at once).
+layers' cotangents are then held for all layers at once). :func:`use_layerwise` decides, per step,
+whether this path is taken.
 """
 
 from __future__ import annotations
@@ -37,21 +33,21 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node
 from torch.nn.modules.module import register_module_forward_hook
 
-#: Parameter mode forms the Gramian layer by layer (for a Gramian weighting, in one process) from this many
-#: Jacobian entries K × P on; below, the materialised Jacobian costs little memory and is faster (W-MLP,
-#: 0.5 M shared parameters: from K = 4 on; see ``docs/balancers.md``, *Cost*). 0: always.
-LAYERWISE_MIN_ENTRIES = 1 << 21
-#: Elements one slice of an explicit per-layer block may hold (K × slice): 16 MB in float32.
-WORKSPACE = 1 << 22
-#: The kernel form is used only up to this many rows (its N × N kernel is held whole).
-KERNEL_MAX_ROWS = 4096
+from lightning_mtl import gramian_blocks
+from lightning_mtl.gramian_blocks import block_cost, has_kernel_rule, input_width, layer_gramian, trainable_parameters
+
+#: When a Gramian weighting in one process forms the Gramian layer by layer (:func:`use_layerwise`): ``"auto"``
+#: (from :data:`LAYERWISE_MIN_ENTRIES` on, or when estimated to cost fewer operations), ``"always"``, or
+#: ``"never"`` (the materialised K × P Jacobian).
+LAYERWISE = "auto"
+#: From this many Jacobian entries K × P on (64 MB in float32), ``"auto"`` always forms it layer by layer.
+LAYERWISE_MIN_ENTRIES = 1 << 24
 #: Fallback parameters whose rows are formed in one backward: up to this share of the shared parameters
-#: (or :data:`WORKSPACE` rows' entries, if more).
+#: (or :data:`~lightning_mtl.gramian_blocks.WORKSPACE` rows' entries, if more).
 FALLBACK_SHARE = 1 / 8
 
 
@@ -68,28 +64,36 @@ class LayerCall:
     output_dtype: torch.dtype
 
 
-def has_kernel_rule(module: nn.Module) -> bool:
-    """Whether the module computes ``F.linear`` / ``F.conv1d`` / ``F.conv2d`` of its input, as torch's classes do."""
-    if isinstance(module, nn.Linear):
-        return type(module).forward is nn.Linear.forward
-    for base in (nn.Conv1d, nn.Conv2d):
-        if isinstance(module, base):
-            return (
-                type(module).forward is base.forward
-                and type(module)._conv_forward is base._conv_forward
-                and module.groups == 1
-                and hasattr(module, "_reversed_padding_repeated_twice")
-            )
-    return False
+def _rows(call: LayerCall) -> int:
+    """The call's output rows N: every sample (and, for a convolution, every position)."""
+    shape = call.output_shape
+    if isinstance(call.module, nn.Linear):
+        return shape.numel() // shape[-1]
+    batched = len(shape) == (3 if isinstance(call.module, nn.Conv1d) else 4)
+    return shape.numel() // shape[1 if batched else 0]
 
 
-def _trainable(module: nn.Module) -> list[Tensor]:
-    return [p for p in (module.weight, module.bias) if p is not None and p.requires_grad]
-
-
-def wants_layerwise(num_tasks: int, params: Sequence[Tensor]) -> bool:
-    """Whether the Gramian of ``num_tasks`` tasks' gradients of ``params`` is to be formed layer by layer."""
-    return bool(params) and num_tasks * sum(p.numel() for p in params) >= LAYERWISE_MIN_ENTRIES
+def use_layerwise(calls: Sequence[LayerCall], num_tasks: int, params: Sequence[Tensor]) -> bool:
+    """Whether to form the Gramian layer by layer: always from :data:`LAYERWISE_MIN_ENTRIES` Jacobian entries on;
+    below, if the recorded linear layers' blocks plus the weighted backward (their weight and input gradients)
+    are estimated to cost fewer operations than their K batched weight gradients and Gramian (materialised).
+    :data:`LAYERWISE` ``"always"`` / ``"never"`` overrides the choice."""
+    if LAYERWISE != "auto":
+        return LAYERWISE == "always"
+    if num_tasks * sum(p.numel() for p in params) >= LAYERWISE_MIN_ENTRIES:
+        return True
+    k, saving = num_tasks, 0
+    layers: dict[nn.Module, list[int]] = {}
+    for call in calls:
+        rows = layers.setdefault(call.module, [0, 0])
+        rows[0] += _rows(call)
+        rows[1] = max(rows[1], int(call.input.requires_grad))
+    for module, (n, input_grad) in layers.items():
+        if module.weight.requires_grad:
+            fan_in, fan_out = input_width(module), module.weight.shape[0]
+            materialised = k * fan_in * fan_out * (n + k)
+            saving += materialised - block_cost(n, fan_in, fan_out, k) - (1 + input_grad) * n * fan_in * fan_out
+    return saving > 0
 
 
 class LayerRecorder:
@@ -122,101 +126,12 @@ class LayerRecorder:
     def _record(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) or not args or not has_kernel_rule(module):
             return
-        if not any(id(p) in self._ids for p in _trainable(module)):
+        if not any(id(p) in self._ids for p in trainable_parameters(module)):
             return
         x = args[0]
         if isinstance(x, Tensor) and isinstance(output, Tensor) and output.grad_fn is not None:
             call = LayerCall(module, x, x._version, output.grad_fn, output.output_nr, output.shape, output.dtype)
             self.calls.append(call)
-
-
-# ---------------------------------------------------------------------------------------- one layer's block
-
-
-def _conv_geometry(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...], Any, Any, Any]:
-    """The convolution's (batched, padded) input and its kernel size, stride, padding, dilation."""
-    spatial = 1 if isinstance(module, nn.Conv1d) else 2
-    if x.dim() == spatial + 1:  # an unbatched input
-        x = x.unsqueeze(0)
-    padding = module.padding
-    if isinstance(padding, str) or module.padding_mode != "zeros":  # padded as the module's forward does
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-        padding = 0
-    return x, module.kernel_size, module.stride, padding, module.dilation
-
-
-def _input_rows(module: nn.Module, x: Tensor) -> Tensor:
-    """The rows ``A`` (N × in) whose products with the output cotangents give the weight gradient."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    x, size, stride, padding, dilation = _conv_geometry(module, x)
-    if isinstance(module, nn.Conv1d):  # as a 2-d convolution of height 1
-        x, size, stride, dilation = x.unsqueeze(2), (1, *size), (1, *stride), (1, *dilation)
-        padding = (0, *padding) if isinstance(padding, tuple) else (0, padding)
-    columns = F.unfold(x, size, dilation=dilation, padding=padding, stride=stride)
-    return columns.transpose(1, 2).reshape(-1, columns.shape[1])
-
-
-def _output_rows(module: nn.Module, d: Tensor) -> Tensor:
-    """The K output cotangents as rows, ``(K, N, out)``, in the order of :func:`_input_rows`."""
-    k = d.shape[0]
-    if isinstance(module, nn.Linear):
-        return d.reshape(k, -1, d.shape[-1])
-    spatial = 1 if isinstance(module, nn.Conv1d) else 2
-    if d.dim() == spatial + 2:  # an unbatched call
-        d = d.unsqueeze(1)
-    return d.movedim(2, -1).reshape(k, -1, d.shape[2])
-
-
-def _fan_in(module: nn.Module) -> int:
-    return module.weight[0].numel()
-
-
-def _weight_slice(module: nn.Module, x: Tensor, d: Tensor, start: int, stop: int) -> Tensor:
-    """Rows ``(K, (stop - start)·in)`` of the Jacobian of output features ``start:stop`` of the weight, for one call."""
-    k = d.shape[0]
-    if isinstance(module, nn.Linear):
-        rows = _output_rows(module, d)[:, :, start:stop]
-        return torch.matmul(rows.transpose(1, 2), _input_rows(module, x)).reshape(k, -1)
-    x, _, stride, padding, dilation = _conv_geometry(module, x)
-    d = d if d.dim() == x.dim() + 1 else d.unsqueeze(1)
-    stacked = d[:, :, start:stop].movedim(0, 1).flatten(1, 2)  # (B, K·slice, *spatial): the K tasks as channels
-    size = (stacked.shape[1], *module.weight.shape[1:])
-    weight_grad = torch.nn.grad.conv1d_weight if isinstance(module, nn.Conv1d) else torch.nn.grad.conv2d_weight
-    return weight_grad(x, size, stacked, stride, padding, dilation).reshape(k, -1)
-
-
-def _cat(tensors: list[Tensor], dim: int = 0) -> Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
-
-
-def layer_gramian(module: nn.Module, pieces: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> Tensor:
-    """The K × K Gramian of a linear layer's trainable parameters, from its calls' ``(input, cotangents (K, *out))``."""
-    pieces = [(x.to(dtype), d.to(dtype)) for x, d in pieces]
-    k = pieces[0][1].shape[0]
-    weight = module.weight.requires_grad
-    bias = module.bias is not None and module.bias.requires_grad
-    fan_in, fan_out = _fan_in(module), module.weight.shape[0]
-    n = sum(_output_rows(module, d).shape[1] for _, d in pieces)
-    kernel_cost = n * n * fan_in + k * n * fan_out * (n + k)
-    if weight and n <= KERNEL_MAX_ROWS and kernel_cost < k * fan_in * fan_out * (n + k):
-        a = _cat([_input_rows(module, x) for x, _ in pieces])
-        d = _cat([_output_rows(module, d) for _, d in pieces], dim=1)
-        kernel = a @ a.T
-        if bias:
-            kernel += 1
-        return d.reshape(k, -1) @ torch.matmul(kernel, d).reshape(k, -1).T
-    gramian = pieces[0][1].new_zeros(k, k)
-    if bias:
-        sums = sum(_output_rows(module, d).sum(dim=1) for _, d in pieces)
-        gramian += sums @ sums.T
-    if weight:
-        step = max(1, WORKSPACE // (k * fan_in))
-        for start in range(0, fan_out, step):
-            block = sum(_weight_slice(module, x, d, start, min(start + step, fan_out)) for x, d in pieces)
-            gramian += block @ block.T
-    return gramian
 
 
 # ---------------------------------------------------------------------------------------- the whole Gramian
@@ -251,15 +166,15 @@ def kernel_layers(calls: Sequence[LayerCall], outputs: Sequence[Tensor], params:
     layers: dict[nn.Module, list[LayerCall]] = {}
     for call in calls:
         layers.setdefault(call.module, []).append(call)
-    layers = {m: c for m, c in layers.items() if all(id(p) in ids for p in _trainable(m))}
+    layers = {m: c for m, c in layers.items() if all(id(p) in ids for p in trainable_parameters(m))}
     owners: dict[int, nn.Module] = {}
     for module in layers:
-        for p in _trainable(module):
+        for p in trainable_parameters(module):
             if owners.setdefault(id(p), module) is not module:  # one parameter in two modules (tied)
                 owners[id(p)] = None  # type: ignore[assignment]
-    elsewhere = used_elsewhere([c for cs in layers.values() for c in cs], outputs, [p for m in layers for p in _trainable(m)])
+    elsewhere = used_elsewhere([c for cs in layers.values() for c in cs], outputs, [p for m in layers for p in trainable_parameters(m)])
     return {
-        m: c for m, c in layers.items() if all(owners[id(p)] is m and id(p) not in elsewhere for p in _trainable(m))
+        m: c for m, c in layers.items() if all(owners[id(p)] is m and id(p) not in elsewhere for p in trainable_parameters(m))
     }
 
 
@@ -406,9 +321,9 @@ def layerwise_gramian(
     num_tasks = cotangents[0].shape[0]
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     layers = kernel_layers(calls, outputs, params)
-    covered = {id(p) for m in layers for p in _trainable(m)}
+    covered = {id(p) for m in layers for p in trainable_parameters(m)}
     fallback = [p for p in params if id(p) not in covered]
-    cap = max(FALLBACK_SHARE * sum(p.numel() for p in params), WORKSPACE / num_tasks)
+    cap = max(FALLBACK_SHARE * sum(p.numel() for p in params), gramian_blocks.WORKSPACE / num_tasks)
     groups = _fallback_groups(fallback, cap)
     acc = _Accumulator(layers, num_tasks, dtype)
     handles = [

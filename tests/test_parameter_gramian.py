@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 import test_gradient_balancing
 import test_step_view
-from lightning_mtl import MultiTaskModule, Task, gramian
+from lightning_mtl import MultiTaskModule, Task, gramian, gramian_blocks
 from lightning_mtl.balancers import MGDA, UPGrad
 from lightning_mtl.gradients import TaskJacobian, parameter_jacobian
 from lightning_mtl.gramian import LayerRecorder, OutputJacobian, kernel_layers, layerwise_gramian
@@ -19,12 +19,7 @@ from lightning_mtl.gramian import LayerRecorder, OutputJacobian, kernel_layers, 
 @pytest.fixture
 def layerwise(monkeypatch):
     """Every Gramian weighting step in parameter mode takes the layerwise path, however small the model."""
-    monkeypatch.setattr(gramian, "LAYERWISE_MIN_ENTRIES", 0)
-
-
-@pytest.fixture
-def materialised(monkeypatch):
-    monkeypatch.setattr(gramian, "LAYERWISE_MIN_ENTRIES", 1 << 62)
+    monkeypatch.setattr(gramian, "LAYERWISE", "always")
 
 
 class Reused(nn.Module):
@@ -96,6 +91,8 @@ CASES = {
                                                             nn.ReLU(inplace=True)),
                                       lambda: torch.randn(5, 6, requires_grad=True), {"0", "2"}),
     "weight-reused": (Reused, lambda: torch.randn(5, 6), {"a"}),
+    "weight-norm": (lambda: nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(6, 8)), nn.Tanh(), nn.Linear(8, 4),
+                                          nn.Linear(4, 4, bias=False)), lambda: torch.randn(5, 6), {"2", "3"}),
     "tied-embedding": (Tied, lambda: torch.randint(0, 10, (4, 3)), set()),
     "frozen": (lambda: frozen(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)),
                               "0.weight", "2.weight", "2.bias"), lambda: torch.randn(5, 6), {"0", "4"}),
@@ -143,20 +140,22 @@ def test_layerwise_gramian_equals_the_materialised_jacobians(case, dtype, rtol):
 def test_both_forms_of_a_layer_block_are_used_and_exact(monkeypatch):
     """Few rows: the kernel form; many: the explicit one, cut into slices when a slice budget is small."""
     used = []
-    real = gramian.layer_gramian
+    real = gramian_blocks.layer_gramian
 
     def spy(module, pieces, dtype):
-        n = sum(gramian._output_rows(module, d).shape[1] for _, d in pieces)
-        used.append(n)
+        n = sum(gramian_blocks.output_rows(module, d).shape[1] for _, d in pieces)
+        k, fan_in, fan_out = pieces[0][1].shape[0], gramian_blocks.input_width(module), module.weight.shape[0]
+        kernel = gramian_blocks.block_cost(n, fan_in, fan_out, k) < k * fan_in * fan_out * (n + k)
+        used.append((n, "kernel" if kernel else "explicit"))
         return real(module, pieces, dtype)
 
     monkeypatch.setattr(gramian, "layer_gramian", spy)
-    monkeypatch.setattr(gramian, "WORKSPACE", 64)  # explicit blocks in slices of a few output features
+    monkeypatch.setattr(gramian_blocks, "WORKSPACE", 64)  # explicit blocks in slices of a few output features
     for rows in (4, 300):
         torch.manual_seed(0)
         got, want, _ = both_gramians(nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 8)), torch.randn(rows, 6))
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
-    assert used == [4, 4, 300, 300]
+    assert used == [(4, "kernel"), (4, "kernel"), (300, "explicit"), (300, "explicit")]
 
 
 def test_one_backward_per_task_when_the_batched_backward_fails(monkeypatch):
@@ -209,13 +208,13 @@ def test_step_update_and_gramian_equal_the_materialised_path(case, balancer, mon
     backbone, x = make(), inputs().to(dtype)
     labels = {f"t{k}": torch.randint(0, 3, (x.shape[0],)) for k in range(3)}
     results = {}
-    for path, minimum in (("materialised", 1 << 62), ("layerwise", 0)):
-        monkeypatch.setattr(gramian, "LAYERWISE_MIN_ENTRIES", minimum)
+    for path in ("never", "always"):
+        monkeypatch.setattr(gramian, "LAYERWISE", path)
         torch.manual_seed(0)
         module = multitask(make(), width, 3, balancer(), dtype)
         module.backbone.load_state_dict(backbone.state_dict())
         results[path] = step_grads(module, x, labels)
-    (want, want_gramian), (got, got_gramian) = results["materialised"], results["layerwise"]
+    (want, want_gramian), (got, got_gramian) = results["never"], results["always"]
     scale = want_gramian.abs().max().item()
     torch.testing.assert_close(got_gramian, want_gramian, rtol=tol, atol=tol * scale)
     for g, w in zip(got, want):
@@ -241,29 +240,30 @@ class LargestTensor(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("balancer", ["upgrad", "mgda"])
-def test_parameter_mode_step_never_holds_a_task_jacobian_sized_tensor(balancer):
-    """No tensor of K·P/4 entries in a training step and its backward (the materialised path has blocks of ~K·P/3)."""
+def test_parameter_mode_step_never_holds_a_task_jacobian_sized_tensor(balancer, monkeypatch):
+    """No tensor of K·P/4 entries in a training step and its backward, by the default rule on a model with
+    K·P ≥ LAYERWISE_MIN_ENTRIES (the materialised Jacobian, the path before, has blocks of ~K·P/3)."""
     num_tasks, width = 4, 64
     backbone = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
     shared = sum(p.numel() for p in backbone.parameters())
     x = torch.randn(16, width)
     labels = {f"t{k}": torch.randint(0, 3, (16,)) for k in range(num_tasks)}
     largest = {}
-    for path, minimum in (("layerwise", num_tasks * shared), ("materialised", num_tasks * shared + 1)):
+    for path, mode in (("layerwise", "auto"), ("materialised", "never")):
         module = multitask(backbone, width, num_tasks, balancer)
-        saved, gramian.LAYERWISE_MIN_ENTRIES = gramian.LAYERWISE_MIN_ENTRIES, minimum
-        try:
-            with LargestTensor() as spy:
-                module.training_step((x, labels), 0).backward()
-        finally:
-            gramian.LAYERWISE_MIN_ENTRIES = saved
+        monkeypatch.setattr(gramian, "LAYERWISE", mode)
+        monkeypatch.setattr(gramian, "LAYERWISE_MIN_ENTRIES", num_tasks * shared)  # this model counts as large
+        with LargestTensor() as spy:
+            module.training_step((x, labels), 0).backward()
         largest[path] = spy.largest
     assert largest["materialised"] >= num_tasks * shared / 4  # the spy sees the Jacobian where there is one
     assert largest["layerwise"] < num_tasks * shared / 4
     assert largest["layerwise"] <= width * width  # one weight's gradient
 
 
-def test_which_steps_take_the_layerwise_path(layerwise):
+def test_which_steps_record_the_linear_layers(layerwise):
+    """A Gramian weighting in one process records the layers (and may form the Gramian layer by layer); a method
+    that needs the gradients, or DDP (whose Gramian has cross-process terms), takes the materialised Jacobian."""
     from lightning_mtl.step import StepContext, StepRecord
 
     def context(world_size):
@@ -275,11 +275,36 @@ def test_which_steps_take_the_layerwise_path(layerwise):
         assert (module.balancing.recorder.stop() is not None) is expected, (balancer, world_size)
 
 
-def test_the_default_threshold_keeps_small_models_materialised():
-    assert gramian.LAYERWISE_MIN_ENTRIES == 1 << 21
-    assert not gramian.wants_layerwise(2, [torch.zeros(256, 512), torch.zeros(512, 512), torch.zeros(512, 256)])  # W-MLP
-    assert gramian.wants_layerwise(4, [torch.zeros(256, 512), torch.zeros(512, 512), torch.zeros(512, 256)])
-    assert not gramian.wants_layerwise(4, [])
+def recorded(backbone, x):
+    params = list(backbone.parameters())
+    recorder = LayerRecorder()
+    recorder.start(params)
+    backbone(x)
+    return recorder.stop(), params
+
+
+@pytest.mark.parametrize("workload, layerwise_from", [("mlp", 3), ("cnn", 40), ("mlp-10m", 2)])
+def test_the_default_rule_takes_the_layerwise_path_where_it_is_cheaper_or_the_jacobian_large(workload, layerwise_from):
+    """W-MLP (0.5 M parameters, batch 128) from K = 3, where it is estimated (and measured) about as fast or faster;
+    W-CNN (1.1 M, convolutions over 64 x 32 x 32 positions, where the layer blocks cost as much as the Jacobian)
+    only once K·P ≥ 2^24 (memory); the 10 M-parameter MLP (batch 64) always."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from balancers import cnn_backbone, mlp_backbone
+
+    if workload == "mlp":
+        backbone, x = mlp_backbone(), torch.randn(128, 256)
+    elif workload == "cnn":
+        backbone, x = cnn_backbone(), torch.randn(64, 1, 32, 32)
+    else:
+        widths = (512, 2048, 2048, 2048, 256)
+        backbone = nn.Sequential(*[nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:])])
+        x = torch.randn(64, 512)
+    calls, params = recorded(backbone, x)
+    assert gramian.LAYERWISE == "auto" and gramian.LAYERWISE_MIN_ENTRIES == 1 << 24
+    assert [k for k in (2, 3, 4, 10, 40) if gramian.use_layerwise(calls, k, params)] == [k for k in (2, 3, 4, 10, 40) if k >= layerwise_from]
 
 
 # The Trainer-level exactness tests of parameter mode, on the layerwise path: accumulation, clipping, 16-mixed

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_mtl.gradients import GradientMode, TaskJacobian, global_gramian, parameter_jacobian
-from lightning_mtl.gramian import LayerRecorder, layerwise_gramian, wants_layerwise
+from lightning_mtl.gramian import LayerRecorder, layerwise_gramian, use_layerwise
 from lightning_mtl.step import StepContext
 from lightning_mtl.updates.base import BalancingPath, Tap
 
@@ -20,8 +20,8 @@ class LossLevelPath(BalancingPath):
     No per-task gradient is formed, unless a callback asked for the step's Gramian
     (``MultiTaskModule.request_gramian``): then the Jacobian of the task losses (w.r.t. the shared
     parameters, or the backbone output in representation mode) is computed on the side for the step
-    record; the update is unchanged. In parameter mode, in one process, a large enough model's Gramian is
-    formed layer by layer, without the K × P Jacobian (:mod:`lightning_mtl.gramian`).
+    record; the update is unchanged. In parameter mode, in one process, the Gramian may be formed layer by
+    layer, without the K × P Jacobian (:mod:`lightning_mtl.gramian`, :func:`~lightning_mtl.gramian.use_layerwise`).
     """
 
     def __init__(self, *args, gradients: GradientMode = "parameters", **kwargs) -> None:
@@ -32,9 +32,7 @@ class LossLevelPath(BalancingPath):
     def tap(self, context: StepContext) -> Tap:
         self.recorder.stop()  # a step that ended before combine left it recording
         if context.wants_gramian and self.gradients == "parameters" and context.world_size == 1:
-            params = self._shared()
-            if wants_layerwise(len(self.task_names), params):
-                self.recorder.start(params)
+            self.recorder.start(self._shared())
         return Tap()
 
     def _shared(self) -> list[Tensor]:
@@ -76,7 +74,7 @@ class LossLevelPath(BalancingPath):
             # Under 16-mixed the backward runs through fp16 ops: scaled like Lightning's, so small gradients
             # do not underflow, then unscaled in the Gramian.
             eye = torch.eye(num_tasks, dtype=losses.dtype, device=losses.device) * scale
-            if calls is not None:
+            if calls is not None and use_layerwise(calls, num_tasks, inputs):
                 gramian = layerwise_gramian(calls, [losses], [eye], inputs)
                 return gramian / scale**2 if scale != 1.0 else gramian
             rows = parameter_jacobian([losses], [eye], inputs)

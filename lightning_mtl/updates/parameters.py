@@ -7,7 +7,7 @@ from typing import ClassVar, Optional
 from torch import Tensor
 
 from lightning_mtl.gradients import GradientMode, TaskJacobian, output_cotangents, parameter_jacobian, surrogate
-from lightning_mtl.gramian import LayerRecorder, OutputJacobian, layerwise_gramian, wants_layerwise
+from lightning_mtl.gramian import LayerRecorder, OutputJacobian, layerwise_gramian, use_layerwise
 from lightning_mtl.step import StepContext
 from lightning_mtl.updates.base import Tap
 from lightning_mtl.updates.gradient import GradientPath
@@ -20,7 +20,8 @@ class ParameterJacobianPath(GradientPath):
     cotangent at the backbone output and the heads' own plain gradients. Then, by what the balancer needs:
 
     - a Gramian weighting, in one process, with at least
-      :data:`~lightning_mtl.gramian.LAYERWISE_MIN_ENTRIES` Jacobian entries (K × P): the K × K Gramian is
+      :data:`~lightning_mtl.gramian.LAYERWISE_MIN_ENTRIES` Jacobian entries (K × P), or fewer where it is
+      estimated to be faster (:func:`~lightning_mtl.gramian.use_layerwise`): the K × K Gramian is
       formed layer by layer (:mod:`lightning_mtl.gramian`; the forward records the linear layers'
       inputs), never the K × P Jacobian, and the balanced direction is ``Σ_k w_k ∂L_k/∂output`` at the
       backbone output: Lightning's own backward takes it through the backbone (one weighted backward,
@@ -45,8 +46,8 @@ class ParameterJacobianPath(GradientPath):
     def tap(self, context: StepContext) -> Tap:
         self.recorder.stop()  # a step that ended before combine (no labelled sample, an error) left it recording
         params = self._shared()
-        if self.balancer.needs == "gramian" and context.world_size == 1 and wants_layerwise(len(self.task_names), params):
-            self.recorder.start(params)
+        if self.balancer.needs == "gramian" and context.world_size == 1 and params:
+            self.recorder.start(params)  # the linear layers' calls: the layerwise Gramian, if chosen in combine
         return Tap(captured={})
 
     def _shared(self) -> list[Tensor]:
@@ -76,7 +77,7 @@ class ParameterJacobianPath(GradientPath):
         # the heads' (and loss modules') plain gradients, through the same surrogate as the direction
         head_params = [p for p, _ in plain]
         head_grads = [g / scale if scale != 1.0 else g for _, g in plain]
-        if calls is not None:
+        if calls is not None and use_layerwise(calls, len(self.task_names), params):
             jacobian = OutputJacobian(features, cotangents, layerwise_gramian(calls, features, cotangents, params))
         else:
             cotangents = self.log_loss_cotangents(cotangents, losses, present, context)
