@@ -17,8 +17,11 @@ def project_simplex(v: np.ndarray) -> np.ndarray:
     """The Euclidean projection of ``v`` onto the probability simplex ``{x ≥ 0, Σ x = 1}``.
 
     The sort-based algorithm (Held, Wolfe & Crowder 1974; Duchi et al. 2008): ``x = max(v − θ, 0)`` with
-    the threshold ``θ`` that makes the kept entries sum to 1.
+    the threshold ``θ`` that makes the kept entries sum to 1. ``v`` is first shifted by its largest entry (the
+    projection is invariant to adding a constant to every entry), so that the 1 is not lost in the rounding of
+    entries far from 0 (MoCo's step on an un-normalised Gramian).
     """
+    v = v - v.max()
     u = np.sort(v)[::-1]
     excess = np.cumsum(u) - 1.0
     kept = u * np.arange(1, v.size + 1) > excess  # u_j > (Σ_{i≤j} u_i − 1) / j: true for a prefix

@@ -267,6 +267,18 @@ def test_project_simplex():
         assert ((others - v).norm(dim=1) >= (x - v).norm() - 1e-12).all()
 
 
+def test_project_simplex_far_from_zero():
+    """Entries far from 0 (MoCo's step on an un-normalised Gramian): the projection is still on the simplex (it is
+    invariant to a common shift), not NaN or 0."""
+    for v, expected in [([-1e17, -2e17], [1.0, 0.0]), ([1e17, 2e17], [0.0, 1.0]), ([3e16, 1e16, -5e20], [1.0, 0.0, 0.0])]:
+        torch.testing.assert_close(torch.from_numpy(project_simplex(torch.tensor(v, dtype=torch.float64).numpy())), torch.tensor(expected, dtype=torch.float64))
+    G = _gradients(0, k=3, p=100) * 1e9  # ‖g‖² ~ 1e20: γ (Y Yᵀ) λ moves λ by ~1e19
+    balancer = MoCo()
+    for _ in range(3):
+        assert torch.isfinite(balancer(G)).all()
+        torch.testing.assert_close(balancer.simplex_weights.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
 def test_sdmgrad_two_steps_by_hand():
     """G = diag(1, 2): the trace-normalised Gramian is diag(0.2, 0.8); λ = 0.5, lr = 1, one inner step a call.
     Step 1 from w = (½, ½): ∇ = A(w + λ/2) = (0.15, 0.6), Π_Δ((0.35, −0.1)) = (0.725, 0.275), weights
