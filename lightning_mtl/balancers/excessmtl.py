@@ -31,6 +31,7 @@ class ExcessMTL(GradientBalancer):
 
     The excess-risk estimate needs the gradients themselves (their squares), so this is not a Gramian
     weighting (``needs = "gradients"``); the weights are updated before the step's direction is formed.
+    A ``G`` of another shape (another K or P: a new problem) starts the state afresh, warm-up included.
     The state (``S``, K × P; ``log α``, kept in log space so that a long-neglected task's weight stays
     positive; the baselines; the step count) is extra state, so it is in the
     checkpoint; ``S`` follows the module's ``.to()``. A task absent from a step (zero row) keeps its
@@ -70,11 +71,12 @@ class ExcessMTL(GradientBalancer):
             raise ValueError(f"G must be a K x P matrix of task gradients, got shape {tuple(G.shape)}")
         work = at_least_float32(G.detach())
         k = work.shape[0]
-        if self.second_moments is None or self.second_moments.shape != work.shape:
+        if self.second_moments is None or self.second_moments.shape != work.shape:  # a new problem: warm up again
             self.second_moments = torch.zeros_like(work)
             self.log_weights = torch.zeros(k, dtype=work.dtype, device=work.device)
             self.baselines = torch.zeros(k, dtype=work.dtype, device=work.device)
             self.baseline_counts = torch.zeros(k, dtype=work.dtype, device=work.device)
+            self.steps = 0
         self._follow(work)
         self.steps += 1
         squares = work.square()

@@ -28,7 +28,8 @@ class MoCo(GradientBalancer):
     the squared gradient norms of the problem.
 
     The direction is built from the tracked gradients, not from this step's ``G`` alone, so it is not a
-    Gramian weighting (``needs = "gradients"``). ``Y`` starts at 0 and ``λ`` uniform. The state
+    Gramian weighting (``needs = "gradients"``). ``Y`` starts at 0 and ``λ`` uniform, and start so again, with
+    ``t`` back at 1, when ``G`` changes shape (another K or P: a new problem). The state
     (``Y``, ``λ``, the call count) is extra state, so it is in the checkpoint; ``Y`` follows the module's
     ``.to()``. A step without some tasks (zero rows of ``G``) runs MoCo on the present ones: their ``Y``
     rows are updated, the others kept exactly, and their part of ``λ``, renormalised to sum to 1, takes
@@ -66,9 +67,10 @@ class MoCo(GradientBalancer):
             raise ValueError(f"G must be a K x P matrix of task gradients, got shape {tuple(G.shape)}")
         work = at_least_float32(G.detach())
         k = work.shape[0]
-        if self.tracked is None or self.tracked.shape != work.shape:
+        if self.tracked is None or self.tracked.shape != work.shape:  # a new problem: start afresh (t too)
             self.tracked = torch.zeros_like(work)
             self.simplex_weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
+            self.steps = 0
         elif self.tracked.dtype != work.dtype or self.tracked.device != work.device:
             self.tracked = self.tracked.to(work)
         present = (work != 0).any(dim=1)

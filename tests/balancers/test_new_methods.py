@@ -520,6 +520,19 @@ def test_state_round_trip_resumes_exactly_and_is_a_copy(config):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("config", ["moco", "excessmtl"])
+def test_gradients_of_another_shape_start_like_a_fresh_balancer(config):
+    """The K x P state is re-created when G changes shape (another K, or P): the call count with it, so MoCo's
+    decayed steps β t^-σ, γ t^-σ and ExcessMTL's warm-up start again instead of continuing the old problem's."""
+    for k, p in [(4, 8), (3, 9)]:  # another K, another P
+        used, fresh = CONFIGS[config](), CONFIGS[config]()
+        for step in range(6):
+            used(_gradients(step, k=3))
+        for step in range(4):
+            G = _gradients(20 + step, k=k, p=p)
+            torch.testing.assert_close(used(G), fresh(G), rtol=0, atol=0)
+
+
 def test_fairgrad_is_stateless():
     assert "_extra_state" not in FairGrad().state_dict()
 
