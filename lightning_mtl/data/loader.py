@@ -346,6 +346,11 @@ class EndlessLoader:
         if position != self.position:
             self.position, self._iterator = position, None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (``copy.deepcopy`` of a fitted module) or a pickle drops the live iterator (a generator, which
+        cannot be copied) and restarts it at the same position when it next draws."""
+        return {**self.__dict__, "_iterator": None, "_epoch": None}
+
     def __iter__(self) -> "EndlessLoader":
         return self
 

@@ -395,6 +395,18 @@ def test_one_meta_step_per_optimizer_step_it_is_due(accumulate, update_every, ex
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
+def test_a_fitted_module_can_be_copied_and_the_copy_draws_on_from_the_same_position():
+    """The meta stream's live iterator (a generator) is not copied: deepcopy after fit failed, and so did a second
+    fit with StochasticWeightAveraging (which copies the module)."""
+    module = sgd_module(AutoLambda(lr=0.01))
+    quiet_trainer(max_steps=3).fit(module, datamodule=meta_data())
+    copied = copy.deepcopy(module)
+    stream, copied_stream = module._meta_steps.stream, copied._meta_steps.stream
+    assert copied_stream.position == stream.position == 3
+    for a, b in zip(next(stream), next(copied_stream)):
+        assert torch.equal(a, b) if torch.is_tensor(a) else all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_representation_mode_is_accepted_and_changes_nothing():
     """A loss-level method: the gradient mode is ignored, the lookahead is over every parameter."""
     runs = []
