@@ -9,11 +9,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._utils import check_range
+from lightning_mtl.balancers._utils import check_range, rank_tolerance
 from lightning_mtl.balancers.base import GramianBalancer
 
 #: Normalised weights above this mean the equation has no solution (see FairGrad's docstring).
 _CAP = 1e6
+#: The smallest ridge (relative to the unit mean diagonal): a smaller one is lost in the rounding of ``A + ridge·I``.
+_MIN_RIDGE = 1e-12
 _MAX_ITERS = 100
 
 
@@ -21,7 +23,8 @@ def solve_fairgrad(gramian: np.ndarray, alpha: float, ridge: float = 0.0) -> Opt
     """The positive ``w`` with ``(A + ridge·I) w = w^{-1/α}`` for a K × K Gramian ``A`` whose diagonal
     mean is 1, by Newton's method on the strictly convex ``f(w) = ½ wᵀ(A + ridge·I)w − Σ_k φ(w_k)``,
     ``φ' = w^{-1/α}``, with a fraction-to-the-boundary step that keeps ``w`` positive and an Armijo
-    backtracking line search. Without a ridge, returns None when the iterates grow past ``_CAP`` (no solution)."""
+    backtracking line search. Without a ridge, returns None when the iterates grow past ``_CAP`` or do not converge
+    in ``_MAX_ITERS`` iterations (no solution)."""
     k = gramian.shape[0]
     A = gramian + ridge * np.eye(k) if ridge else gramian
     power = -1.0 / alpha
@@ -45,7 +48,7 @@ def _newton(A: np.ndarray, w: np.ndarray, objective: Any, power: float, ridge: f
         residual = Aw - rhs
         error = float(np.abs(residual).max() / rhs.max())
         if error <= 1e-14 or (error <= 1e-10 and error > 0.5 * previous):  # converged, or at rounding level
-            break
+            return w
         previous = error
         try:
             step = -np.linalg.solve(A - np.diag(power * rhs / w), residual)
@@ -63,9 +66,9 @@ def _newton(A: np.ndarray, w: np.ndarray, objective: Any, power: float, ridge: f
                 break
             t *= 0.5
         w, Aw, value = candidate, A_candidate, new_value
-        if not ridge and w.max() > _CAP:
+        if not ridge and not w.max() <= _CAP:  # NaN too: w^{-1/α} overflowed (small α)
             return None
-    return w
+    return w if ridge else None
 
 
 class FairGrad(GramianBalancer):
@@ -93,9 +96,10 @@ class FairGrad(GramianBalancer):
     unique solution and needs nothing special. If a convex combination of the task gradients is 0 (a
     Pareto-stationary step: some tasks cancel each other exactly), the equation has no solution:
     ``f`` is unbounded below along that combination and its weights grow without bound. When the
-    Newton iterates pass 10⁶ (normalised) the solve restarts on ``G Gᵀ + ρ I`` with
-    ``ρ = (10⁻⁶)^{1+1/α}`` (relative to ``s``), whose solution exists and whose weights stay near or
-    below 10⁶: the cancelling combination contributes (almost) nothing to ``d``, the other tasks keep
+    Newton iterates pass 10⁶ (normalised), or do not converge, the solve restarts on ``G Gᵀ + ρ I`` with
+    ``ρ = (10⁻⁶)^{1+1/α}`` (relative to ``s``), but at least 10⁻¹² and the rounding level of the Gramian's
+    dtype (a smaller ρ underflows or is lost in rounding at small α), whose solution exists and whose weights
+    stay near or below 10⁶: the cancelling combination contributes (almost) nothing to ``d``, the other tasks keep
     their part. The weights are computed in float64; near such a point their float32 copy, applied to
     the gradients, leaves a rounding residue of up to about 10⁻¹ of a gradient along the cancelling tasks.
 
@@ -114,5 +118,8 @@ class FairGrad(GramianBalancer):
         A = A / scale
         w = solve_fairgrad(A, self.alpha)
         if w is None:
-            w = solve_fairgrad(A, self.alpha, ridge=(1.0 / _CAP) ** (1.0 + 1.0 / self.alpha))
+            # at least the rounding of A + ridge·I and of the Gramian's own entries (whose eigenvalues may be
+            # below 0 by that much): a smaller ridge leaves f unbounded below, and the weights overflow (small α)
+            floor = max(_MIN_RIDGE, A.shape[0] * rank_tolerance(gramian.dtype, A.shape[0]))
+            w = solve_fairgrad(A, self.alpha, ridge=max((1.0 / _CAP) ** (1.0 + 1.0 / self.alpha), floor))
         return torch.from_numpy(w * scale ** (-self.alpha / (1.0 + self.alpha)))

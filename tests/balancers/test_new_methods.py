@@ -204,6 +204,24 @@ def test_fairgrad_on_degenerate_gramians(alpha):
         assert torch.isfinite(FairGrad(alpha)(case)).all()
 
 
+@pytest.mark.parametrize("alpha", [0.005, 0.015, 0.02, 0.1])
+def test_fairgrad_small_alpha_on_gradients_that_cancel(alpha):
+    """Small α on a Pareto-stationary step: the ridge ``(10⁻⁶)^{1+1/α}`` underflowed to 0 (a TypeError) or was lost
+    in rounding (weights growing to inf, a NaN direction; a float32 Gramian's rounding leaves it slightly
+    indefinite too). The ridge is floored at the Gramian's rounding: finite weights, a direction near 0."""
+    generator = torch.Generator().manual_seed(0)
+    h = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    g = torch.tensor([1.0, -2.0, 0.0], dtype=torch.float64)
+    for G in (torch.stack([g, -g]), torch.stack([g, -3 * g, h]), torch.randn(5, 2, generator=generator, dtype=torch.float64)):
+        for dtype in (torch.float64, torch.float32):
+            work = G.to(dtype)
+            weights = FairGrad(alpha).weights(work @ work.T)
+            assert torch.isfinite(weights).all() and (weights > 0).all(), (G, dtype, weights)
+            direction = FairGrad(alpha)(work)
+            cancelling = direction if G.shape[0] != 3 else direction[:2]  # h is orthogonal to the cancelling pair
+            assert float(cancelling.norm()) <= 0.1 * float(G.norm(dim=1).min()), (G, dtype, direction)
+
+
 def test_fairgrad_solver_reports_no_solution_without_a_ridge():
     import numpy as np
 
