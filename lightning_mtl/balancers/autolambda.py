@@ -236,6 +236,14 @@ class AutoLambda(Balancer):
         seen = count > 0
         return torch.where(seen, total / count.clamp_min(torch.finfo(count.dtype).tiny), 0.0), seen
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "AutoLambda":
+        """Moved and cast like any module, except that ``λ`` stays at least float32 (``16-true``, ``bf16-true``):
+        an Adam step of ``lr = 1e-4`` is below half a bf16 ulp of ``λ ≈ 0.1``, so a bf16 ``λ`` would never move."""
+        super()._apply(fn, recurse)
+        if "lambdas" in self._buffers:
+            self.lambdas = at_least_float32(self.lambdas)
+        return self
+
     def reset(self) -> None:
         self.lambdas.fill_(self.initial_weight)
         self._adam.reset()

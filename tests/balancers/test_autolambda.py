@@ -473,6 +473,17 @@ def test_under_bf16_mixed_the_finite_difference_forwards_run_without_autocast():
     assert all(not autocast and dtype == torch.float32 for grad, autocast, dtype in calls if not grad)
 
 
+def test_under_bf16_true_lambda_stays_float32_and_learns_with_the_default_lr():
+    """Adam's steps of 1e-4 are below half a bf16 ulp of λ = 0.1: a bf16 λ never moved (measured: 12 meta steps,
+    λ exactly 0.1 in bf16; float32 runs moved it by 1e-3)."""
+    module = sgd_module(AutoLambda())
+    quiet_trainer(max_epochs=3, precision="bf16-true").fit(module, datamodule=meta_data())
+    lambdas = module.balancer.lambdas
+    assert module.balancer.meta_batches == 12 and lambdas.dtype == torch.float32
+    assert (lambdas - 0.1).abs().min() > 5e-4
+    assert next(module.backbone.parameters()).dtype == torch.bfloat16  # the model itself is cast
+
+
 @pytest.mark.slow
 def test_learns_multidigits_above_chance_in_one_epoch_with_a_meta_split():
     """One epoch (125 steps, a meta step each); chance accuracy is 0.10 ± 0.0067 on 2000 samples."""
