@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
@@ -15,6 +16,14 @@ from lightning_mtl.balancers.base import GramianBalancer
 def alignedmtl_weights(gramian: np.ndarray, scale_mode: str, rtol: float) -> np.ndarray:
     """Aligned-MTL's weights ``B 1/K`` for the K × K ``gramian``; eigenvalues below ``rtol λ_max`` are dropped."""
     k = gramian.shape[0]
+    if k == 2:
+        (a, b), (_, c) = gramian.tolist()
+        determinant, trace = a * c - b * b, a + c
+        if determinant > rtol * trace**2:  # full rank: B = √λ M^{-1/2} in closed form
+            root = math.sqrt(determinant)  # M^{-1/2} = [[c + root, −b], [−b, a + root]] / (root √(tr + 2 root))
+            scale = trace / 2 if scale_mode == "rmse" else determinant / (0.5 * (trace + math.sqrt(trace**2 - 4 * determinant)))
+            factor = math.sqrt(scale) / (2.0 * root * math.sqrt(trace + 2.0 * root))
+            return np.array([factor * (c + root - b), factor * (a + root - b)])
     values, vectors = np.linalg.eigh(gramian)
     keep = values > rtol * values[-1]
     if not keep.any():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -19,6 +21,8 @@ def config_weights(gramian: np.ndarray, rtol: float) -> np.ndarray:
     with every gradient, and ``U⁺ 1 / ‖U⁺ 1‖`` would be the direction of rounding errors.
     """
     k = gramian.shape[0]
+    if k == 2:
+        return _two_tasks(gramian, rtol)
     inverse_norms = 1.0 / np.sqrt(gramian.diagonal())
     values, vectors = np.linalg.eigh(gramian * inverse_norms[:, None] * inverse_norms[None, :])
     keep = values > rtol * values[-1]
@@ -32,6 +36,20 @@ def config_weights(gramian: np.ndarray, rtol: float) -> np.ndarray:
     if not squared_norm > 0:
         return np.zeros_like(b)
     return b * (gb.sum() / squared_norm)
+
+
+def _two_tasks(gramian: np.ndarray, rtol: float) -> np.ndarray:
+    """K = 2 in closed form: ``1`` is an eigenvector of the unit Gramian ``[[1, c], [c, 1]]`` (eigenvalue
+    ``1 + c``), so ``b ∝ D⁻¹ 1`` unless ``1 + c`` is dropped (opposite gradients: zero weights)."""
+    (a, b), (_, c) = gramian.tolist()
+    root_a, root_c = math.sqrt(a), math.sqrt(c)
+    cosine = b / (root_a * root_c)
+    if not 1.0 + cosine > rtol * (1.0 + abs(cosine)):
+        return np.zeros(2)
+    # w = v (1ᵀ G Gᵀ v) / (vᵀ G Gᵀ v) with v = (1/‖g_1‖, 1/‖g_2‖): vᵀ G Gᵀ v = 2 (1 + c)
+    total = root_a + root_c + b * (1.0 / root_a + 1.0 / root_c)
+    factor = total / (2.0 * (1.0 + cosine))
+    return np.array([factor / root_a, factor / root_c])
 
 
 class ConFIG(GramianBalancer):

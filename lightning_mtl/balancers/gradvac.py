@@ -49,24 +49,27 @@ def gradvac_weights(
     squared_j = gramian.diagonal()[visits]
     norm_j = np.sqrt(squared_j)
     denominator = norm_j * root_target + eps
-    cosines, added = np.empty_like(target), np.zeros_like(target)
+    raise_, lower = target / denominator, root_target / denominator  # w = ‖g_i'‖ (raise_ √(1 − φ²) − lower φ)
+    cosines, added = [], []
     squared = gramian.diagonal().copy()  # ‖g_i'‖², updated as row i is modified
     products = gramian.copy()  # row i: inner products g_i'·g_j with every g_j
     entries = products.ravel()
-    for step in range(k - 1):
-        dot = entries[flat[step]]
+    no_change = np.zeros(k)
+    for index, visited, norm, goal, up, down, square in zip(flat, visits, norm_j, target, raise_, lower, squared_j):
+        dot = entries[index]
         norm_i = np.sqrt(squared)
-        phi = dot / (norm_i * norm_j[step] + eps)
-        cosines[step] = phi
-        low = phi < target[step]
-        if low.any():
-            root_phi = np.sqrt(np.maximum(1.0 - phi * phi, 0.0))
-            w = np.where(low, norm_i * (target[step] * root_phi - phi * root_target[step]) / denominator[step], 0.0)
-            added[step] = w
-            products += w[:, None] * gramian[visits[step]]
-            squared = np.abs(squared + w * (2.0 * dot + w * squared_j[step]))
-    targets.ravel()[flat] = (1.0 - beta) * target + beta * cosines
-    return 1.0 + np.bincount(visits.ravel(), weights=added.ravel(), minlength=k)
+        phi = dot / (norm_i * norm + eps)
+        cosines.append(phi)
+        low = phi < goal
+        if not low.any():
+            added.append(no_change)
+            continue
+        w = np.where(low, norm_i * (up * np.sqrt(np.maximum(1.0 - phi * phi, 0.0)) - down * phi), 0.0)
+        added.append(w)
+        products += w[:, None] * gramian[visited]
+        squared = np.abs(squared + w * (dot + dot + w * square))
+    targets.ravel()[flat] = (1.0 - beta) * target + beta * np.array(cosines)
+    return 1.0 + np.bincount(visits.ravel(), weights=np.concatenate(added), minlength=k)
 
 
 class GradVac(Seeded, GramianBalancer):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -17,6 +19,12 @@ def imtlg_weights(gramian: np.ndarray, rtol: float) -> np.ndarray:
     ``rtol λ_max`` count as zero in the pseudo-inverse. Zero weights where ``‖g‖`` has (almost) no
     component in the range of the Gramian, i.e. no combination has positive equal projections.
     """
+    if gramian.shape[0] == 2:
+        (a, b), (_, c) = gramian.tolist()
+        if a * c - b * b > rtol * (a + c) ** 2:  # full rank (λ_min ≥ det / tr > rtol tr ≥ rtol λ_max): M⁻¹ in closed form
+            root_a, root_c = math.sqrt(a), math.sqrt(c)
+            total = (root_a + root_c) * (root_a * root_c - b)
+            return np.array([(c * root_a - b * root_c) / total, (a * root_c - b * root_a) / total])
     normalised = gramian / np.trace(gramian)
     norms = np.sqrt(normalised.diagonal())
     values, vectors = np.linalg.eigh(normalised)
