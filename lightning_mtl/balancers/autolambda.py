@@ -215,13 +215,28 @@ class AutoLambda(Balancer):
         return MetaGradient(gradient.to(self.lambdas.dtype), seen)
 
     def _mean_gradient(self, value: Tensor, params: list[Tensor], loss_scale: float) -> list[Tensor]:
-        """``∇ value`` w.r.t. ``params`` (zeros where it does not depend on one), averaged over the processes."""
-        if value.requires_grad and params:
-            grads = torch.autograd.grad(value * loss_scale if loss_scale != 1.0 else value, params,
-                                        allow_unused=True, materialize_grads=True)  # fmt: skip
-            grads = [grad / loss_scale for grad in grads] if loss_scale != 1.0 else list(grads)
-        else:  # no task of this process's batch has a label: it still joins the reduction
-            grads = [torch.zeros_like(p) for p in params]
+        """``∇ value`` w.r.t. ``params`` (zeros where it does not depend on one), averaged over the processes.
+
+        Under ``16-mixed`` the backward runs on ``value`` times the GradScaler's scale; an overflow is retried at a
+        16× lower scale (down to 1): the meta objective is unweighted, so its gradient may overflow at a scale at
+        which the real step's ``Σ λ_k L_k`` does not, and the GradScaler, which only sees the real step, would
+        never lower it."""
+        scale = loss_scale
+        while True:
+            retry = scale > 1.0
+            if value.requires_grad and params:
+                grads = torch.autograd.grad(value * scale if scale != 1.0 else value, params, allow_unused=True,
+                                            materialize_grads=True, retain_graph=retry)  # fmt: skip
+                grads = [grad / scale for grad in grads] if scale != 1.0 else list(grads)
+            else:  # no task of this process's batch has a label: it still joins the reduction
+                grads = [torch.zeros_like(p) for p in params]
+            grads = self._reduced(grads)
+            if not retry or not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+                return grads
+            scale = max(scale / 16.0, 1.0)
+
+    def _reduced(self, grads: list[Tensor]) -> list[Tensor]:
+        """The gradients averaged over the processes (one all-reduce)."""
         if not self.distributed or not grads:
             return grads
         flat = self.all_reduce_mean(torch.cat([grad.reshape(-1) for grad in grads]))

@@ -484,6 +484,20 @@ def test_under_bf16_true_lambda_stays_float32_and_learns_with_the_default_lr():
     assert next(module.backbone.parameters()).dtype == torch.bfloat16  # the model itself is cast
 
 
+def test_under_16_mixed_with_a_grad_scaler_lambda_follows_the_float32_run():
+    """The unweighted meta objective's scaled gradient overflowed in fp16 at a scale the real step kept (65536), so
+    every meta-gradient was dropped and λ never moved; an overflow is now retried at a lower scale."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    runs = []
+    for plugins in ([], [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]):
+        module = sgd_module(AutoLambda(lr=0.01))
+        quiet_trainer(max_steps=3, plugins=plugins).fit(module, datamodule=meta_data())
+        runs.append(module.balancer.lambdas)
+    assert (runs[0] - 0.1).abs().min() > 0.02
+    torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_learns_multidigits_above_chance_in_one_epoch_with_a_meta_split():
     """One epoch (125 steps, a meta step each); chance accuracy is 0.10 ± 0.0067 on 2000 samples."""
