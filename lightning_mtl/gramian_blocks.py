@@ -9,8 +9,8 @@ Their Gramian block is formed in one of two ways, the one with fewer operations 
   is the bias): ``N²·in + K·N·out·(N + K)`` operations, holding the N × N kernel (up to
   :data:`KERNEL_MAX_ROWS` rows);
 - the **explicit** block ``<D_kᵀ A, D_lᵀ A>``, formed a slice of output features at a time (at most
-  :data:`WORKSPACE` entries a slice; a convolution's slice by ``convolution_backward`` with the K tasks as
-  output channels): ``K·in·out·(N + K)`` operations.
+  :data:`WORKSPACE` entries a slice; a convolution's slice by ``convolution_backward``, task by task):
+  ``K·in·out·(N + K)`` operations.
 
 A module called several times contributes the rows of all its calls (its weight's gradient is their sum).
 """
@@ -111,10 +111,9 @@ def _weight_slice(module: nn.Module, x: Tensor, d: Tensor, start: int, stop: int
         return torch.matmul(rows.transpose(1, 2), input_rows(module, x)).reshape(k, -1)
     x, _, stride, padding, dilation = _conv_geometry(module, x)
     d = d if d.dim() == x.dim() + 1 else d.unsqueeze(1)
-    stacked = d[:, :, start:stop].movedim(0, 1).flatten(1, 2)  # (B, K·slice, *spatial): the K tasks as channels
-    size = (stacked.shape[1], *module.weight.shape[1:])
+    size = (stop - start, *module.weight.shape[1:])
     weight_grad = torch.nn.grad.conv1d_weight if isinstance(module, nn.Conv1d) else torch.nn.grad.conv2d_weight
-    return weight_grad(x, size, stacked, stride, padding, dilation).reshape(k, -1)
+    return torch.stack([weight_grad(x, size, d[j, :, start:stop], stride, padding, dilation) for j in range(k)]).reshape(k, -1)
 
 
 def _cat(tensors: list[Tensor], dim: int = 0) -> Tensor:
