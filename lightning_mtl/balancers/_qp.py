@@ -25,6 +25,7 @@ import math
 import warnings
 
 import numpy as np
+import torch
 from torch import Tensor
 
 __all__ = ["cagrad_dual", "host_gramian", "min_norm_point", "project_dual_cone"]
@@ -34,16 +35,19 @@ EPS = float(np.finfo(np.float64).eps)
 #: Multiples of ``K · EPS`` that a computed ``(M v + b)_k`` may be off by, relative to its terms (see ``_tolerance``).
 ROUNDING = 4.0
 #: Lawson–Hanson leaves out a task whose gradient's squared distance to the span of the support's is below this
-#: fraction of its squared norm (a system with it would be singular to working precision).
-DEPENDENT = 1e-12
+#: fraction of its squared norm, or ``K`` times the precision of the Gramian's entries if more (a system with it
+#: would be singular to that precision; with a float32 Gramian, indefinite).
+DEPENDENT = 1e-8
 #: Primal–dual active-set steps before the rows left over go to Lawson–Hanson (at least; K / 5 for large K).
 PDAS_STEPS = 8
 
 
-def host_gramian(gramian: Tensor) -> np.ndarray:
-    """The Gramian (on the CPU, with a positive trace) as float64 NumPy, divided by its trace."""
+def host_gramian(gramian: Tensor) -> tuple[np.ndarray, float]:
+    """The Gramian (on the CPU, with a positive trace) as float64 NumPy divided by its trace, and the relative
+    precision of its entries (its dtype's ``eps``: a float32 Gramian is known to about 1e-7, and may be
+    indefinite at that level)."""
     array = gramian.detach().numpy().astype(np.float64)
-    return array / array.trace()
+    return array / array.trace(), float(torch.finfo(gramian.dtype).eps)
 
 
 def _tolerance(norms: np.ndarray, V: np.ndarray, size: np.ndarray) -> np.ndarray:
@@ -55,18 +59,26 @@ def _tolerance(norms: np.ndarray, V: np.ndarray, size: np.ndarray) -> np.ndarray
     return (ROUNDING * V.shape[1] * EPS) * norms * (np.abs(V) @ norms + size)[:, None]
 
 
-def _nnqp(M: np.ndarray, B: np.ndarray, size: np.ndarray, max_iters: int) -> tuple[np.ndarray, bool]:
+def _nnqp(
+    M: np.ndarray, B: np.ndarray, size: np.ndarray, max_iters: int, precision: float = EPS
+) -> tuple[np.ndarray, bool]:
     """The rows ``v_i = argmin_{v ≥ 0} ½ vᵀ M v + b_iᵀ v`` for the rows ``b_i`` of ``B`` (``M`` PSD, positive
     diagonal), and whether every row was solved within ``max_iters`` linear solves per phase (else that row's
-    last iterate, feasible). ``size[i]`` bounds the rounding of ``b_i`` (see :func:`_tolerance`)."""
+    last iterate, feasible). ``size[i]`` bounds the rounding of ``b_i`` (see :func:`_tolerance`); ``precision``
+    is that of ``M``'s entries (see :data:`DEPENDENT`)."""
     norms = np.sqrt(M.diagonal())
+    steps = min(max_iters, max(PDAS_STEPS, M.shape[0] // 5))
+    if B.shape[0] == 1:
+        v = _pdas_row(M, B[0], float(size[0]), norms, steps)
+        if v is not None:
+            return v[None], True
     V = np.zeros_like(B)
     P = B < -_tolerance(norms, V, size)
     rows = np.flatnonzero(P.any(axis=1))  # the other rows are solved by v = 0
     P, B_, size_ = P[rows], B[rows], size[rows]
     identity = np.eye(M.shape[0], dtype=bool)
-    failed = []
-    for _ in range(min(max_iters, max(PDAS_STEPS, M.shape[0] // 5))):
+    failed, starts = [], np.zeros_like(B)
+    for _ in range(steps):
         if rows.size == 0:
             break
         X = _solve(np.where(P[:, :, None] & P[:, None, :], M, identity), np.where(P, -B_, 0.0))
@@ -76,12 +88,57 @@ def _nnqp(M: np.ndarray, B: np.ndarray, size: np.ndarray, max_iters: int) -> tup
         V[rows[done]] = X[done]
         failed.extend(rows[~finite])  # a singular system: duplicate or dependent tasks both in P
         going = ~done & finite
+        starts[rows[going]] = X[going]
         rows, P, B_, size_ = rows[going], update[going], B_[going], size_[going]
+    left = np.array([*failed, *rows], dtype=int)
+    if left.size == 0:
+        return V, True
+    first, group = _duplicates(M, precision)
+    if first.size < M.shape[0]:  # duplicate tasks: one variable each, shared equally (the same constraint twice)
+        merged, converged = _nnqp(M[first][:, first], B[left][:, first], size[left], max_iters, precision)
+        V[left] = merged[:, group] / np.bincount(group)[group]
+        return V, converged
     converged = True
-    for i in [*failed, *rows]:  # Lawson–Hanson for the rows left (cycling, or singular)
-        V[i], solved = _lawson_hanson(M, B[i], size[i], norms, max_iters)
+    for i in left:  # Lawson–Hanson for the rows left (cycling, or a singular system)
+        V[i], solved = _lawson_hanson(
+            M, B[i], size[i], norms, max_iters, max(DEPENDENT, M.shape[0] * precision), starts[i]
+        )
         converged &= solved
     return V, converged
+
+
+def _duplicates(M: np.ndarray, precision: float) -> tuple[np.ndarray, np.ndarray]:
+    """The first task of each group of equal ones (equal rows of ``M`` up to ``precision``), and each task's group."""
+    K = M.shape[0]
+    norms = np.sqrt(M.diagonal())
+    bound = (8.0 * K * precision) * (norms[:, None, None] + norms[None, :, None]) * norms[None, None, :]
+    same = (np.abs(M[:, None, :] - M[None, :, :]) <= bound).all(axis=2)
+    leader = np.argmax(same, axis=1)  # the first task each one equals (itself at the latest)
+    leader = leader[leader[leader]]  # closeness need not be transitive: follow to a task that leads itself
+    first, group = np.unique(leader, return_inverse=True)
+    return first, group
+
+
+def _pdas_row(M: np.ndarray, b: np.ndarray, size: float, norms: np.ndarray, steps: int) -> np.ndarray | None:
+    """The primal–dual active-set steps of :func:`_nnqp` for one problem, on index sets (fewer NumPy calls than
+    the batched form); None if they do not settle on a verified solution within ``steps`` solves."""
+    slack = (ROUNDING * b.shape[0] * EPS) * norms
+    passive = b < -slack * size
+    if not passive.any():
+        return np.zeros_like(b)
+    for _ in range(steps):
+        index = np.flatnonzero(passive)
+        try:
+            solved = np.linalg.solve(M[index][:, index], -b[index]) if index.size else np.zeros(0)
+        except np.linalg.LinAlgError:
+            return None
+        v = np.zeros_like(b)
+        v[index] = solved
+        update = np.where(passive, v > 0, M[:, index] @ solved + b < -slack * (norms[index] @ np.abs(solved) + size))
+        if (update == passive).all():
+            return v if np.isfinite(solved).all() else None
+        passive = update
+    return None
 
 
 def _solve(systems: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -99,41 +156,36 @@ def _solve(systems: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 
 
 def _lawson_hanson(
-    M: np.ndarray, b: np.ndarray, size: float, norms: np.ndarray, max_iters: int
+    M: np.ndarray,
+    b: np.ndarray,
+    size: float,
+    norms: np.ndarray,
+    max_iters: int,
+    dependent_below: float,
+    start: np.ndarray | None = None,
 ) -> tuple[np.ndarray, bool]:
     """``argmin_{v ≥ 0} ½ vᵀ M v + bᵀ v`` by Lawson & Hanson's NNLS algorithm (1974, Algorithm 23.10) on the
-    normal equations, and whether it finished within ``max_iters`` linear solves."""
+    normal equations, and whether it finished within ``max_iters`` linear solves. ``start`` (clipped to ``v ≥ 0``)
+    is a feasible first point, whose support is the first passive set (as Bro & de Jong allow)."""
     K = b.shape[0]
-    v = np.zeros(K)
-    passive, dependent = np.zeros(K, dtype=bool), np.zeros(K, dtype=bool)
-    iters = 0
+    v = np.zeros(K) if start is None else np.maximum(start, 0.0)
+    passive, dependent = v > 0, np.zeros(K, dtype=bool)
+    iters, j = 0, -1
     while iters < max_iters:
-        r = M @ v + b
-        violated = ~passive & ~dependent & (r < -_tolerance(norms, v[None], np.array([size]))[0])
-        if not violated.any():
-            return v, True
-        j = int(np.argmin(np.where(violated, r / norms, 0.0)))  # the most conflicting, relative to its norm
-        index = np.flatnonzero(passive)
-        if index.size:  # j's squared distance to the span of the passive columns (of M's factor)
-            iters += 1
-            column = M[index, j]
-            pivot = M[j, j] - column @ np.linalg.solve(M[index][:, index], column)
-            if not pivot > DEPENDENT * M[j, j]:  # numerically in the span: a system with it is singular
-                dependent[j] = True
-                continue
-        passive[j] = True
-        while iters < max_iters:
+        while passive.any() and iters < max_iters:  # to the least-squares point of the passive set, staying feasible
             iters += 1
             index = np.flatnonzero(passive)
             try:
                 s = np.linalg.solve(M[index][:, index], -b[index])
-            except np.linalg.LinAlgError:  # j's column depends on the others': its violation is rounding
+            except np.linalg.LinAlgError:
                 s = np.full(index.size, np.nan)
             if (s > 0).all():
                 v[:] = 0.0
                 v[index] = s
                 break
-            if v[j] == 0.0 and not s[index == j][0] > 0.0:  # j does not enter: its violation is rounding
+            if not np.isfinite(s).all() and j < 0:  # the start's support is singular: start from 0
+                return _lawson_hanson(M, b, size, norms, max_iters - iters, dependent_below)
+            if j >= 0 and v[j] == 0.0 and not s[index == j][0] > 0.0:  # j does not enter: its violation is rounding
                 passive[j] = False
                 return v, True
             current = v[index]
@@ -145,10 +197,28 @@ def _lawson_hanson(
             current[current < 0] = 0.0
             v[index] = current
             passive[index] = current > 0
+        r = M @ v + b
+        violated = ~passive & ~dependent & (r < -_tolerance(norms, v[None], np.array([size]))[0])
+        index = np.flatnonzero(passive)
+        if index.size and violated.any():  # the candidates' squared distances to the span of the passive columns
+            iters += 1
+            candidates = np.flatnonzero(violated)
+            columns = M[index][:, candidates]
+            try:
+                pivots = M.diagonal()[candidates] - (columns * np.linalg.solve(M[index][:, index], columns)).sum(axis=0)
+            except np.linalg.LinAlgError:  # only a start's support can be singular (the solves cap stopped it early)
+                return v, False
+            # numerically in the span: a system with it would be singular
+            dependent[candidates[~(pivots > dependent_below * M.diagonal()[candidates])]] = True
+            violated &= ~dependent
+        if not violated.any():
+            return v, True
+        j = int(np.argmin(np.where(violated, r / norms, 0.0)))  # the most conflicting, relative to its norm
+        passive[j] = True
     return v, False
 
 
-def min_norm_point(Q: np.ndarray, max_iters: int) -> tuple[np.ndarray, bool]:
+def min_norm_point(Q: np.ndarray, max_iters: int, precision: float = EPS) -> tuple[np.ndarray, bool]:
     """``w = argmin_{w ∈ Δ} wᵀ Q w``: the minimum-norm point ``Gᵀ w`` of the convex hull of the task gradients
     (MGDA: Désidéri 2012; Sener & Koltun 2018, Eq. 4), and whether it was found within ``max_iters`` solves.
 
@@ -166,11 +236,11 @@ def min_norm_point(Q: np.ndarray, max_iters: int) -> tuple[np.ndarray, bool]:
         first = 0.5 if gap <= 0.0 else min(max((Q[1, 1] - Q[0, 1]) / gap, 0.0), 1.0)
         return np.array([first, 1.0 - first]), True
     M = Q + Q.diagonal().min()
-    u, converged = _nnqp(M, -np.ones((1, K)), np.zeros(1), max_iters)
+    u, converged = _nnqp(M, -np.ones((1, K)), np.zeros(1), max_iters, precision)
     return u[0] / u[0].sum(), converged
 
 
-def project_dual_cone(Q: np.ndarray, A: np.ndarray, max_iters: int = 1000) -> np.ndarray:
+def project_dual_cone(Q: np.ndarray, A: np.ndarray, precision: float = EPS, max_iters: int = 1000) -> np.ndarray:
     """The rows ``w_i = a_i + v_i``, ``v_i = argmin_{v ≥ 0} ½ (a_i + v)ᵀ Q (a_i + v)``, for rows ``a_i ≥ 0``:
     ``Gᵀ w_i`` is the projection of ``Gᵀ a_i`` onto the dual cone ``{d : G d ≥ 0}`` of the task gradients.
 
@@ -191,7 +261,7 @@ def project_dual_cone(Q: np.ndarray, A: np.ndarray, max_iters: int = 1000) -> np
                 V[i, 1] = -B[i, 1] / Q[1, 1]
         return A + V
     norms = np.sqrt(Q.diagonal())
-    V, _ = _nnqp(Q, B, np.abs(A) @ norms, max_iters)
+    V, _ = _nnqp(Q, B, np.abs(A) @ norms, max_iters, precision)
     return A + V
 
 

@@ -40,7 +40,7 @@ class CAGrad(GramianBalancer):
         self.norm_eps = check_range("norm_eps", norm_eps, 0.0)
 
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
-        Q = host_gramian(gramian)
+        Q, _ = host_gramian(gramian)
         K = Q.shape[0]
         a = np.full(K, 1.0 / K)
         phi = self.c * math.sqrt(max(a @ Q @ a, 0.0))  # c ‖g₀‖

@@ -27,6 +27,6 @@ class DualProj(GramianBalancer):
     """
 
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
-        Q = host_gramian(gramian)
+        Q, precision = host_gramian(gramian)
         K = Q.shape[0]
-        return torch.from_numpy(project_dual_cone(Q, np.full((1, K), 1.0 / K))[0])
+        return torch.from_numpy(project_dual_cone(Q, np.full((1, K), 1.0 / K), precision)[0])

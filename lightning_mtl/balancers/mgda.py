@@ -53,8 +53,8 @@ class MGDA(GramianBalancer):
             )
 
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
-        Q = host_gramian(gramian)
-        weights, solved = min_norm_point(Q, self.max_iters)
+        Q, precision = host_gramian(gramian)
+        weights, solved = min_norm_point(Q, self.max_iters, precision)
         if not solved:
             warnings.warn(
                 f"MGDA: the active-set solver reached max_iters={self.max_iters} before the optimum; the weights "

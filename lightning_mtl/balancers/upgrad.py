@@ -29,7 +29,7 @@ class UPGrad(GramianBalancer):
     """
 
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
-        Q = host_gramian(gramian)
+        Q, precision = host_gramian(gramian)
         K = Q.shape[0]
-        W = project_dual_cone(Q, np.eye(K))
+        W = project_dual_cone(Q, np.eye(K), precision)
         return torch.from_numpy(W.sum(axis=0) / K)

@@ -68,7 +68,8 @@ def opposed(k: int, common: float, generator: torch.Generator) -> torch.Tensor:
 
 
 def unit(G: torch.Tensor) -> np.ndarray:
-    return host_gramian(G @ G.T)
+    """The Gramian divided by its trace, as the solvers get it."""
+    return host_gramian(G @ G.T)[0]
 
 
 def gram_distance(G: torch.Tensor, w: torch.Tensor | np.ndarray, v: torch.Tensor | np.ndarray) -> float:
