@@ -13,10 +13,12 @@ accepted only when ``r_k ≥ 0`` holds on every other index up to the rounding o
 (:func:`_tolerance`). It first runs the primal–dual active-set method (Hintermüller, Ito & Kunisch, SIAM J.
 Optim. 13(3), 2002: a semismooth Newton method; here typically 2–5 linear solves for all the rows of a batch
 at once); a row it leaves unverified (the method may cycle, or meet a singular system on a degenerate
-Gramian) is solved by Lawson & Hanson's NNLS algorithm (*Solving Least Squares Problems*, 1974, ch. 23) in
-its normal-equation form (Bro & de Jong, J. Chemometrics 11, 1997), which terminates and keeps ``M_PP``
-non-singular. CAGrad's problem is not a QP; :func:`cagrad_dual` follows the solution path of a parametric
-QP, piecewise affine in its parameter, to the point that solves it.
+Gramian) is solved again with duplicate tasks merged into one variable (their weight then shared equally),
+and, if still unverified, by Lawson & Hanson's NNLS algorithm (*Solving Least Squares Problems*, 1974,
+ch. 23) in its normal-equation form (Bro & de Jong, J. Chemometrics 11, 1997), started from the primal–dual
+iterate; it terminates, and keeps ``M_PP`` non-singular by leaving out a task whose gradient is numerically
+in the span of the support's (:data:`DEPENDENT`). CAGrad's problem is not a QP; :func:`cagrad_dual` follows
+the solution path of a parametric QP, piecewise affine in its parameter, to the point that solves it.
 """
 
 from __future__ import annotations
@@ -220,13 +222,14 @@ def _lawson_hanson(
 
 def min_norm_point(Q: np.ndarray, max_iters: int, precision: float = EPS) -> tuple[np.ndarray, bool]:
     """``w = argmin_{w ∈ Δ} wᵀ Q w``: the minimum-norm point ``Gᵀ w`` of the convex hull of the task gradients
-    (MGDA: Désidéri 2012; Sener & Koltun 2018, Eq. 4), and whether it was found within ``max_iters`` solves.
+    (MGDA: Désidéri 2012; Sener & Koltun 2018), and whether it was found within ``max_iters`` solves.
 
     Two tasks: the closed form of Sener & Koltun's Algorithm 1. More: the simplex QP is the NNQP
     ``u = argmin_{u ≥ 0} ½ uᵀ (Q + κ 11ᵀ) u − 1ᵀ u`` and ``w = u / 1ᵀu`` for any ``κ > 0`` (its KKT conditions
     ``(Q w)_k ≥ wᵀ Q w``, with equality where ``w_k > 0``, are those of the simplex QP, with
-    ``1ᵀu = 1 / (wᵀQw + κ)``; Wolfe's device in *Finding the nearest point in a polytope*, Math. Prog. 11,
-    1976). ``κ`` is the smallest ``Q_kk``, so that adding it loses none of the precision of the small entries.
+    ``1ᵀu = 1 / (wᵀQw + κ)``; the ``11ᵀ`` term is the device of Wolfe's *Finding the nearest point in a
+    polytope*, Math. Prog. 11, 1976). ``κ`` is the smallest ``Q_kk``, so that adding it loses none of the
+    precision of the small entries.
     """
     K = Q.shape[0]
     if K == 1:
@@ -266,7 +269,7 @@ def project_dual_cone(Q: np.ndarray, A: np.ndarray, precision: float = EPS, max_
 
 
 def cagrad_dual(Q: np.ndarray, a: np.ndarray, phi: float, max_iters: int = 1000) -> tuple[np.ndarray, float]:
-    """CAGrad's dual (Liu et al. 2021, Section 3.1 and Algorithm 1): ``w = argmin_{w ∈ Δ} wᵀ Q a + φ √(wᵀ Q w)``
+    """CAGrad's dual (Liu et al. 2021, Algorithm 1): ``w = argmin_{w ∈ Δ} wᵀ Q a + φ √(wᵀ Q w)``
     for ``g_0 = Gᵀa`` and ``φ = c ‖g_0‖ ≥ 0``; returns ``w`` and ``s = ‖Gᵀ w‖ / φ`` (0 when ``Gᵀ w = 0``).
 
     Where ``Gᵀ w ≠ 0`` the KKT conditions are those of the simplex QP
@@ -300,8 +303,9 @@ def cagrad_dual(Q: np.ndarray, a: np.ndarray, phi: float, max_iters: int = 1000)
             support[entered], dependent[entered], entered = False, True, -1  # it lies in the support's affine hull
             continue
         alpha, beta, Qa, Qb = piece
-        # the piece ends, going down, where a weight α_i + s β_i (β_i > 0) or the reduced gradient ν_j(s) = ν0_j + s ν1_j
-        # (ν1_j > 0) of a task outside the support reaches 0; μ0 + s μ1 is the common value of (Q w + s q)_S
+        # the piece ends, going down, where a weight α_i + s β_i (β_i > 0) or the reduced gradient
+        # ν_j(s) = ν0_j + s ν1_j (ν1_j > 0) of a task outside the support reaches 0; μ0 + s μ1 is the common
+        # value of (Q w + s q)_S
         nu0 = Qa - Qa[index].mean()
         nu1 = Qb + q - (Qb + q)[index].mean()
         low, leave, entered = 0.0, -1, -1
