@@ -38,6 +38,7 @@ from torch.autograd.graph import GradientEdge, Node
 from torch.nn.modules.module import register_module_forward_hook
 
 from lightning_mtl import gramian_blocks
+from lightning_mtl.gradients import _REENTRANT
 from lightning_mtl.gramian_blocks import block_cost, has_kernel_rule, input_width, layer_gramian, trainable_parameters
 
 #: When a Gramian weighting in one process forms the Gramian layer by layer (:func:`use_layerwise`): ``"auto"``
@@ -284,7 +285,8 @@ def _passes(acc: _Accumulator, outputs: Sequence[Tensor], cotangents: Sequence[T
     """The backward passes that give every layer its cotangents and every fallback parameter its rows; whether any
     shared parameter was reached."""
     calls = [(m, i, c) for m, cs in acc.layers.items() for i, c in enumerate(cs)]
-    # a layer on the backbone's input: its node would not run (nothing below it is asked for), so its output is
+    # a layer on the backbone's input: its node would not run (nothing below it is asked for), so its output's
+    # gradient is asked for directly
     sources = [(m, i, c) for m, i, c in calls if not c.input.requires_grad]
     reached = bool(calls)
     passes = [([*sources], groups[0] if groups else [])] + [([], group) for group in groups[1:]]
@@ -308,6 +310,15 @@ def _passes(acc: _Accumulator, outputs: Sequence[Tensor], cotangents: Sequence[T
     return reached
 
 
+def _checked_passes(acc: _Accumulator, outputs: Sequence[Tensor], cotangents: Sequence[Tensor], groups: list[list[Tensor]]) -> bool:
+    try:
+        return _passes(acc, outputs, cotangents, groups)
+    except RuntimeError as error:
+        if "use_reentrant" in str(error) or "Checkpointing is not compatible" in str(error):
+            raise ValueError(_REENTRANT) from error
+        raise
+
+
 def layerwise_gramian(
     calls: Sequence[LayerCall], outputs: Sequence[Tensor], cotangents: Sequence[Tensor], params: Sequence[Tensor]
 ) -> Tensor:
@@ -316,8 +327,6 @@ def layerwise_gramian(
 
     ``calls`` are the linear-layer calls recorded in the forward (:class:`LayerRecorder`); the graph is kept.
     """
-    from lightning_mtl.gradients import _REENTRANT
-
     num_tasks = cotangents[0].shape[0]
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     layers = kernel_layers(calls, outputs, params)
@@ -331,13 +340,11 @@ def layerwise_gramian(
     ]
     try:
         try:
-            reached = _passes(acc, outputs, cotangents, groups)
-        except RuntimeError as error:
-            if "use_reentrant" in str(error) or "Checkpointing is not compatible" in str(error):
-                raise ValueError(_REENTRANT) from error
-            acc.reset()  # an operation without a batching rule: one backward per task
+            reached = _checked_passes(acc, outputs, cotangents, groups)
+        except RuntimeError:  # an operation without a batching rule: one backward per task
+            acc.reset()
             acc.batched = False
-            reached = _passes(acc, outputs, cotangents, groups)
+            reached = _checked_passes(acc, outputs, cotangents, groups)
     finally:
         for handle in handles:
             handle.remove()
