@@ -341,7 +341,7 @@ def layerwise_gramian(
     try:
         try:
             reached = _checked_passes(acc, outputs, cotangents, groups)
-        except RuntimeError:  # an operation without a batching rule: one backward per task
+        except (RuntimeError, AttributeError):  # no batching rule, or a torch without the private vmap calls: per task
             acc.reset()
             acc.batched = False
             reached = _checked_passes(acc, outputs, cotangents, groups)

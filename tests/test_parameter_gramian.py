@@ -170,6 +170,23 @@ def test_one_backward_per_task_when_the_batched_backward_fails(monkeypatch):
     monkeypatch.setattr(torch, "_add_batch_dim", real)
 
 
+def test_one_backward_per_task_on_a_torch_without_the_private_vmap_calls(monkeypatch):
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    _, want, _ = both_gramians(backbone, x)  # the reference, with torch's batched backward
+    params = list(backbone.parameters())
+    recorder = LayerRecorder()
+    recorder.start(params)
+    z = backbone(x)
+    calls = recorder.stop()
+    torch.manual_seed(0)  # the cotangents both_gramians drew
+    cotangents = [torch.randn(3, *z.shape, dtype=torch.float64)]
+    monkeypatch.delattr(torch, "_add_batch_dim")  # the private call the batched backward relies on
+    got = layerwise_gramian(calls, [z], cotangents, params)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_reentrant_checkpointing_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="reentrant activation checkpointing.*use_reentrant=False"):
         both_gramians(Checkpointed(reentrant=True), torch.randn(5, 6))
