@@ -208,8 +208,8 @@ class GramianBalancer(Balancer):
         A half-precision Gramian is weighted in float32, and the weights are float32.
 
         The weighting runs on the CPU whatever the Gramian's device: a K × K problem is a few dozen tiny
-        operations, loops and solver calls (torchjd's Frank–Wolfe and projection loops, cvxpy, quadprog)
-        that an accelerator runs as one kernel launch and often one synchronisation each. A Gramian on
+        operations, loops and active-set solves (the methods' own float64 NumPy code, ``_qp.py``) that an
+        accelerator would run as one kernel launch and often one synchronisation each. A Gramian on
         an accelerator is copied to the host once (K² numbers) and the K weights are copied back.
         """
         if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1]:
