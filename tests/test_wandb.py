@@ -76,6 +76,7 @@ def read_run(folder: Path, timeout: float = 60.0) -> OfflineRun:
 
 
 def _read_records(folder: Path) -> tuple[OfflineRun, bool]:
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2
 
     (path,) = folder.glob("run-*.wandb")
@@ -91,7 +92,10 @@ def _read_records(folder: Path) -> tuple[OfflineRun, bool]:
             pending += chunk
             continue
         record = wandb_internal_pb2.Record()
-        record.ParseFromString(pending + chunk)
+        try:
+            record.ParseFromString(pending + chunk)
+        except DecodeError:  # the file's last record, still being written by W&B's service: read again later
+            return result, False
         pending = b""
         kind_of_record = record.WhichOneof("record_type")
         finished = finished or kind_of_record == "exit"

@@ -1,7 +1,6 @@
 """`log_figure`: pictures through the trainer's loggers (W&B, TensorBoard), else PNG + JSON files in the log dir."""
 
 import json
-import struct
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +15,7 @@ from conftest import RecordingLogger, quiet_trainer
 from lightning_mtl.callbacks import GradientConflict, TaskAffinity, TaskWeights
 from lightning_mtl.callbacks.figures import INSTALL_HINT, heatmap, line_chart, log_figure, require_matplotlib, run_dir
 from test_module import SharedInput, make_module, make_tasks
+from test_wandb import read_run
 
 
 def fake_trainer(loggers=(), root=".", zero=True):
@@ -97,37 +97,6 @@ def test_missing_matplotlib_fails_when_the_callback_is_built_with_the_install_hi
     GradientConflict(heatmap=False), TaskAffinity(heatmap=False)  # scalars and JSON need no matplotlib
 
 
-def wandb_records(run_path: Path):
-    """The history rows of an offline run's ``.wandb`` file (LevelDB-log framing, 32 KiB blocks)."""
-    from wandb.proto import wandb_internal_pb2
-
-    (path,) = run_path.glob("run-*.wandb")
-    data, position, pending, rows = path.read_bytes(), 7, b"", []
-    while position + 7 <= len(data):
-        if 32768 - position % 32768 < 7:  # a block's tail too short for a record header is padding
-            position += 32768 - position % 32768
-            continue
-        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
-        chunk = data[position + 7 : position + 7 + length]
-        position += 7 + length
-        if kind in (1, 4):  # a whole record, or the last part of one
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending + chunk)
-            pending = b""
-            if record.WhichOneof("record_type") == "history":
-                row: dict = {}
-                for item in record.history.item:  # an image's or table's fields come as nested keys (key, field)
-                    *parents, leaf = [item.key] if item.key else list(item.nested_key)
-                    target = row
-                    for parent in parents:
-                        target = target.setdefault(parent, {})
-                    target[leaf] = json.loads(item.value_json)
-                rows.append(row)
-        elif kind in (2, 3):
-            pending += chunk
-    return rows
-
-
 @pytest.mark.slow
 def test_an_offline_wandb_run_holds_the_images_tables_and_scalars(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
@@ -144,7 +113,7 @@ def test_an_offline_wandb_run_holds_the_images_tables_and_scalars(tmp_path, monk
     finally:
         wandb.finish()
     run = files.parent
-    rows = wandb_records(run)
+    rows = read_run(run).history  # once W&B has written every record (its exit record)
     images = {row["trainer/global_step"]: row for row in rows if "train/gradients/cosine" in row}
     assert list(images) == [4]  # the epoch's end: 4 steps
     (image_file,) = images[4]["train/gradients/cosine"]["filenames"]
