@@ -5,24 +5,13 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from importlib.util import find_spec
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
-
-SOLVERS_HINT = "install the optional solvers with: pip install 'lightning-mtl[solvers]'"
-
-
-def require_modules(method: str, modules: Sequence[str]) -> None:
-    """Raise ``ImportError`` with the install hint if a module ``method`` needs is missing."""
-    missing = [name for name in modules if find_spec(name) is None]
-    if missing:
-        raise ImportError(f"{method} needs {' and '.join(missing)} (not installed); {SOLVERS_HINT}")
-
 
 def at_least_float32(tensor: Tensor) -> Tensor:
     """``tensor`` in float32 if it is half precision (the solvers and ``linalg`` need it), else unchanged."""
@@ -123,18 +112,6 @@ def global_rng(seed: int, device: torch.device) -> Iterator[None]:
             index = device.index if device.index is not None else torch.cuda.current_device()
             torch.cuda.default_generators[index].manual_seed(seed)
         yield
-
-
-def unit_trace(gramian: Tensor) -> Tensor:
-    """``gramian / tr(gramian)``, for the torchjd weightings that do not depend on the Gramian's scale.
-
-    torchjd normalises the Gramian by its trace itself, but zeroes it when the trace is below an
-    absolute ``norm_eps`` (1e-4: every ‖g_k‖ below about 0.007, common late in training); UPGrad and
-    DualProj then return the mean, which may conflict, and CAGrad zero weights. Given a unit-trace
-    Gramian, torchjd's normalisation is the identity and the weights are those of any scale. The trace
-    is positive: :meth:`GramianBalancer.weights` passes the tasks with a nonzero gradient only.
-    """
-    return gramian / gramian.trace()
 
 
 def host_float64(gramian: Tensor) -> np.ndarray:

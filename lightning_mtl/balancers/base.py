@@ -178,6 +178,12 @@ def check_nonzero(nonzero: Optional[Sequence[bool]], gramian: Tensor) -> None:
         raise ValueError(f"nonzero has {len(nonzero)} entries for a {gramian.shape[0]} x {gramian.shape[0]} gramian")
 
 
+def check_gradient_matrix(G: Tensor) -> None:
+    """Raise ``ValueError`` unless ``G`` is a K × P matrix of task gradients (a direction method's input)."""
+    if G.ndim != 2:
+        raise ValueError(f"G must be a K x P matrix of task gradients, got shape {tuple(G.shape)}")
+
+
 class GramianBalancer(Balancer):
     """A gradient-level method that is a weighting of the Gramian: ``d = Gᵀ w`` with ``w = f(G Gᵀ)``.
 
@@ -232,8 +238,7 @@ class GramianBalancer(Balancer):
 
     def forward(self, G: Tensor, losses: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
         """The combined direction ``Gᵀ w`` for the K × P task-gradient matrix ``G``."""
-        if G.ndim != 2:
-            raise ValueError(f"G must be a K x P matrix of task gradients, got shape {tuple(G.shape)}")
+        check_gradient_matrix(G)
         work = at_least_float32(G)
         return (self.weights(work @ work.T, losses) @ work).to(G.dtype)
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_mtl.balancers._utils import check_range, loaded_copy
-from lightning_mtl.balancers.base import GradientBalancer
+from lightning_mtl.balancers.base import GradientBalancer, check_gradient_matrix
 
 
 class DBMTL(GradientBalancer):
@@ -38,8 +38,7 @@ class DBMTL(GradientBalancer):
         self.ema: Optional[Tensor] = None
 
     def forward(self, G: Tensor) -> Tensor:  # type: ignore[override]
-        if G.ndim != 2:
-            raise ValueError(f"G must be a K x P matrix of task gradients, got shape {tuple(G.shape)}")
+        check_gradient_matrix(G)
         G = G.detach()
         present = (G != 0).any(dim=1, keepdim=True)
         if self.ema is None or self.ema.shape != G.shape:

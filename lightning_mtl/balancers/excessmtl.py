@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_mtl.balancers._utils import at_least_float32, check_range, loaded_copy, masked_softmax
-from lightning_mtl.balancers.base import GradientBalancer
+from lightning_mtl.balancers.base import GradientBalancer, check_gradient_matrix
 
 
 class ExcessMTL(GradientBalancer):
@@ -67,8 +67,7 @@ class ExcessMTL(GradientBalancer):
         self.steps = 0
 
     def forward(self, G: Tensor) -> Tensor:  # type: ignore[override]
-        if G.ndim != 2:
-            raise ValueError(f"G must be a K x P matrix of task gradients, got shape {tuple(G.shape)}")
+        check_gradient_matrix(G)
         work = at_least_float32(G.detach())
         k = work.shape[0]
         if self.second_moments is None or self.second_moments.shape != work.shape:  # a new problem: warm up again

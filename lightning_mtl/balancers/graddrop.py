@@ -7,7 +7,7 @@ from torch import Tensor
 from torchjd.aggregation import GradDrop as _TorchjdGradDrop
 
 from lightning_mtl.balancers._utils import Seeded, check_range, global_rng
-from lightning_mtl.balancers.base import GradientBalancer
+from lightning_mtl.balancers.base import GradientBalancer, check_gradient_matrix
 
 
 class GradDrop(Seeded, GradientBalancer):
@@ -38,8 +38,7 @@ class GradDrop(Seeded, GradientBalancer):
         self.aggregator = _TorchjdGradDrop()
 
     def forward(self, G: Tensor) -> Tensor:  # type: ignore[override]
-        if G.ndim != 2:
-            raise ValueError(f"G must be a K x P matrix of task gradients, got shape {tuple(G.shape)}")
+        check_gradient_matrix(G)
         self.aggregator.leak = torch.full((G.shape[0],), self.leak, dtype=G.dtype, device=G.device) if self.leak else None
         with global_rng(self.draw_seed(), G.device):
             return self.aggregator(G)

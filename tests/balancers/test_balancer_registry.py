@@ -50,8 +50,11 @@ def test_needs_categories():
 
 def test_cagrad_needs_no_cvxpy(monkeypatch):
     """CAGrad solves its dual natively (``lightning_mtl.balancers._qp``): no optional solver is needed."""
-    import lightning_mtl.balancers._utils as utils
+    import importlib.util
+    import sys
 
-    real = utils.find_spec
-    monkeypatch.setattr(utils, "find_spec", lambda name: None if name in ("cvxpy", "clarabel") else real(name))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("cvxpy", "clarabel") else real(name, *a))
+    for name in ("cvxpy", "clarabel"):
+        monkeypatch.setitem(sys.modules, name, None)  # an import of either now fails
     assert isinstance(CAGrad(), CAGrad) and isinstance(resolve_balancer("cagrad"), CAGrad)
