@@ -198,6 +198,12 @@ class MultiTaskModule(LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
         """Forward, task losses, then the balancing path's loss (see ``docs/architecture.md``)."""
+        try:
+            return self._balanced_step(batch, batch_idx)
+        finally:
+            self.balancing.end_step()  # e.g. the layer recorder's global hook, after a step that ended early
+
+    def _balanced_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
         context = self._step_context(batch_idx)
         groups = self.task_forward.groups(batch)
         tap = self.balancing.tap(context)

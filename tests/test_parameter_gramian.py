@@ -292,6 +292,29 @@ def test_which_steps_record_the_linear_layers(layerwise):
         assert (module.balancing.recorder.stop() is not None) is expected, (balancer, world_size)
 
 
+@pytest.mark.parametrize("balancer", ["upgrad", "static"])
+def test_a_step_that_ends_before_combine_leaves_no_global_hook(balancer, layerwise):
+    """The layer recorder's global forward hook is removed when a step ends early: a batch without any labelled
+    sample (the step returns None) or an error in a task's loss. Left registered, it would slow every module call in
+    the process and keep the recorded calls' inputs and graph nodes alive until the next training step."""
+    from torch.nn.modules import module as torch_module
+
+    hooks = dict(torch_module._global_forward_hooks)
+    module = multitask(nn.Sequential(nn.Linear(6, 8), nn.ReLU()), 8, 2, balancer)
+    x = torch.randn(4, 6)
+    if balancer == "static":
+        module.request_gramian()  # a loss-level step records the layers only when a callback asks for its Gramian
+    assert module.training_step((x, {"t0": torch.full((4,), -100), "t1": torch.full((4,), -100)}), 0) is None
+    assert dict(torch_module._global_forward_hooks) == hooks
+    module.tasks["t1"].loss = lambda prediction, target: 1 / 0  # a loss that raises
+    if balancer == "static":
+        module.request_gramian()
+    with pytest.raises(ZeroDivisionError):
+        module.training_step((x, {"t0": torch.zeros(4, dtype=torch.long), "t1": torch.zeros(4, dtype=torch.long)}), 0)
+    assert dict(torch_module._global_forward_hooks) == hooks
+    assert module.balancing.recorder.calls == []
+
+
 def recorded(backbone, x):
     params = list(backbone.parameters())
     recorder = LayerRecorder()

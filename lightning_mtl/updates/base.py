@@ -62,6 +62,10 @@ class BalancingPath:
         """What the step's forward must provide (nothing by default: the heads read the backbone output)."""
         return Tap()
 
+    def end_step(self) -> None:
+        """Release what :meth:`tap` set up but :meth:`combine` did not use: called after every training step,
+        also one that ended before :meth:`combine` (no labelled sample in one process, an error in a loss)."""
+
     def combine(
         self, tap: Tap, losses: Tensor, present: Tensor, context: StepContext, empty: bool = False
     ) -> Optional[Tensor]:  # pragma: no cover - interface

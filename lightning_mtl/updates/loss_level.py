@@ -30,10 +30,12 @@ class LossLevelPath(BalancingPath):
         self.recorder = LayerRecorder()
 
     def tap(self, context: StepContext) -> Tap:
-        self.recorder.stop()  # a step that ended before combine left it recording
         if context.wants_gramian and self.gradients == "parameters" and context.world_size == 1:
             self.recorder.start(self._shared())
         return Tap()
+
+    def end_step(self) -> None:
+        self.recorder.stop()  # the global forward hook must not outlive a step that ended before combine
 
     def _shared(self) -> list[Tensor]:
         return [p for p in self.parameter_lists()[0] if p.requires_grad]

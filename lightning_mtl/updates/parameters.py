@@ -44,11 +44,13 @@ class ParameterJacobianPath(GradientPath):
         self.recorder = LayerRecorder()
 
     def tap(self, context: StepContext) -> Tap:
-        self.recorder.stop()  # a step that ended before combine (no labelled sample, an error) left it recording
         params = self._shared()
         if self.balancer.needs == "gramian" and context.world_size == 1 and params:
             self.recorder.start(params)  # the linear layers' calls: the layerwise Gramian, if chosen in combine
         return Tap(captured={})
+
+    def end_step(self) -> None:
+        self.recorder.stop()  # the global forward hook must not outlive a step that ended before combine
 
     def _shared(self) -> list[Tensor]:
         return [p for p in self.parameter_lists()[0] if p.requires_grad]
