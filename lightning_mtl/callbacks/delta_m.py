@@ -113,7 +113,8 @@ class DeltaM(pl.Callback):
     what is missing on either side, or with ``partial=True`` Δm is taken over the pairs both have,
     with a warning naming the others (a Δm over fewer tasks is not comparable with a full one). A
     task with no labelled sample in an epoch gives NaN (``partial=True``: leaves it out, with a
-    warning). A baseline of 0 is a ``ValueError`` naming its task and metric.
+    warning); a labelled task whose value is NaN or inf (diverged) is compared as it is, so Δm is not
+    finite (with a warning), never left out. A baseline of 0 is a ``ValueError`` naming its task and metric.
 
     When fit (its last validation epoch), validate or test ends it prints, on global rank zero, a
     table: per task and metric, the baseline, the multi-task value, the relative change, the signed
@@ -313,14 +314,15 @@ class DeltaM(pl.Callback):
         metrics = getattr(pl_module, f"{split}_metrics")
         losses = getattr(pl_module, f"{split}_task_losses")
         rows: list[Row] = []
-        absent = []
+        # A task is absent when no process had a label of it; one whose loss is NaN or inf (diverged) is compared.
+        updates = torch.tensor([float(losses[task].update_count) for task in plan], device=pl_module.device)
+        labelled = trainer.strategy.reduce(updates, reduce_op="sum").tolist()
+        absent = [task for task, count in zip(plan, labelled) if count == 0]
         for task, compared in plan.items():
-            loss = _compute_quietly(losses[task])  # synchronised; NaN when no process had a label of the task
-            if not torch.isfinite(loss):
-                absent.append(task)
+            if task in absent:
                 continue
             for metric, baseline, direction in compared:
-                value = loss if metric == "loss" else _compute(task, metric, metrics[task][metric])
+                value = _compute_quietly(losses[task]) if metric == "loss" else _compute(task, metric, metrics[task][metric])
                 if not isinstance(value, torch.Tensor) or value.numel() != 1:
                     shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                     raise ValueError(
@@ -333,6 +335,9 @@ class DeltaM(pl.Callback):
         if absent and not trainer.sanity_checking:  # the sanity check's few batches may hold only some tasks
             result = "Δm leaves them out" if self.partial else f"{split}/delta_m is NaN"
             rank_zero_warn(f"DeltaM: no labelled sample of task(s) {absent} in this {split} epoch: {result}.")
+        diverged = [f"{row.task}/{row.metric}" for row in rows if not math.isfinite(row.value)]
+        if diverged:
+            rank_zero_warn(f"DeltaM: {split} values of {diverged} are not finite (a diverged task?): {split}/delta_m is not finite.")
         if rows and (self.partial or not absent):
             by_task: dict[str, dict[str, float]] = {}
             for row in rows:

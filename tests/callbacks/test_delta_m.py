@@ -311,6 +311,22 @@ def test_a_task_without_labels_in_the_epoch_gives_nan_or_is_left_out_when_partia
 
 
 
+@pytest.mark.parametrize("partial", [False, True])
+def test_a_diverged_task_makes_delta_m_not_finite_and_is_never_left_out(partial):
+    # 'reg' is labelled but its head diverged (MSE overflows to inf): not a task without labels to leave out
+    model = module()
+    with torch.no_grad():
+        model.tasks["reg"].head[0].weight.fill_(1e30)
+    trainer = quiet_trainer(callbacks=[DeltaM(baselines(), partial=partial)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.validate(model, loader(), verbose=False)
+    messages = [str(w.message) for w in caught if "DeltaM" in str(w.message)]
+    assert float(trainer.callback_metrics["val/delta_m"]) == -math.inf
+    assert not any("no labelled sample" in message for message in messages)
+    assert any("['reg/mse'] are not finite" in message for message in messages)
+
+
 def test_the_sanity_check_does_not_warn_about_tasks_its_few_batches_miss():
     # the sanity check runs 1 batch (16 samples) of a loader whose first 16 samples have no label of 'reg': no warning
     trainer = quiet_trainer(callbacks=[DeltaM(baselines())], max_epochs=1, num_sanity_val_steps=1, limit_train_batches=1)
