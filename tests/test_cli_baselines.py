@@ -54,6 +54,23 @@ def test_baselines_are_single_task_runs_of_the_same_config_and_deltam_reads_them
     assert torch.isfinite(multi.trainer.callback_metrics["test/delta_m"])
 
 
+@pytest.mark.slow
+def test_a_config_selecting_by_delta_m_trains_its_baselines_on_their_validation_loss(tmp_path: Path) -> None:
+    # the documented config: DeltaM with its file, ModelCheckpoint and EarlyStopping on val/delta_m
+    extra = tmp_path / "delta_m.yaml"
+    extra.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "lightning_mtl.callbacks.DeltaM", "init_args": {"baselines": str(tmp_path / "baselines.json")}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": "val/delta_m", "mode": "max"}},
+        {"class_path": "lightning.pytorch.callbacks.EarlyStopping", "init_args": {"monitor": "val/delta_m", "mode": "max"}},
+    ]}}))  # fmt: skip
+    args = [*reduced(tmp_path), "--config", str(extra)]
+    single = single_task_config(resolved_config(args), "left", str(tmp_path))
+    monitors = [(c["class_path"].rsplit(".", 1)[-1], c["init_args"]["monitor"], c["init_args"]["mode"]) for c in single["trainer"]["callbacks"]]
+    assert monitors == [("ModelCheckpoint", "val/loss", "min"), ("EarlyStopping", "val/loss", "min")]
+    path = train_baselines(args)  # the file named by the config's DeltaM
+    assert set(read_baselines(path).metrics["val"]) == {"left", "right", "sum"}
+
+
 def test_per_task_data_is_restricted_to_the_task_with_its_batch_size(tmp_path: Path) -> None:
     config = resolved_config(["--config", str(PER_TASK), "--data.init_args.batch_size", "{left: 8, right: 8, sum: 4}"])
     single = single_task_config(config, "sum", str(tmp_path))
