@@ -190,6 +190,22 @@ def test_arguments_model_and_sampling_are_checked():
         GradientConflict().setup(trainer, three_task_module(), "fit")
 
 
+def test_the_docs_headings_state_each_diagnostic_callbacks_arguments_and_defaults():
+    import ast
+    import inspect
+    import re
+
+    from lightning_mtl import callbacks
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "diagnostics.md").read_text()
+    headings = dict(re.findall(r"^## `(\w+)\((.*)\)`$", text, flags=re.M))
+    assert set(headings) == {"GradientConflict", "TaskWeights", "TaskAffinity"}
+    for name, arguments in headings.items():
+        documented = {key: ast.literal_eval(value) for key, value in (a.split("=", 1) for a in arguments.split(", "))}
+        actual = {key: p.default for key, p in inspect.signature(getattr(callbacks, name)).parameters.items()}
+        assert documented == actual, name
+
+
 def test_state_dict_keeps_the_epochs_samples():
     conflict = GradientConflict(every_n_steps=1, heatmap=True)
     quiet_trainer(max_steps=2, callbacks=[conflict]).fit(three_task_module(), DataLoader(ThreeTasks(96), batch_size=16))
