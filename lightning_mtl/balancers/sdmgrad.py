@@ -21,12 +21,70 @@ def project_simplex(v: np.ndarray) -> np.ndarray:
     projection is invariant to adding a constant to every entry), so that the 1 is not lost in the rounding of
     entries far from 0 (MoCo's step on an un-normalised Gramian).
     """
-    v = v - v.max()
-    u = np.sort(v)[::-1]
-    excess = np.cumsum(u) - 1.0
-    kept = u * np.arange(1, v.size + 1) > excess  # u_j > (Σ_{i≤j} u_i − 1) / j: true for a prefix
-    count = int(np.count_nonzero(kept))
+    top = v.max()
+    v = v - top
+    if not np.isfinite(top):  # NaN or an infinite entry: no projection (NaN entries, as the arithmetic gives)
+        return np.maximum(v - np.nan, 0.0)
+    excess, total, count = [], 0.0, 0  # a loop over Python floats: faster than NumPy calls for small K
+    for j, u in enumerate(sorted(v.tolist(), reverse=True), start=1):
+        total += u
+        excess.append(total - 1.0)
+        count += u * j > total - 1.0  # u_j > (Σ_{i≤j} u_i − 1) / j: true for a prefix
     return np.maximum(v - excess[count - 1] / count, 0.0)
+
+
+def inner_steps(A: np.ndarray, target: np.ndarray, w: np.ndarray, lr: float, num_iters: int) -> np.ndarray:
+    """``num_iters`` projected-gradient steps ``w ← Π_Δ(w − lr (A w + target))`` from the simplex point ``w``.
+
+    Two tasks: in scalars (:func:`_pair_steps`). More: ``w − lr (A w + target) = [B | c] (w, 1)`` with
+    ``B = I − lr A``, ``c = −lr target``. While a step keeps the support ``S`` of ``w``, the projection is
+    ``v − θ`` on ``S`` with ``θ = (Σ_S v − 1) / |S|``, affine in ``w_S``: :func:`_support_map` gives the step as
+    one matrix–vector product whose entries are all ``≥ 0`` exactly when ``S`` is still the projection's support
+    (``v_i ≥ θ`` on ``S``, ``v_j ≤ θ`` off it). A step that fails this check is taken by :func:`project_simplex`.
+    """
+    if w.size == 2:
+        return _pair_steps(A, target, w, lr, num_iters)
+    affine = np.concatenate([np.eye(w.size) - lr * A, -lr * target[:, None]], axis=1)
+    point, inside, step = np.append(w, 1.0), w > 0, None  # point: (w_S, garbage off S, 1) once step is set
+    for _ in range(num_iters):
+        if step is not None:
+            z = step @ point
+            if min(z.tolist()) >= 0.0:  # a Python min: a fraction of ndarray.min's cost at this size
+                point = z
+                continue
+            point[:-1] *= inside
+        point[:-1] = project_simplex(affine @ point)
+        inside = point[:-1] > 0
+        step = _support_map(affine, inside)
+    return point[:-1] * inside
+
+
+def _support_map(affine: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """The matrix ``T`` of :func:`inner_steps` for the support ``S`` (the mask ``inside``). With ``v = affine (w, 1)``
+    and ``θ = (Σ_S v − 1) / |S|``, ``T (w, 1)`` is ``(v_i − θ`` on ``S``, ``θ − v_j`` off it, ``1)``; ``T`` reads
+    only ``w_S`` (its columns off ``S`` are 0), so the entries off ``S`` of the point it is applied to are ignored."""
+    theta = inside @ affine  # θ as a row on (w, 1)
+    theta[-1] -= 1.0
+    theta /= np.count_nonzero(inside)
+    step = np.zeros((affine.shape[0] + 1, affine.shape[1]))
+    step[:-1] = (affine - theta) * np.where(inside, 1.0, -1.0)[:, None]
+    step[:-1, :-1] *= inside
+    step[-1, -1] = 1.0
+    return step
+
+
+def _pair_steps(A: np.ndarray, target: np.ndarray, w: np.ndarray, lr: float, num_iters: int) -> np.ndarray:
+    """:func:`inner_steps` for two tasks, in Python floats: the projection of ``v`` onto the simplex is
+    ``(x, 1 − x)`` with ``x = (1 + v_1 − v_2) / 2`` clipped to ``[0, 1]``."""
+    (a11, a12), (a21, a22) = (lr * A).tolist()
+    t1, t2 = (lr * target).tolist()
+    w1, w2 = w.tolist()
+    for _ in range(num_iters):
+        v1 = w1 - (a11 * w1 + a12 * w2 + t1)
+        v2 = w2 - (a21 * w1 + a22 * w2 + t2)
+        w1 = min(max(0.5 * (1.0 + v1 - v2), 0.0), 1.0)
+        w2 = 1.0 - w1
+    return np.array([w1, w2])
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -92,11 +150,11 @@ class SDMGrad(Seeded, GramianBalancer):
             self.simplex_weights = torch.full((k_all,), 1.0 / k_all, dtype=torch.float64)
         elif self.simplex_weights.device.type != "cpu" or self.simplex_weights.dtype != torch.float64:
             self.simplex_weights = self.simplex_weights.to("cpu", torch.float64)  # e.g. loaded onto a GPU
-        A = gramian.detach().double().numpy()
-        A = A / A.trace()
+        A = gramian.detach().numpy().astype(np.float64)
+        A /= A.trace()
         k = A.shape[0]
         target = A.sum(axis=1) * (self.lam / k)  # (G Gᵀ) λ/K: the pull toward g₀ = Gᵀ 1/K
-        rows = present.nonzero().squeeze(1).numpy()  # the present tasks' entries of w
+        rows = np.flatnonzero(present.numpy())  # the present tasks' entries of w
         if self.num_sampled is not None and self.num_sampled < k:  # SDMGrad-OS
             chosen = np.sort(torch.randperm(k, generator=self.generator)[: self.num_sampled].numpy())
             A, target, rows = A[np.ix_(chosen, chosen)], target[chosen], rows[chosen]
@@ -105,8 +163,7 @@ class SDMGrad(Seeded, GramianBalancer):
         state = self.simplex_weights.numpy()  # shares memory with the state: written back in place
         mass = float(state[rows].sum())
         w = state[rows] / mass if mass > 0 else np.full(rows.size, 1.0 / rows.size)
-        for _ in range(self.num_iters):
-            w = project_simplex(w - self.lr * (A @ w + target))
+        w = inner_steps(A, target, w, self.lr, self.num_iters)
         if mass > 0:
             state[rows] = w * mass
         weights = np.full(k, self.lam / k)
