@@ -13,10 +13,12 @@ evaluation dataloaders each ends in ``/dataloader_idx_{i}`` (Lightning's convent
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
@@ -38,7 +40,10 @@ def stage_metrics(tasks: dict[str, Task]) -> nn.ModuleDict:
 
 def stage_task_losses(tasks: dict[str, Task]) -> nn.ModuleDict:
     """``{task: MeanMetric}``: each task's loss averaged over an evaluation epoch, weighted by labelled samples."""
-    return nn.ModuleDict({name: MeanMetric() for name in tasks})
+    # A NaN batch loss must make the task's loss NaN: the default ("warn") drops it, and a diverging task would report
+    # the mean of its other batches. nan_strategy=NaN replaces a NaN by NaN, keeping the batch weights, which
+    # nan_strategy="disable" ignores (torchmetrics 1.9: every batch then weighs 1).
+    return nn.ModuleDict({name: MeanMetric(nan_strategy=math.nan) for name in tasks})
 
 
 class TaskEvaluation(ModuleUnit):
@@ -128,7 +133,9 @@ class TaskEvaluation(ModuleUnit):
         Every process computes every task's values in the same order (each ``compute`` synchronises the
         processes), including tasks it had no label of: a key logged on some processes only would leave
         the others waiting in its synchronisation. A task with no labelled sample on any process is not
-        logged. ``{stage}/loss`` is the static-weighted sum of the task losses of the tasks with data.
+        logged. A task with data whose loss is NaN or infinite (diverged) is logged as it is, with a warning, and
+        makes ``{stage}/loss`` non-finite too: a checkpoint monitoring it never takes that epoch for the best.
+        ``{stage}/loss`` is the static-weighted sum of the task losses of the tasks with data.
         With several dataloaders every key ends in ``/dataloader_idx_{i}``, one set per dataloader
         (Lightning's convention), never pooled; ``{stage}/loss`` without suffix is then the first
         dataloader's (which ``lr_scheduler``'s ``ReduceLROnPlateau`` and checkpoints monitoring it follow).
@@ -140,9 +147,11 @@ class TaskEvaluation(ModuleUnit):
             metrics, task_losses = self._metrics(stage, index)
             suffix = f"/dataloader_idx_{index}" if count > 1 else ""
             total, found = 0.0, False
-            for name in module.task_names:
-                value = _compute_quietly(task_losses[name])  # NaN for a task without data: not logged
-                if torch.isfinite(value):
+            for name, has_data in zip(module.task_names, self._tasks_with_data(task_losses)):
+                value = _compute_quietly(task_losses[name])
+                if has_data:
+                    if not torch.isfinite(value):
+                        rank_zero_warn(f"{stage}/{name}/loss{suffix} is {value.item()} (a diverged task?)")
                     module.log(f"{stage}/{name}/loss{suffix}", value, add_dataloader_idx=False)
                     total, found = total + module.tasks[name].weight * value, True
                     for metric_name, metric in metrics[name].items():
@@ -157,6 +166,14 @@ class TaskEvaluation(ModuleUnit):
                 module.log(f"{stage}/loss{suffix}", total, prog_bar=stage == "val", add_dataloader_idx=False)
                 if index == 0 and suffix:  # what a scheduler or checkpoint monitoring {stage}/loss follows
                     module.log(f"{stage}/loss", total, add_dataloader_idx=False)
+
+    def _tasks_with_data(self, task_losses: nn.ModuleDict) -> list[bool]:
+        """Per task, whether any process had a labelled sample of it this epoch (one reduction under DDP)."""
+        module = self.module
+        flags = torch.tensor([float(task_losses[name].update_count > 0) for name in module.task_names], device=module.device)
+        if module._world_size > 1:
+            flags = module._all_reduce(flags, "sum")
+        return (flags > 0).tolist()
 
     def log_train_metrics(self) -> None:
         """``train/{task}/{metric}`` for the epoch, computed on every process in the same order, then reset.

@@ -218,6 +218,35 @@ def test_validation_metrics_cover_the_whole_split():
     assert results["val/loss"] == pytest.approx(float(cross_entropy + mse), rel=1e-5)
 
 
+class DivergesOnSecondBatch(nn.Module):
+    """MSE, but NaN or inf on its second call (a task that diverges on one validation batch)."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad, self.calls = bad, 0
+
+    def forward(self, prediction, target):
+        self.calls += 1
+        loss = nn.functional.mse_loss(prediction, target)
+        return loss * self.bad if self.calls == 2 else loss
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_diverged_task_is_logged_as_it_is_and_makes_the_total_non_finite(bad):
+    """A task's non-finite batch loss is neither dropped from its epoch mean (NaN: torchmetrics' default drops it
+    with a warning, so the task reported the mean of its other batches) nor the task left out of the logs and of
+    ``val/loss`` (inf: it was taken for a task without data, and the total looked better)."""
+    tasks = make_tasks()
+    tasks[1].loss = DivergesOnSecondBatch(bad)
+    module = make_module(tasks=tasks)
+    with pytest.warns(UserWarning, match=r"val/reg/loss is (nan|inf) \(a diverged task\?\)"):
+        results = quiet_trainer().validate(module, DataLoader(SharedInput(50, seed=3), batch_size=16), verbose=False)[0]
+    value = results["val/reg/loss"]
+    assert math.isnan(value) if math.isnan(bad) else value == bad
+    assert not math.isfinite(results["val/loss"])
+    assert math.isfinite(results["val/cls/loss"]) and "val/reg/mse" in results
+
+
 def test_predict_step_returns_every_task():
     module = make_module()
     predictions = quiet_trainer().predict(module, DataLoader(SharedInput(20), batch_size=8))
