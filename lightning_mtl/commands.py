@@ -11,8 +11,9 @@ turn, the model keeps only that task (its head, loss and metrics, weight 1: a si
 its loss), the balancer is ``static`` (plain single-task training: Nash-MTL would normalise the one gradient, a
 meta-learned weighting would tune the one weight; a ``meta`` split is dropped), the data module serves only that task,
 a ``DeltaM`` callback is dropped (its file is what this command
-writes; a ``ModelCheckpoint`` or ``EarlyStopping`` monitoring ``val/delta_m`` monitors the task's validation loss,
-``val/loss``, mode ``min``, instead: a single-task run has no Δm), and the run goes to ``<default_root_dir>/baselines/<task>``. Backbone, optimizer, trainer budget and
+writes; a ``ModelCheckpoint`` or ``EarlyStopping`` monitoring ``val/delta_m``, or another task's value such as
+``val/right/accuracy`` in the baseline of ``left``, monitors the task's validation loss, ``val/loss``, mode ``min``,
+instead: a single-task run logs neither), and the run goes to ``<default_root_dir>/baselines/<task>``. Backbone, optimizer, trainer budget and
 ``seed_everything`` are the config's. Each model is evaluated with its best checkpoint when a ``ModelCheckpoint``
 monitors a metric (else its last weights), on the validation and the test split, and the per-task metrics of both go
 to the baseline file (:func:`~lightning_mtl.baselines.write_baselines`) that ``DeltaM`` reads: the path given by
@@ -88,7 +89,7 @@ def task_names(config: dict[str, Any]) -> list[str]:
 
 def single_task_config(config: dict[str, Any], task: str, root: str) -> dict[str, Any]:
     """``config`` with only ``task``: its Task (weight 1), its data, no ``DeltaM`` (a callback monitoring
-    ``val/delta_m`` monitors ``val/loss`` instead), run folder ``root/baselines/task``."""
+    ``val/delta_m`` or another task's value monitors ``val/loss`` instead), run folder ``root/baselines/task``."""
     single = yaml.safe_load(yaml.safe_dump(config))  # a deep copy of plain data
     tasks = [entry for entry in single["model"]["tasks"] if _init_args(entry)["name"] == task]
     _init_args(tasks[0])["weight"] = 1.0
@@ -97,13 +98,21 @@ def single_task_config(config: dict[str, Any], task: str, root: str) -> dict[str
     single["data"] = _single_task_data(single["data"], task)
     trainer = single["trainer"]
     trainer["callbacks"] = [callback for callback in trainer.get("callbacks") or [] if not _is_delta_m(callback)]
+    others = set(task_names(config)) - {task}
     for callback in trainer["callbacks"]:
         arguments = _init_args(callback)
-        if str(arguments.get("monitor") or "").endswith("/delta_m"):  # a single-task run logs no Δm
+        if _not_logged_by_single_task(str(arguments.get("monitor") or ""), others):
             arguments.update(monitor="val/loss", mode="min")
     trainer["default_root_dir"] = os.path.join(root, "baselines", task)
     single["test_after_fit"] = False
     return single
+
+
+def _not_logged_by_single_task(monitor: str, other_tasks: set[str]) -> bool:
+    """Whether a single-task run never logs the key ``monitor``: Δm, or another task's value (``val/right/accuracy``
+    in the baseline of ``left``)."""
+    parts = monitor.split("/")
+    return monitor.endswith("/delta_m") or (len(parts) > 2 and parts[1] in other_tasks)
 
 
 def baselines_path(config: dict[str, Any], output: Optional[str]) -> str:

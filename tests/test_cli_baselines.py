@@ -71,6 +71,23 @@ def test_a_config_selecting_by_delta_m_trains_its_baselines_on_their_validation_
     assert set(read_baselines(path).metrics["val"]) == {"left", "right", "sum"}
 
 
+def test_a_callback_monitoring_one_tasks_metric_monitors_val_loss_in_the_other_tasks_baselines(tmp_path: Path) -> None:
+    """``val/left/accuracy`` is logged by the baseline of ``left`` (kept) but by no other (the run would stop with
+    Lightning's 'could not find the monitored key' after its first epoch)."""
+    config = resolved_config(["--config", str(CONFIG)])
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": "val/left/accuracy", "mode": "max"}},
+        {"class_path": "lightning.pytorch.callbacks.EarlyStopping", "init_args": {"monitor": "val/loss", "mode": "min"}},
+    ]  # fmt: skip
+
+    def monitors(task):
+        return [(c["init_args"]["monitor"], c["init_args"]["mode"]) for c in single_task_config(config, task, str(tmp_path))["trainer"]["callbacks"]]
+
+    assert monitors("left") == [("val/left/accuracy", "max"), ("val/loss", "min")]
+    assert monitors("right") == [("val/loss", "min"), ("val/loss", "min")]
+    assert monitors("sum") == [("val/loss", "min"), ("val/loss", "min")]
+
+
 def test_per_task_data_is_restricted_to_the_task_with_its_batch_size(tmp_path: Path) -> None:
     config = resolved_config(["--config", str(PER_TASK), "--data.init_args.batch_size", "{left: 8, right: 8, sum: 4}"])
     single = single_task_config(config, "sum", str(tmp_path))
