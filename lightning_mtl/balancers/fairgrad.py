@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -24,43 +24,55 @@ def solve_fairgrad(gramian: np.ndarray, alpha: float, ridge: float = 0.0) -> Opt
     mean is 1, by Newton's method on the strictly convex ``f(w) = ½ wᵀ(A + ridge·I)w − Σ_k φ(w_k)``,
     ``φ' = w^{-1/α}``, with a fraction-to-the-boundary step that keeps ``w`` positive and an Armijo
     backtracking line search. Without a ridge, returns None when the iterates grow past ``_CAP`` or do not converge
-    in ``_MAX_ITERS`` iterations (no solution)."""
+    in ``_MAX_ITERS`` iterations (no solution). Two tasks: the same iterations in Python floats
+    (:func:`_newton_pair`), unless a float operation there would overflow or divide by zero."""
     k = gramian.shape[0]
     A = gramian + ridge * np.eye(k) if ridge else gramian
     power = -1.0 / alpha
     mean = A.sum() / k  # 1ᵀA1 / K: start from the solution along 1, if the mean gradient is not ~0
     w = np.full(k, mean ** (-alpha / (alpha + 1.0))) if mean > 1e-3 else np.diag(A) ** (-alpha / (alpha + 1.0))
-
-    def objective(w: np.ndarray, Aw: np.ndarray) -> float:
-        barrier = np.log(w).sum() if alpha == 1.0 else (w ** (1.0 + power)).sum() / (1.0 + power)
-        return 0.5 * float(w @ Aw) - float(barrier)
-
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # a rejected trial point may overflow
-        return _newton(A, w, objective, power, ridge)
+        if k == 2:
+            try:
+                return _newton_pair(A, w, power, ridge)
+            except (OverflowError, ValueError, ZeroDivisionError):  # Python floats raise where NumPy gives inf
+                pass
+        return _newton(A, w, power, ridge)
 
 
-def _newton(A: np.ndarray, w: np.ndarray, objective: Any, power: float, ridge: float) -> Optional[np.ndarray]:
+def _barrier(w: np.ndarray, power: float) -> float:
+    """``Σ_k φ(w_k)``: ``Σ log w_k`` for ``power = −1`` (α = 1), else ``Σ w_k^{1+power} / (1 + power)``."""
+    if power == -1.0:
+        return sum(np.log(w).tolist())  # a Python sum: cheaper than ndarray.sum at these sizes
+    return sum((w ** (1.0 + power)).tolist()) / (1.0 + power)
+
+
+def _newton(A: np.ndarray, w: np.ndarray, power: float, ridge: float) -> Optional[np.ndarray]:
+    """:func:`solve_fairgrad`'s iterations from ``w``, with few NumPy calls (the vectors are short: a call's
+    overhead, not its arithmetic, is the cost)."""
+    curvature = -power * np.eye(w.size)  # the barrier's Hessian is diag(−power · w^power / w)
     Aw = A @ w
-    value = objective(w, Aw)
+    value = 0.5 * float(w @ Aw) - _barrier(w, power)
     previous = math.inf
     for _ in range(_MAX_ITERS):
         rhs = w**power
         residual = Aw - rhs
-        error = float(np.abs(residual).max() / rhs.max())
+        largest = max(rhs.tolist())
+        error = max(map(abs, residual.tolist())) / largest if largest > 0.0 else math.inf
         if error <= 1e-14 or (error <= 1e-10 and error > 0.5 * previous):  # converged, or at rounding level
             return w
         previous = error
         try:
-            step = -np.linalg.solve(A - np.diag(power * rhs / w), residual)
+            step = np.linalg.solve(A + curvature * (rhs / w), -residual)
         except np.linalg.LinAlgError:  # singular to rounding: weights so large that their barrier term vanishes
             return w if ridge else None
-        shrinking = step < 0
-        t = min(1.0, 0.99 * float(np.min(-w[shrinking] / step[shrinking]))) if shrinking.any() else 1.0
+        bounds = [-x / d for x, d in zip(w.tolist(), step.tolist()) if d < 0.0]
+        t = min(1.0, 0.99 * min(bounds)) if bounds else 1.0
         slope = float(residual @ step)  # minus the squared Newton decrement
         while True:
             candidate = w + t * step
             A_candidate = A @ candidate
-            new_value = objective(candidate, A_candidate)
+            new_value = 0.5 * float(candidate @ A_candidate) - _barrier(candidate, power)
             # near the solution f's decrease is below its rounding: the (quadratically convergent) step is taken
             if new_value <= value + 1e-4 * t * slope or -slope < 1e-12 * (1.0 + abs(value)) or t < 1e-10:
                 break
@@ -69,6 +81,49 @@ def _newton(A: np.ndarray, w: np.ndarray, objective: Any, power: float, ridge: f
         if not ridge and not w.max() <= _CAP:  # NaN too: w^{-1/α} overflowed (small α)
             return None
     return w if ridge else None
+
+
+def _newton_pair(A: np.ndarray, w: np.ndarray, power: float, ridge: float) -> Optional[np.ndarray]:
+    """:func:`_newton` for two tasks in Python floats (a 2 × 2 Newton system by Cramer's rule). Raises
+    ``OverflowError``, ``ValueError`` or ``ZeroDivisionError`` where a float operation leaves the finite range."""
+    (a, b), (_, c) = A.tolist()
+    w1, w2 = w.tolist()
+    log = power == -1.0
+
+    def objective(w1: float, w2: float) -> float:
+        barrier = math.log(w1) + math.log(w2) if log else (w1 ** (1.0 + power) + w2 ** (1.0 + power)) / (1.0 + power)
+        return 0.5 * (w1 * (a * w1 + b * w2) + w2 * (b * w1 + c * w2)) - barrier
+
+    value = objective(w1, w2)
+    previous = math.inf
+    for _ in range(_MAX_ITERS):
+        rhs1, rhs2 = w1**power, w2**power
+        r1, r2 = a * w1 + b * w2 - rhs1, b * w1 + c * w2 - rhs2
+        if r1 != r1 or r2 != r2:  # NaN (inf − inf): Python's max would drop it
+            raise ValueError("NaN residual")
+        largest = max(rhs1, rhs2)
+        error = max(abs(r1), abs(r2)) / largest if largest > 0.0 else math.inf
+        if error <= 1e-14 or (error <= 1e-10 and error > 0.5 * previous):
+            return np.array([w1, w2])
+        previous = error
+        h1, h2 = a - power * rhs1 / w1, c - power * rhs2 / w2
+        det = h1 * h2 - b * b
+        if det == 0.0:
+            return np.array([w1, w2]) if ridge else None
+        s1, s2 = (b * r2 - h2 * r1) / det, (b * r1 - h1 * r2) / det
+        bounds = [-x / d for x, d in ((w1, s1), (w2, s2)) if d < 0.0]
+        t = min(1.0, 0.99 * min(bounds)) if bounds else 1.0
+        slope = r1 * s1 + r2 * s2
+        while True:
+            c1, c2 = w1 + t * s1, w2 + t * s2
+            new_value = objective(c1, c2)
+            if new_value <= value + 1e-4 * t * slope or -slope < 1e-12 * (1.0 + abs(value)) or t < 1e-10:
+                break
+            t *= 0.5
+        w1, w2, value = c1, c2, new_value
+        if not ridge and not (w1 <= _CAP and w2 <= _CAP):  # NaN too
+            return None
+    return np.array([w1, w2]) if ridge else None
 
 
 class FairGrad(GramianBalancer):

@@ -8,6 +8,7 @@ zero-row, tiny-norm (1e-6) and huge-norm (1e6) Gramians.
 import numpy as np
 import pytest
 
+from lightning_mtl.balancers import fairgrad
 from lightning_mtl.balancers.sdmgrad import inner_steps, project_simplex
 
 KINDS = ["random", "conflicting", "rank-deficient", "zero-row", "tiny", "huge"]
@@ -76,3 +77,63 @@ def test_sdmgrad_inner_steps_equal_the_plain_projected_gradient_loop(kind, k):
                 got = inner_steps(A, target, w.copy(), lr, num_iters)
                 np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
                 assert got.min() >= 0.0 and abs(got.sum() - 1.0) < 1e-12
+
+
+# --------------------------------------------------------------------------------------------------- FairGrad
+
+
+def _fairgrad_start(A: np.ndarray, alpha: float) -> np.ndarray:
+    mean = A.sum() / A.shape[0]
+    return np.full(A.shape[0], mean ** (-alpha / (alpha + 1.0))) if mean > 1e-3 else np.diag(A) ** (-alpha / (alpha + 1.0))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fairgrad_two_tasks_in_floats_equal_the_array_iterations(kind):
+    """``_newton_pair`` (Python floats, Cramer's rule) against ``_newton`` (NumPy) from the same start, with and
+    without a ridge; a zero row is made a small one (the balancer leaves a zero-gradient task out)."""
+    for seed in range(12):
+        A = gramian(kind, 2, seed)
+        if kind == "zero-row":
+            A[1, 1] = 1e-3 * A[0, 0]
+        A = A / (A.trace() / 2)
+        for alpha in (0.1, 0.5, 1.0, 2.0, 10.0):
+            for ridge in (0.0, 1e-9):
+                B = A + ridge * np.eye(2)
+                start = _fairgrad_start(B, alpha)
+                with np.errstate(all="ignore"):
+                    expected = fairgrad._newton(B, start, -1.0 / alpha, ridge)
+                pair = fairgrad._newton_pair(B, start, -1.0 / alpha, ridge)
+                assert (pair is None) == (expected is None)
+                if expected is not None:
+                    np.testing.assert_allclose(pair, expected, rtol=1e-12, atol=0)
+                    assert fairgrad.solve_fairgrad(A, alpha, ridge) is not None
+
+
+def test_fairgrad_two_tasks_fall_back_to_arrays_where_floats_overflow():
+    """Python floats raise where NumPy gives inf (``w^{-1/α}`` at a small α): ``solve_fairgrad`` then runs the
+    array iterations, and its answer is theirs."""
+    A = np.array([[1.5, -0.2], [-0.2, 0.5]])
+    with pytest.raises(OverflowError):
+        fairgrad._newton_pair(A, np.array([1e-6, 1.0]), -1000.0, 0.0)
+    for alpha in (1e-3, 0.01):
+        with np.errstate(all="ignore"):
+            expected = fairgrad._newton(A, _fairgrad_start(A, alpha), -1.0 / alpha, 0.0)
+        got = fairgrad.solve_fairgrad(A, alpha)
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", [3, 10, 40])
+def test_fairgrad_array_iterations_solve_the_equation(kind, k):
+    """``_newton`` (Python reductions over NumPy vectors) reaches the equation's residual to the rounding of its
+    terms (about 1e-14; a singular Gramian's large weights stop at the rounding level)."""
+    for seed in range(4):
+        A = gramian(kind, k, seed)
+        if kind == "zero-row":
+            A = A[:-1, :-1]
+        A = A / (A.trace() / A.shape[0])
+        for alpha in (0.5, 1.0, 2.0):
+            w = fairgrad.solve_fairgrad(A, alpha)
+            assert w is not None and (w > 0).all()
+            rhs = w ** (-1.0 / alpha)
+            assert np.abs(A @ w - rhs).max() <= 1e-13 * (np.abs(A) @ w + rhs).max()  # the terms' rounding
