@@ -291,11 +291,12 @@ def cagrad_dual(Q: np.ndarray, a: np.ndarray, phi: float, max_iters: int = 1000)
     if K == 2:
         return _cagrad_pair(Q, q, phi)
     norms = np.sqrt(Q.diagonal())
+    norms_a = float(norms @ a)
     support, dependent = np.zeros(K, dtype=bool), np.zeros(K, dtype=bool)
     support[int(np.argmin(q))] = True
     high, entered = math.inf, -1
-    for _ in range(max_iters):
-        index = np.flatnonzero(support)
+    for _ in range(max_iters):  # few NumPy calls per piece (Python sums, no np.mean): a call costs more than its work
+        index = support.nonzero()[0]
         piece = _piece(Q, q, index)
         if piece is None:
             if entered < 0:
@@ -306,22 +307,24 @@ def cagrad_dual(Q: np.ndarray, a: np.ndarray, phi: float, max_iters: int = 1000)
         # the piece ends, going down, where a weight α_i + s β_i (β_i > 0) or the reduced gradient
         # ν_j(s) = ν0_j + s ν1_j (ν1_j > 0) of a task outside the support reaches 0; μ0 + s μ1 is the common
         # value of (Q w + s q)_S
-        nu0 = Qa - Qa[index].mean()
-        nu1 = Qb + q - (Qb + q)[index].mean()
+        Qa_S, Qb_S, slope = Qa[index], Qb[index], Qb + q
+        nu0 = Qa - sum(Qa_S.tolist()) / index.size
+        nu1 = slope - sum(slope[index].tolist()) / index.size
         low, leave, entered = 0.0, -1, -1
-        rising = np.flatnonzero(beta > 0)
+        rising = (beta > 0).nonzero()[0]
         if rising.size:
             at = -alpha[rising] / beta[rising]
-            leave = int(rising[np.argmax(at)])
-            low = max(float(at.max()), 0.0)
-        noise = (ROUNDING * K * EPS) * norms * (norms[index] @ np.abs(beta) + norms @ a)
-        candidates = np.flatnonzero(~support & ~dependent & (nu1 > noise))
+            last = int(at.argmax())
+            leave, low = int(rising[last]), max(float(at[last]), 0.0)
+        noise = (ROUNDING * K * EPS) * norms * (norms[index] @ np.abs(beta) + norms_a)
+        candidates = (~(support | dependent) & (nu1 > noise)).nonzero()[0]
         if candidates.size:
             at = np.minimum(-nu0[candidates] / nu1[candidates], high)
-            if at.max() > low:
-                low, entered = float(at.max()), int(candidates[np.argmax(at)])
+            last = int(at.argmax())
+            if at[last] > low:
+                low, entered = float(at[last]), int(candidates[last])
         # h(s) = φ² s² − ‖Gᵀ(α + s β)‖², positive above the solution
-        quad, lin, const = phi * phi - beta @ Qb[index], -2.0 * (alpha @ Qb[index]), -(alpha @ Qa[index])
+        quad, lin, const = phi * phi - beta @ Qb_S, -2.0 * (alpha @ Qb_S), -(alpha @ Qa_S)
         scale = norms[index] @ (np.abs(alpha) + np.abs(beta) * (high if math.isfinite(high) else max(low, 1.0)))
         root = _last_root(quad, lin, const, low, high, (ROUNDING * K * EPS) * scale * scale)
         if root is not None:
@@ -348,15 +351,17 @@ def _piece(Q: np.ndarray, q: np.ndarray, index: np.ndarray) -> tuple[np.ndarray,
     support is not affinely independent). ``Q_SS + κ 11ᵀ`` is positive definite on an affinely independent
     support, and on the simplex ``κ`` changes nothing but the multiplier."""
     block = Q[index][:, index]
+    rhs = np.ones((index.size, 2))
+    rhs[:, 1] = q[index]
     try:
-        solved = np.linalg.solve(block + block.diagonal().mean(), np.stack([np.ones(index.size), q[index]], axis=1))
+        solved = np.linalg.solve(block + sum(block.diagonal().tolist()) / index.size, rhs)
     except np.linalg.LinAlgError:
         return None
     if not np.isfinite(solved).all():
         return None
     u, z = solved[:, 0], solved[:, 1]
-    alpha = u / u.sum()
-    beta = alpha * z.sum() - z
+    alpha = u / sum(u.tolist())
+    beta = alpha * sum(z.tolist()) - z
     columns = Q[:, index]
     return alpha, beta, columns @ alpha, columns @ beta
 
