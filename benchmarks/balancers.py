@@ -412,6 +412,7 @@ def check_against_torchjd(workload_key: str, name: str, paths: tuple[str, ...]) 
     aggregator, weighting = TORCHJD[name]
     ours = build_module(workload, make_balancer(name), "parameters")
     theirs = {path: plain_copy(ours) for path in paths}
+    start = plain_copy(ours)
     sgd = torch.optim.SGD(ours.parameters(), lr=0.1)
     ours.training_step(batch, 0).backward()
     sgd.step()
@@ -425,10 +426,17 @@ def check_against_torchjd(workload_key: str, name: str, paths: tuple[str, ...]) 
         same = all(torch.allclose(p, q, rtol=1e-4, atol=1e-6) for p, q in pairs)
         return f"{'allclose' if same else 'DIFFERENT'} (max |Δθ| {worst:.1e})"
 
+    def step_norm(model: nn.Module) -> float:  # the backbone's update, lr times the norm of the direction J^T w
+        return float(sum((p - q).detach().pow(2).sum() for p, q in zip(model.backbone.parameters(), start.backbone.parameters())) ** 0.5)
+
     our_heads = nn.ModuleList(ours.heads[n] for n in ours.task_names)
     lines = []
     for path, model in theirs.items():
         note = "" if path == "autojac" else "; expected to differ: torchjd's recipe scales head k's gradient by w_k"
+        if name == "mgda":  # MGDA's direction is the min-norm point: the smaller update is the more exact one
+            a, b = step_norm(ours), step_norm(model)
+            verdict = "ours is closer to it" if a <= b else "torchjd's is closer to it: a defect of ours"
+            note += f"; backbone step norm ours {a:.7e}, torchjd {b:.7e} (MGDA is the min-norm point: {verdict})"
         lines.append(
             f"check {workload.name} K={workload.num_tasks} {type(ours.balancer).__name__}, one SGD step, ours "
             f"(parameters) vs torchjd {path}: backbone {compare(ours.backbone, model.backbone)}, heads "
