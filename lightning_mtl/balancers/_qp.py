@@ -74,24 +74,7 @@ def _nnqp(
         v = _pdas_row(M, B[0], float(size[0]), norms, steps)
         if v is not None:
             return v[None], True
-    V = np.zeros_like(B)
-    P = B < -_tolerance(norms, V, size)
-    rows = np.flatnonzero(P.any(axis=1))  # the other rows are solved by v = 0
-    P, B_, size_ = P[rows], B[rows], size[rows]
-    identity = np.eye(M.shape[0], dtype=bool)
-    failed, starts = [], np.zeros_like(B)
-    for _ in range(steps):
-        if rows.size == 0:
-            break
-        X = _solve(np.where(P[:, :, None] & P[:, None, :], M, identity), np.where(P, -B_, 0.0))
-        update = np.where(P, X > 0, X @ M + B_ < -_tolerance(norms, X, size_))
-        finite = np.isfinite(X).all(axis=1)
-        done = (update == P).all(axis=1) & finite
-        V[rows[done]] = X[done]
-        failed.extend(rows[~finite])  # a singular system: duplicate or dependent tasks both in P
-        going = ~done & finite
-        starts[rows[going]] = X[going]
-        rows, P, B_, size_ = rows[going], update[going], B_[going], size_[going]
+    V, starts, failed, rows = _pdas_rows(M, B, size, norms, steps)
     left = np.array([*failed, *rows], dtype=int)
     if left.size == 0:
         return V, True
@@ -107,6 +90,49 @@ def _nnqp(
         )
         converged &= solved
     return V, converged
+
+
+def _pdas_rows(
+    M: np.ndarray, B: np.ndarray, size: np.ndarray, norms: np.ndarray, steps: int
+) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
+    """The primal–dual active-set steps of :func:`_nnqp` for all the rows of ``B`` at once: the solutions ``V`` of
+    the rows they verify, their last finite iterates (Lawson–Hanson's starts), the rows whose system was singular,
+    and those still unverified after ``steps`` solves.
+
+    A verified row keeps its passive set, hence its iterate, so the batch is not shrunk as rows finish (a few
+    NumPy calls per step instead of a dozen index operations); a singular row is taken out by emptying its passive
+    set (the identity system, ``v = 0``).
+    """
+    scaled = (ROUNDING * M.shape[0] * EPS) * norms  # the factor of ``_tolerance`` (the same products)
+    P = B < -scaled * size[:, None]
+    V = np.zeros_like(B)
+    rows = np.flatnonzero(P.any(axis=1))  # the other rows are solved by v = 0
+    if rows.size < B.shape[0]:
+        P, B, size = P[rows], B[rows], size[rows]
+    negative, identity = -B, np.eye(M.shape[0], dtype=bool)
+    X, starts, failed = np.zeros_like(B), np.zeros_like(V), []
+    for _ in range(steps if rows.size else 0):
+        previous = X
+        X = _solve(np.where(P[:, :, None] & P[:, None, :], M, identity), np.where(P, negative, 0.0))
+        update = np.where(P, X > 0, X @ M + B < -(scaled * (np.abs(X) @ norms + size)[:, None]))
+        if not np.isfinite(X).all():  # a singular system: duplicate or dependent tasks both in P
+            B = B.copy()  # may be the caller's
+            for i in np.flatnonzero(~np.isfinite(X).all(axis=1)).tolist():
+                failed.append(int(rows[i]))
+                starts[rows[i]] = previous[i]
+                X[i], B[i], negative[i], update[i] = 0.0, 0.0, 0.0, False  # v = 0 from now on
+        done = (update == P).all(axis=1)
+        if done.all():
+            V[rows] = X
+            return V, starts, failed, []
+        if done.any():
+            V[rows[done]] = X[done]
+            going = ~done
+            rows, P, B, negative, size, X = rows[going], update[going], B[going], negative[going], size[going], X[going]
+        else:
+            P = update
+    starts[rows] = X
+    return V, starts, failed, [i for i in rows.tolist() if i not in failed]
 
 
 def _duplicates(M: np.ndarray, precision: float) -> tuple[np.ndarray, np.ndarray]:

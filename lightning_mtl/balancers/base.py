@@ -221,20 +221,25 @@ class GramianBalancer(Balancer):
         if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1]:
             raise ValueError(f"gramian must be a square matrix, got shape {tuple(gramian.shape)}")
         device = gramian.device
-        gramian = at_least_float32(gramian).cpu()
+        gramian = at_least_float32(gramian)
+        if not gramian.is_cpu:  # each torch call costs a microsecond or two: the common step makes few
+            gramian = gramian.cpu()
         check_nonzero(nonzero, gramian)
         if nonzero is None:
-            nonzero = (gramian.diagonal() > 0).tolist()
+            diagonal = (gramian.detach() if gramian.requires_grad else gramian).numpy().diagonal()
+            nonzero = [value > 0 for value in diagonal.tolist()]
         if all(nonzero):
             self._every_task_mask = all_true(self._every_task_mask, len(nonzero), gramian.device)
-            weights = self._weights(gramian, self._every_task_mask).to(gramian.dtype)
+            weights = self._weights(gramian, self._every_task_mask)
+            if weights.dtype != gramian.dtype:  # ``float()`` costs less than ``to(float32)``
+                weights = weights.float() if gramian.dtype == torch.float32 else weights.to(gramian.dtype)
         else:
             weights = gramian.new_zeros(gramian.shape[0])
             if any(nonzero):
                 index = torch.tensor([k for k, has in enumerate(nonzero) if has])
                 mask = torch.tensor(list(nonzero), dtype=torch.bool)
                 weights[index] = self._weights(gramian[index][:, index], mask).to(weights.dtype)
-        return weights.to(device, non_blocking=True)
+        return weights if device.type == "cpu" else weights.to(device, non_blocking=True)
 
     def forward(self, G: Tensor, losses: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
         """The combined direction ``Gᵀ w`` for the K × P task-gradient matrix ``G``."""

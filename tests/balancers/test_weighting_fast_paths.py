@@ -8,7 +8,7 @@ zero-row, tiny-norm (1e-6) and huge-norm (1e6) Gramians.
 import numpy as np
 import pytest
 
-from lightning_mtl.balancers import fairgrad
+from lightning_mtl.balancers import _qp, fairgrad
 from lightning_mtl.balancers.sdmgrad import inner_steps, project_simplex
 
 KINDS = ["random", "conflicting", "rank-deficient", "zero-row", "tiny", "huge"]
@@ -137,3 +137,74 @@ def test_fairgrad_array_iterations_solve_the_equation(kind, k):
             assert w is not None and (w > 0).all()
             rhs = w ** (-1.0 / alpha)
             assert np.abs(A @ w - rhs).max() <= 1e-13 * (np.abs(A) @ w + rhs).max()  # the terms' rounding
+
+
+# ------------------------------------------------------------------------------------------ UPGrad / DualProj
+
+
+def _plain_nnqp_row(M: np.ndarray, b: np.ndarray, size: float, max_iters: int, precision: float) -> np.ndarray:
+    """One row of ``_qp._nnqp`` as the batched primal–dual steps had it (a row dropped from the batch when
+    verified), and the same fall-backs, on that row alone."""
+    K = M.shape[0]
+    norms = np.sqrt(M.diagonal())
+    tolerance = lambda x: (_qp.ROUNDING * K * _qp.EPS) * norms * (np.abs(x) @ norms + size)  # noqa: E731
+    P, x, start = b < -tolerance(np.zeros(K)), np.zeros(K), np.zeros(K)
+    if not P.any():
+        return x
+    for _ in range(min(max_iters, max(_qp.PDAS_STEPS, K // 5))):
+        x = _qp._solve(np.where(np.outer(P, P), M, np.eye(K, dtype=bool))[None], np.where(P, -b, 0.0)[None])[0]
+        if not np.isfinite(x).all():
+            break
+        update = np.where(P, x > 0, x @ M + b < -tolerance(x))
+        if (update == P).all():
+            return x
+        P, start = update, x
+    first, group = _qp._duplicates(M, precision)
+    if first.size < K:
+        merged, _ = _qp._nnqp(M[first][:, first], b[None, first], np.array([size]), max_iters, precision)
+        return merged[0, group] / np.bincount(group)[group]
+    dependent = max(_qp.DEPENDENT, K * precision)
+    return _qp._lawson_hanson(M, b, size, norms, max_iters, dependent, start)[0]
+
+
+def _solver_gramians(k: int):
+    """Trace-normalised Gramians of every kind, with duplicate rows and (two tasks up) a zero row kept in."""
+    for kind in KINDS + ["duplicate"]:
+        if kind in ("conflicting", "rank-deficient") and k < 2:
+            continue
+        for seed in range(6):
+            if kind == "duplicate":
+                G = np.random.default_rng(seed).standard_normal((k, 3 * k + 1))
+                G[-1] = G[0]
+                if k > 3:
+                    G[1] = G[0]
+                Q = G @ G.T
+            else:
+                Q = gramian(kind, k, seed)
+            if Q.trace() > 0:
+                yield kind, Q / Q.trace()
+
+
+@pytest.mark.parametrize("k", range(1, 17))
+def test_project_dual_cone_batch_equals_its_rows_solved_one_by_one(k):
+    """UPGrad's K projections and DualProj's one, solved in one batch by ``project_dual_cone`` (a verified row kept
+    in the batch, a singular one emptied), against each row solved alone by the plain primal–dual steps and their
+    fall-backs; float64 and float32 precision. Where ``Q`` is singular the weights need not be unique (the fall-backs
+    run on other batches), and ``Q w`` (the ``g_k · d``) is compared instead."""
+    rows = 0
+    for kind, Q in _solver_gramians(k):
+        for precision in (_qp.EPS, float(np.finfo(np.float32).eps)):
+            for A in (np.eye(k), np.full((1, k), 1.0 / k)):
+                got = _qp.project_dual_cone(Q, A, precision)
+                B, size = A @ Q, np.abs(A) @ np.sqrt(Q.diagonal())
+                for i in range(A.shape[0]):
+                    if k == 2:
+                        continue  # two tasks: a closed form, no QP
+                    expected = A[i] + _plain_nnqp_row(Q, B[i], size[i], 1000, precision)
+                    if kind in ("rank-deficient", "duplicate", "zero-row"):  # w is not unique: Gᵀw is, so is Q w
+                        got_i, expected = Q @ got[i], Q @ expected
+                    else:
+                        got_i = got[i]
+                    np.testing.assert_allclose(got_i, expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max(), err_msg=kind)
+                    rows += 1
+    assert k <= 2 or rows > 0
