@@ -99,9 +99,8 @@ def _pdas_rows(
     the rows they verify, their last finite iterates (Lawson–Hanson's starts), the rows whose system was singular,
     and those still unverified after ``steps`` solves.
 
-    A verified row keeps its passive set, hence its iterate, so the batch is not shrunk as rows finish (a few
-    NumPy calls per step instead of a dozen index operations); a singular row is taken out by emptying its passive
-    set (the identity system, ``v = 0``).
+    The batch is re-indexed only in a step where some row is verified (not in every step); a singular row is
+    emptied (the identity system, ``v = 0``, verified at once) and so leaves the batch with the next verified rows.
     """
     scaled = (ROUNDING * M.shape[0] * EPS) * norms  # the factor of ``_tolerance`` (the same products)
     P = B < -scaled * size[:, None]
