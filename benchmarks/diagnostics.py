@@ -26,6 +26,7 @@ per epoch). The whole-run ratio at interval N and E steps per epoch is then abou
     python benchmarks/diagnostics.py                          # defaults: 3 rounds, 2 x 250 steps, K = 2 and 10
     python benchmarks/diagnostics.py --per-sample --rounds 3
     python benchmarks/diagnostics.py --paired --rounds 4 --epochs 1 --steps-per-epoch 1000 --threads 1
+    python benchmarks/diagnostics.py --paired --rounds 6 --workloads 10 --only GradientConflict --threads 1
     python benchmarks/diagnostics.py --rounds 1 --epochs 1 --steps-per-epoch 20 --workloads 2   # smoke run
 """
 
@@ -131,6 +132,8 @@ def paired_runs(args: argparse.Namespace) -> None:
     for num_tasks in args.workloads:
         data = batches(num_tasks, args.steps_per_epoch)
         configs = [config for config in configurations(args.gc, args.tw, args.ta) if config[3] == "base" and config[0] != "base"]
+        if args.only:
+            configs = [config for config in configs if config[0].split("(")[0] in args.only]
         base_config: Config = ("base", lambda: [], None, "base")
         ratios: dict[str, list[float]] = {name: [] for name, *_ in configs}
         base_seconds: list[float] = []
@@ -302,6 +305,10 @@ def main() -> None:
     parser.add_argument("--ta", type=int, default=TaskAffinity().every_n_steps, help="TaskAffinity interval")
     parser.add_argument("--per-sample", action="store_true", help="measure the cost of one sample instead")
     parser.add_argument("--paired", action="store_true", help="whole runs in ABBA pairs against base (CPU time)")
+    parser.add_argument(
+        "--only", type=lambda s: s.split(","), default=[],
+        help="--paired: these configurations only (comma-separated, e.g. GradientConflict,TaskWeights)",
+    )
     parser.add_argument("--skip-upgrad", action="store_true", help="whole runs: leave out the UPGrad pair (slow at K=10)")
     parser.add_argument("--per-sample-steps", type=int, default=60)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
