@@ -123,6 +123,18 @@ def host_float64(gramian: Tensor) -> np.ndarray:
     return gramian.detach().cpu().numpy().astype(np.float64)
 
 
+def symmetric_eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric float64 matrix, computed by torch's LAPACK.
+
+    Not ``np.linalg.eigh``: NumPy's OpenBLAS keeps its own worker threads, which after a call of K ≳ 20
+    stay spinning beside torch's OpenMP threads and slow the rest of the training step (on a 2-core
+    machine a W-MLP K = 40 step measured 3.7× a static one with IMTL-G instead of 1.35×; benchmarks/RESULTS.md).
+    torch's LAPACK runs on torch's own thread pool, for about 3 µs more per call.
+    """
+    values, vectors = torch.linalg.eigh(torch.from_numpy(matrix))
+    return values.numpy(), vectors.numpy()
+
+
 def rank_tolerance(dtype: torch.dtype, k: int) -> float:
     """Relative eigenvalue below which a K × K Gramian stored in ``dtype`` is taken as singular.
 

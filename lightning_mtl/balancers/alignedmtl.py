@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._utils import host_float64
+from lightning_mtl.balancers._utils import host_float64, symmetric_eigh
 from lightning_mtl.balancers.base import GramianBalancer
 
 
@@ -24,7 +24,7 @@ def alignedmtl_weights(gramian: np.ndarray, scale_mode: str, rtol: float) -> np.
             scale = trace / 2 if scale_mode == "rmse" else determinant / (0.5 * (trace + math.sqrt(trace**2 - 4 * determinant)))
             factor = math.sqrt(scale) / (2.0 * root * math.sqrt(trace + 2.0 * root))
             return np.array([factor * (c + root - b), factor * (a + root - b)])
-    values, vectors = np.linalg.eigh(gramian)
+    values, vectors = symmetric_eigh(gramian)
     keep = values > rtol * values[-1]
     if not keep.any():
         return np.full(k, 1.0 / k)

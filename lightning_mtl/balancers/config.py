@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._utils import host_float64, rank_tolerance
+from lightning_mtl.balancers._utils import host_float64, rank_tolerance, symmetric_eigh
 from lightning_mtl.balancers.base import GramianBalancer
 
 
@@ -24,7 +24,7 @@ def config_weights(gramian: np.ndarray, rtol: float) -> np.ndarray:
     if k == 2:
         return _two_tasks(gramian, rtol)
     inverse_norms = 1.0 / np.sqrt(gramian.diagonal())
-    values, vectors = np.linalg.eigh(gramian * inverse_norms[:, None] * inverse_norms[None, :])
+    values, vectors = symmetric_eigh(gramian * inverse_norms[:, None] * inverse_norms[None, :])
     keep = values > rtol * values[-1]
     vectors = vectors[:, keep]
     coordinates = vectors.sum(axis=0)  # of 1 on the eigenvectors kept

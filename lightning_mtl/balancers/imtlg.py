@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._utils import host_float64, rank_tolerance
+from lightning_mtl.balancers._utils import host_float64, rank_tolerance, symmetric_eigh
 from lightning_mtl.balancers.base import GramianBalancer
 
 
@@ -27,7 +27,7 @@ def imtlg_weights(gramian: np.ndarray, rtol: float) -> np.ndarray:
             return np.array([(c * root_a - b * root_c) / total, (a * root_c - b * root_a) / total])
     normalised = gramian / np.trace(gramian)
     norms = np.sqrt(normalised.diagonal())
-    values, vectors = np.linalg.eigh(normalised)
+    values, vectors = symmetric_eigh(normalised)
     keep = values > rtol * values[-1]
     kept = vectors[:, keep]
     v = kept @ ((kept.T @ norms) / values[keep])
