@@ -112,6 +112,27 @@ def test_random_methods_equal_torchjd_under_the_same_draws(cls):
         torch.testing.assert_close(ours(G), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("leak", [0.0, 0.3])
+@pytest.mark.parametrize("k", [1, 2, 5, 16])
+def test_native_graddrop_equals_torchjds_under_the_same_draws(k, leak, dtype):
+    """Ours (two passes: S and A) against torchjd's row loop, with leak, zero columns and mixed-sign columns; the
+    masks are the same draws, the sums equal to the rounding of S (eps · Σ|g|)."""
+    generator = torch.Generator().manual_seed(k)
+    G = (torch.randn(k, 3000, generator=generator) * 10 ** torch.randint(-3, 3, (k, 1), generator=generator)).to(dtype)
+    G[:, :7] = 0.0  # coordinates without gradient
+    G[:, 7:20] = G[:, 7:20].abs()  # one sign only: kept whole or dropped whole
+    ours = GradDrop(leak=leak, seed=3)
+    theirs = jd.GradDrop(leak=torch.full((k,), leak, dtype=dtype) if leak else None)
+    for seed in _seeds(3, 3):
+        got = ours(G)
+        with global_rng(seed, G.device):
+            expected = theirs(G)
+        tolerance = 10 * k * torch.finfo(dtype).eps * G.abs().sum(dim=0)
+        assert ((got - expected).abs() <= tolerance).all()
+        assert (got[:7] == 0).all()
+
+
 @pytest.mark.parametrize("cls", [cls for cls in GRADIENT_METHODS if cls.needs == "gramian"])
 def test_weights_of_the_gramian_give_the_direction(cls):
     G = _random_gradients(11, k=3)
