@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_mtl.balancers._utils import check_range, loaded_copy
-from lightning_mtl.balancers.base import GradientBalancer, check_gradient_matrix
+from lightning_mtl.balancers.base import GradientBalancer, check_gradient_matrix, nonzero_rows
 
 
 class DBMTL(GradientBalancer):
@@ -40,7 +40,7 @@ class DBMTL(GradientBalancer):
     def forward(self, G: Tensor) -> Tensor:  # type: ignore[override]
         check_gradient_matrix(G)
         G = G.detach()
-        present = (G != 0).any(dim=1, keepdim=True)
+        present = nonzero_rows(G).unsqueeze(1)
         if self.ema is None or self.ema.shape != G.shape:
             self.ema = torch.zeros_like(G)
         self.ema.lerp_(G, present.to(G.dtype) * (1 - self.beta))  # in place; absent rows unchanged

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_mtl.balancers._utils import at_least_float32, check_range, loaded_copy
-from lightning_mtl.balancers.base import GradientBalancer, check_gradient_matrix
+from lightning_mtl.balancers.base import GradientBalancer, check_gradient_matrix, nonzero_rows
 from lightning_mtl.balancers.sdmgrad import project_simplex
 
 
@@ -72,7 +72,7 @@ class MoCo(GradientBalancer):
             self.steps = 0
         elif self.tracked.dtype != work.dtype or self.tracked.device != work.device:
             self.tracked = self.tracked.to(work)
-        present = (work != 0).any(dim=1)
+        present = nonzero_rows(work)
         index = present.nonzero().squeeze(1).cpu()  # the step's one host synchronisation (with the Gramian below)
         if index.numel() == 0:
             return torch.zeros_like(G[0])

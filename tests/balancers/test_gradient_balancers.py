@@ -253,3 +253,16 @@ def test_nashmtl_single_task_is_the_clipped_unit_gradient():
     torch.testing.assert_close(NashMTL(max_norm=0.5)(g), torch.tensor([0.3, 0.4]))
     torch.testing.assert_close(NashMTL(max_norm=10.0)(g), torch.tensor([0.6, 0.8]))
     torch.testing.assert_close(NashMTL(max_norm=0.0)(g), torch.tensor([0.6, 0.8]))
+
+
+def test_nonzero_rows_equals_any_nonzero_entry():
+    """The fast present-task test of MoCo and DB-MTL: as ``(G != 0).any(dim=1)``, NaN, -0.0 and subnormals included."""
+    from lightning_mtl.balancers.base import nonzero_rows
+
+    G = torch.zeros(6, 5)
+    G[1, 3] = 1e-45  # the smallest float32 subnormal
+    G[2, 0] = float("nan")
+    G[3] = -0.0
+    G[4, 4] = -2.0
+    G[5] = torch.randn(5)
+    assert nonzero_rows(G).tolist() == (G != 0).any(dim=1).tolist() == [False, True, True, False, True, True]
