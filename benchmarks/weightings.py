@@ -10,7 +10,9 @@ and GradNorm have no torchjd weighting).
 
 Gramians: ``well``: ``G Gᵀ`` of K random Gaussian gradients in P = 4K dimensions with norms spread over
 [0.1, 10] (full rank, conditioned by the norms); ``conflict``: the same, with every other gradient
-turned against the mean of the previous ones (strong negative cosines, as in a conflicting step). A pool
+turned against the mean of the previous ones (strong negative cosines, as in a conflicting step);
+``opposed`` (only with ``--kinds``): issue 14's hard case, strongly opposed pairs of gradients with a small
+common component (1e-2 to 1e-4 of their norm; the QP methods' active sets are largest there). A pool
 of 16 Gramians of each kind is cycled through, so consecutive calls see different inputs (stateful
 methods, e.g. Nash-MTL's warm start, see a realistic sequence).
 
@@ -24,6 +26,7 @@ be shared.
 
     python benchmarks/weightings.py                      # 15 rounds, every method, K = 2, 10, 40
     python benchmarks/weightings.py --rounds 5 --ks 2,10 --methods pcgrad,nashmtl --no-torchjd
+    python benchmarks/weightings.py --rounds 5 --ks 2,10,40 --kinds opposed --no-torchjd
 """
 
 from __future__ import annotations
@@ -49,10 +52,14 @@ HAS_CVXPY = importlib.util.find_spec("cvxpy") is not None
 
 
 def gramians(k: int, kind: str, seed: int) -> list[torch.Tensor]:
-    """``POOL`` float32 Gramians of ``kind`` (``"well"`` or ``"conflict"``) for K tasks."""
+    """``POOL`` float32 Gramians of ``kind`` (``"well"``, ``"conflict"`` or ``"opposed"``) for K tasks."""
     generator = torch.Generator().manual_seed(seed)
     pool = []
     for _ in range(POOL):
+        if kind == "opposed":
+            G = opposed(k, 10 ** -float(torch.randint(2, 5, (1,), generator=generator)), generator)
+            pool.append((G @ G.T).float())
+            continue
         G = torch.randn(k, 4 * k, generator=generator, dtype=torch.float64)
         G = G / G.norm(dim=1, keepdim=True)
         if kind == "conflict":
@@ -62,6 +69,20 @@ def gramians(k: int, kind: str, seed: int) -> list[torch.Tensor]:
         G = G * 10 ** (torch.rand(k, 1, generator=generator, dtype=torch.float64) * 2 - 1)
         pool.append((G @ G.T).float())
     return pool
+
+
+def opposed(k: int, common: float, generator: torch.Generator) -> torch.Tensor:
+    """Issue 14's hard case: ``g_k = common · e_0 + r_k``, the ``r_k`` (unit norm, orthogonal to ``e_0``) summing to 0
+    in nearly antipodal pairs (cosine near −1), ``common`` 1e-2 to 1e-4: the dual cone is a thin cone around ``e_0``."""
+    R = torch.randn(k, 2 * k + 3, generator=generator, dtype=torch.float64)
+    for i in range(1, k, 2):
+        R[i] = -R[i - 1] + 0.01 * R[i]
+    R[:, 0] = 0.0
+    if k > 1:
+        R -= R.mean(dim=0)
+    R /= R.norm(dim=1, keepdim=True)
+    R[:, 0] = common
+    return R
 
 
 def _factor(gramian: torch.Tensor) -> torch.Tensor:
