@@ -49,6 +49,8 @@ class GradDrop(Seeded, GradientBalancer):
         purity = 0.5 * (1.0 + total / magnitude)  # NaN where every g_k is 0: then neither sign is kept
         with global_rng(seed, G.device):
             draw = torch.rand(purity.shape, dtype=G.dtype, device=G.device)
+        if G.dtype in (torch.float16, torch.bfloat16):  # S ± A can overflow where each sign's sum does not (±4e4)
+            total, magnitude = G.sum(dim=0, dtype=torch.float32), G.abs().sum(dim=0, dtype=torch.float32)
         kept = torch.where(purity > draw, 0.5 * (total + magnitude), 0.0)
         kept += torch.where(purity < draw, 0.5 * (total - magnitude), 0.0)
-        return kept if not self.leak else self.leak * total + (1.0 - self.leak) * kept
+        return (kept if not self.leak else self.leak * total + (1.0 - self.leak) * kept).to(G.dtype)

@@ -213,6 +213,22 @@ def test_random_methods_leave_the_global_rng_alone():
     torch.testing.assert_close(torch.rand(3), expected)
 
 
+@pytest.mark.parametrize("leak", [0.0, 0.3])
+def test_native_graddrop_in_float16_is_finite_where_torchjds_is(leak):
+    """Opposite components whose magnitudes sum past the dtype's range (4e4 − 4e4 in float16): each sign's sum is
+    finite, and so is torchjd's result; (S ± A) / 2 computed in the dtype itself gave ±inf."""
+    dtype = torch.float16
+    G = torch.tensor([[4e4, 1.0, 3.0], [-4e4, -1.0, 2.0]], dtype=dtype)
+    ours = GradDrop(leak=leak, seed=3)
+    theirs = jd.GradDrop(leak=torch.full((2,), leak, dtype=dtype) if leak else None)
+    for seed in _seeds(3, 5):
+        got = ours(G)
+        with global_rng(seed, G.device):
+            expected = theirs(G)
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected)
+
+
 def test_graddrop_with_full_leak_is_the_sum():
     G = _random_gradients(6)
     torch.testing.assert_close(GradDrop(leak=1.0)(G), G.sum(dim=0))
