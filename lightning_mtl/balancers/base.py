@@ -190,6 +190,8 @@ def nonzero_rows(G: Tensor) -> Tensor:
     ``max_k |g_k| != 0``, not ``(G != 0).any(dim=1)``: the same answer (a NaN row counts as present) without a
     K × P boolean temporary, 5× faster on a 10 × 525k Jacobian on CPU (0.9 against 4.7 ms).
     """
+    if G.shape[1] == 0:  # amax refuses an empty reduction; no coordinate: no task present
+        return torch.zeros(G.shape[0], dtype=torch.bool, device=G.device)
     return G.abs().amax(dim=1) != 0
 
 

@@ -4,7 +4,7 @@ import torchjd.aggregation as jd
 from torchjd.linalg import QuadprogProjector
 
 from lightning_mtl.balancers import (
-    DBMTL, MGDA, AlignedMTL, CAGrad, ConFIG, DualProj, GradDrop, GradNorm, GradVac, IMTLG, PCGrad, UPGrad,
+    DBMTL, MGDA, AlignedMTL, CAGrad, ConFIG, DualProj, GradDrop, GradNorm, GradVac, IMTLG, MoCo, PCGrad, UPGrad,
 )  # fmt: skip
 from lightning_mtl.balancers._utils import global_rng
 
@@ -227,6 +227,12 @@ def test_native_graddrop_in_float16_is_finite_where_torchjds_is(leak):
             expected = theirs(G)
         assert got.dtype == dtype and torch.isfinite(got).all()
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("cls", [MoCo, DBMTL])
+def test_zero_parameter_gradients_give_an_empty_direction(cls):
+    """A K × 0 matrix (no shared parameter): every task absent, as ``(G != 0).any(dim=1)`` said; ``amax`` raised."""
+    assert cls()(torch.zeros(3, 0)).shape == (0,)
 
 
 def test_graddrop_with_full_leak_is_the_sum():
