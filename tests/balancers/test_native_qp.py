@@ -13,7 +13,9 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +27,9 @@ from lightning_mtl.balancers import MGDA, CAGrad, DualProj, UPGrad
 from lightning_mtl.balancers._qp import cagrad_dual, host_gramian, min_norm_point, project_dual_cone
 
 HAS_CVXPY = importlib.util.find_spec("cvxpy") is not None
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+from weightings import opposed  # noqa: E402  issue 14's hard case, shared with the call-cost benchmark
 KS = list(range(1, 17))
 KINDS = ["random", "conflicting", "rank-deficient", "duplicate", "tiny", "huge", "opposed"]
 UNIQUE = {"random", "conflicting", "tiny", "huge", "opposed"}  # the weights themselves are unique
@@ -51,21 +56,6 @@ def gradients(kind: str, k: int, seed: int = 0, p: int | None = None) -> torch.T
     elif kind == "opposed":
         G = opposed(k, 1e-3, generator)
     return G
-
-
-def opposed(k: int, common: float, generator: torch.Generator) -> torch.Tensor:
-    """``g_k = common · e_0 + r_k``: the ``r_k`` (unit scale, orthogonal to ``e_0``) sum to 0 and come in
-    nearly antipodal pairs (cosine near −1), so the dual cone is a thin cone around ``e_0``."""
-    p = 2 * k + 3
-    R = torch.randn(k, p, generator=generator, dtype=torch.float64)
-    for i in range(1, k, 2):
-        R[i] = -R[i - 1] + 0.01 * R[i]
-    R[:, 0] = 0.0
-    if k > 1:
-        R -= R.mean(dim=0)
-    R /= R.norm(dim=1, keepdim=True)
-    R[:, 0] = common
-    return R
 
 
 def unit(G: torch.Tensor) -> np.ndarray:
