@@ -70,6 +70,11 @@ class TaskForward(ModuleUnit):
         self._shapes_checked: set[str] = set()  # tasks whose prediction and target shapes were checked once
         #: (backbone parameters, all parameters), gathered at first use in a fit (the module resets it in setup)
         self.parameters_cache: Optional[tuple[tuple[nn.Parameter, ...], tuple[nn.Parameter, ...]]] = None
+        #: representation mode: the task cotangent stacks' memory, kept across steps (see gradients.task_views)
+        self.cotangent_buffers: dict[int, Tensor] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "cotangent_buffers": {}}  # scratch memory: not copied or pickled
 
     def parameter_lists(self) -> tuple[tuple[nn.Parameter, ...], tuple[nn.Parameter, ...]]:
         """(backbone parameters, all parameters), gathered once per fit: walking the tree costs ~0.2 ms."""
@@ -166,7 +171,8 @@ class TaskForward(ModuleUnit):
         if balance is not None:
             self._check_representation(outputs)
             if any(output.requires_grad for output in outputs):  # else a frozen backbone
-                sources = task_views(outputs, len(self.task_names), balance)
+                buffers = self.__dict__.setdefault("cotangent_buffers", {})  # a module pickled before it existed
+                sources = task_views(outputs, len(self.task_names), balance, buffers)
         sizes = [x.shape[0] for x in inputs] if stacked else []
         parts: dict[int, list[Any]] = {}  # a stacked output (or view) cut into the groups' parts, once
 

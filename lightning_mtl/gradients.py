@@ -248,19 +248,42 @@ class _TaskViews(torch.autograd.Function):
     """Identity forward with one view of every output per task; the backward balances the task cotangents."""
 
     @staticmethod
-    def forward(ctx: Any, num_tasks: int, balance: Callable[[list[Tensor]], list[Tensor]], *outputs: Tensor) -> tuple[Tensor, ...]:
-        ctx.num_tasks, ctx.balance = num_tasks, balance
+    def forward(
+        ctx: Any, num_tasks: int, balance: Callable[[list[Tensor]], list[Tensor]], buffers: Optional[dict], *outputs: Tensor
+    ) -> tuple[Tensor, ...]:
+        ctx.num_tasks, ctx.balance, ctx.buffers = num_tasks, balance, buffers
         return tuple(output.view_as(output) for output in outputs for _ in range(num_tasks))
 
     @staticmethod
     def backward(ctx: Any, *cotangents: Tensor) -> tuple[Optional[Tensor], ...]:
         k = ctx.num_tasks
-        stacks = [torch.stack(cotangents[i : i + k]) for i in range(0, len(cotangents), k)]
-        return (None, None, *ctx.balance(stacks))
+        stacks = [_stack(cotangents[i : i + k], ctx.buffers, i // k) for i in range(0, len(cotangents), k)]
+        return (None, None, None, *ctx.balance(stacks))
+
+
+def _stack(rows: Sequence[Tensor], buffers: Optional[dict], index: int) -> Tensor:
+    """``torch.stack(rows)``, written into a buffer kept across steps (``buffers[index]``) when one is given.
+
+    The K × (output size) stack is the largest tensor of a representation-mode step (5 MB at K = 40 on W-MLP). A
+    fresh one each step measured up to 8× slower to fill once a process had run several such models (page faults
+    into newly mapped memory, `benchmarks/RESULTS.md`); a kept buffer is filled in place. It is consumed within the
+    backward (the Gramian and the directions are new tensors). Not under ``create_graph``: then a plain stack.
+    """
+    if buffers is None or torch.is_grad_enabled():
+        return torch.stack(rows)
+    first = rows[0]
+    shape = (len(rows), *first.shape)
+    buffer = buffers.get(index)
+    if buffer is None or buffer.shape != shape or buffer.dtype != first.dtype or buffer.device != first.device:
+        buffer = buffers[index] = torch.empty(shape, dtype=first.dtype, device=first.device)
+    return torch.stack(list(rows), out=buffer)
 
 
 def task_views(
-    outputs: Sequence[Tensor], num_tasks: int, balance: Callable[[list[Tensor]], list[Tensor]]
+    outputs: Sequence[Tensor],
+    num_tasks: int,
+    balance: Callable[[list[Tensor]], list[Tensor]],
+    buffers: Optional[dict] = None,
 ) -> list[list[Tensor]]:
     """``views[j][k]``: task k's view of ``outputs[j]`` (representation mode), balanced in the backward.
 
@@ -271,5 +294,5 @@ def task_views(
     backward (DDP gradient sync, AMP loss scaling, clipping, accumulation) sees these directions as
     the backbone's gradient.
     """
-    flat = _TaskViews.apply(num_tasks, balance, *outputs)
+    flat = _TaskViews.apply(num_tasks, balance, buffers, *outputs)
     return [list(flat[j * num_tasks : (j + 1) * num_tasks]) for j in range(len(outputs))]
