@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import math
 
+import numpy as np
 import torch
 
 from lightning_mtl.balancers import (
@@ -30,3 +33,30 @@ def ready(cls, names=("a", "b", "c")) -> Balancer:
     balancer = cls()
     balancer.setup(list(names))
     return balancer
+
+
+def simplex_oracle(Q: np.ndarray) -> np.ndarray:
+    """``argmin_{w ∈ Δ} wᵀ Q w`` by enumerating supports: the affine-hull minimiser of each (bordered system)."""
+    K = Q.shape[0]
+    best, best_value = None, math.inf
+    for r in range(1, K + 1):
+        for support in itertools.combinations(range(K), r):
+            S = list(support)
+            block = Q[np.ix_(S, S)]
+            border = block.diagonal().mean()  # the border scaled like the block: the system stays balanced
+            system = np.zeros((r + 1, r + 1))
+            system[:r, :r], system[:r, r], system[r, :r] = block, border, border
+            rhs = np.zeros(r + 1)
+            rhs[r] = border
+            try:
+                y = np.linalg.solve(system, rhs)[:r]
+            except np.linalg.LinAlgError:
+                y = np.linalg.lstsq(system, rhs, rcond=None)[0][:r]
+            if y.min() < -1e-12 or abs(y.sum() - 1.0) > 1e-9:
+                continue
+            w = np.zeros(K)
+            w[S] = np.clip(y, 0.0, None) / np.clip(y, 0.0, None).sum()
+            value = w @ Q @ w
+            if value < best_value:
+                best, best_value = w, value
+    return best

@@ -30,6 +30,7 @@ HAS_CVXPY = importlib.util.find_spec("cvxpy") is not None
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 from weightings import opposed  # noqa: E402  issue 14's hard case, shared with the call-cost benchmark
+from balancer_helpers import simplex_oracle  # noqa: E402
 KS = list(range(1, 17))
 KINDS = ["random", "conflicting", "rank-deficient", "duplicate", "tiny", "huge", "opposed"]
 UNIQUE = {"random", "conflicting", "tiny", "huge", "opposed"}  # the weights themselves are unique
@@ -70,33 +71,6 @@ def gram_distance(G: torch.Tensor, w: torch.Tensor | np.ndarray, v: torch.Tensor
 
 
 # --- oracles -----------------------------------------------------------------------------------------------
-
-
-def simplex_oracle(Q: np.ndarray) -> np.ndarray:
-    """``argmin_{w ∈ Δ} wᵀ Q w`` by enumerating supports: the affine-hull minimiser of each (bordered system)."""
-    K = Q.shape[0]
-    best, best_value = None, math.inf
-    for r in range(1, K + 1):
-        for support in itertools.combinations(range(K), r):
-            S = list(support)
-            block = Q[np.ix_(S, S)]
-            border = block.diagonal().mean()  # the border scaled like the block: the system stays balanced
-            system = np.zeros((r + 1, r + 1))
-            system[:r, :r], system[:r, r], system[r, :r] = block, border, border
-            rhs = np.zeros(r + 1)
-            rhs[r] = border
-            try:
-                y = np.linalg.solve(system, rhs)[:r]
-            except np.linalg.LinAlgError:
-                y = np.linalg.lstsq(system, rhs, rcond=None)[0][:r]
-            if y.min() < -1e-12 or abs(y.sum() - 1.0) > 1e-9:
-                continue
-            w = np.zeros(K)
-            w[S] = np.clip(y, 0.0, None) / np.clip(y, 0.0, None).sum()
-            value = w @ Q @ w
-            if value < best_value:
-                best, best_value = w, value
-    return best
 
 
 def nnqp_oracle(Q: np.ndarray, a: np.ndarray) -> np.ndarray:

@@ -7,7 +7,6 @@ with every other registered balancer by ``tests/test_balancers_training.py``, wh
 """
 
 import io
-import itertools
 import json
 import math
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from _ddp_new_methods_fit import CASES as DDP_CASES
 from _ddp_new_methods_fit import PER_RANK, STEPS, build, state_tensors
+from balancer_helpers import simplex_oracle
 from conftest import quiet_trainer, run_script
 from lightning_mtl.balancers import BALANCERS, ExcessMTL, FairGrad, MoCo, SDMGrad, resolve_balancer
 from lightning_mtl.balancers.fairgrad import solve_fairgrad
@@ -245,28 +245,6 @@ def test_fairgrad_and_sdmgrad_on_half_precision(dtype):
 # ---------------------------------------------------------------------------------------------------- SDMGrad
 
 
-def _min_norm_weights(gramian: torch.Tensor) -> torch.Tensor:
-    """MGDA's exact min-norm weights, by enumerating the supports of the KKT conditions (small K)."""
-    k = gramian.shape[0]
-    best, best_value = None, math.inf
-    for size in range(1, k + 1):
-        for support in itertools.combinations(range(k), size):
-            index = list(support)
-            block = gramian[index][:, index]
-            try:
-                x = torch.linalg.solve(block, torch.ones(size, dtype=gramian.dtype))
-            except RuntimeError:
-                continue
-            if x.sum() <= 0:
-                continue
-            w = torch.zeros(k, dtype=gramian.dtype)
-            w[index] = x / x.sum()
-            value = float(w @ gramian @ w)
-            if (w >= -1e-12).all() and (gramian @ w >= value - 1e-10).all() and value < best_value:
-                best, best_value = w, value
-    return best
-
-
 def test_project_simplex():
     for v, expected in [
         ([0.35, -0.1], [0.725, 0.275]),
@@ -316,7 +294,7 @@ def test_sdmgrad_at_lambda_0_converges_to_the_exact_min_norm_point(seed):
     if seed % 2:
         G[1] = -0.7 * G[0] + 0.2 * G[1]  # a conflict: the min-norm point is inside the simplex
     gramian = G @ G.T
-    expected = _min_norm_weights(gramian)
+    expected = torch.from_numpy(simplex_oracle(gramian.numpy()))  # MGDA's exact min-norm weights
     weights = SDMGrad(lam=0.0, num_iters=20_000).weights(gramian)
     torch.testing.assert_close(weights @ G, expected @ G, rtol=0, atol=1e-6 * float(G.norm(dim=1).max()))
     assert float(weights @ gramian @ weights) <= float(expected @ gramian @ expected) * (1 + 1e-9) + 1e-15
