@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -147,7 +148,7 @@ class TaskEvaluation(ModuleUnit):
             metrics, task_losses = self._metrics(stage, index)
             suffix = f"/dataloader_idx_{index}" if count > 1 else ""
             total, found = 0.0, False
-            for name, has_data in zip(module.task_names, self._tasks_with_data(task_losses)):
+            for name, has_data in zip(module.task_names, tasks_with_data(module, task_losses, module.task_names)):
                 value = _compute_quietly(task_losses[name])
                 if has_data:
                     if not torch.isfinite(value):
@@ -166,14 +167,6 @@ class TaskEvaluation(ModuleUnit):
                 module.log(f"{stage}/loss{suffix}", total, prog_bar=stage == "val", add_dataloader_idx=False)
                 if index == 0 and suffix:  # what a scheduler or checkpoint monitoring {stage}/loss follows
                     module.log(f"{stage}/loss", total, add_dataloader_idx=False)
-
-    def _tasks_with_data(self, task_losses: nn.ModuleDict) -> list[bool]:
-        """Per task, whether any process had a labelled sample of it this epoch (one reduction under DDP)."""
-        module = self.module
-        flags = torch.tensor([float(task_losses[name].update_count > 0) for name in module.task_names], device=module.device)
-        if module._world_size > 1:
-            flags = module._all_reduce(flags, "sum")
-        return (flags > 0).tolist()
 
     def log_train_metrics(self) -> None:
         """``train/{task}/{metric}`` for the epoch, computed on every process in the same order, then reset.
@@ -194,6 +187,15 @@ class TaskEvaluation(ModuleUnit):
                     module.log(f"train/{name}/{metric_name}", _compute(name, metric_name, metric))
             for _, metric in items:
                 metric.reset()
+
+
+def tasks_with_data(module: "MultiTaskModule", task_losses: nn.ModuleDict, names: Sequence[str]) -> list[bool]:
+    """Per task of ``names``, whether any process had a labelled sample of it this epoch (its loss metric was
+    updated): one reduction under DDP. A task with data whose loss is NaN or inf has diverged; it is not absent."""
+    flags = torch.tensor([float(task_losses[name].update_count > 0) for name in names], device=module.device)
+    if module._world_size > 1:
+        flags = module._all_reduce(flags, "sum")
+    return (flags > 0).tolist()
 
 
 def _compute_quietly(metric: Metric) -> Tensor:

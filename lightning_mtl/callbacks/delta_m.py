@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_mtl.baselines import Baselines, Direction, metric_direction, read_baselines
 from lightning_mtl.callbacks.task_table import _table_loggers
-from lightning_mtl.evaluation import _compute, _compute_quietly
+from lightning_mtl.evaluation import _compute, _compute_quietly, tasks_with_data
 
 Average = Literal["tasks", "metrics"]
 #: The split each run's table shows: fit shows its last validation epoch.
@@ -315,9 +315,7 @@ class DeltaM(pl.Callback):
         losses = getattr(pl_module, f"{split}_task_losses")
         rows: list[Row] = []
         # A task is absent when no process had a label of it; one whose loss is NaN or inf (diverged) is compared.
-        updates = torch.tensor([float(losses[task].update_count) for task in plan], device=pl_module.device)
-        labelled = trainer.strategy.reduce(updates, reduce_op="sum").tolist()
-        absent = [task for task, count in zip(plan, labelled) if count == 0]
+        absent = [task for task, has_data in zip(plan, tasks_with_data(pl_module, losses, list(plan))) if not has_data]
         for task, compared in plan.items():
             if task in absent:
                 continue
