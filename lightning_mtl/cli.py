@@ -57,6 +57,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+import torch
 from torch import nn
 
 from lightning_mtl.balancers import BALANCERS, Balancer, check_not_abstract
@@ -604,13 +605,27 @@ def main() -> None:
     if sys.argv[1:2] in (["baselines"], ["compare"]):
         from lightning_mtl.commands import main as experiments
 
-        return experiments(sys.argv[1:])
-    try:
-        run()
-    except ConfigError as error:
-        command = next((arg for arg in sys.argv[1:] if arg in _DESCRIPTIONS), "")
-        sys.stderr.write(f"lightning-mtl{' ' + command if command else ''}: error: {error}\n")
-        sys.exit(2)
+        experiments(sys.argv[1:])
+    else:
+        try:
+            run()
+        except ConfigError as error:
+            command = next((arg for arg in sys.argv[1:] if arg in _DESCRIPTIONS), "")
+            sys.stderr.write(f"lightning-mtl{' ' + command if command else ''}: error: {error}\n")
+            sys.exit(2)
+    end_process_group()
+
+
+def end_process_group() -> None:
+    """Destroy the process group a finished DDP run leaves behind.
+
+    Lightning keeps it alive after ``fit``; a process that exits with it alive can be aborted by a gloo worker
+    thread during interpreter shutdown ("terminate called without an active exception", exit status -6), so a
+    job scheduler sees a run that finished as failed. Called only after a run that succeeded: destroying it after
+    an error, while other ranks may still be in a collective, can hang.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -63,3 +63,6 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # Lightning leaves the process group alive; without this a gloo thread can abort the exit (rc -6)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

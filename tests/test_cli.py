@@ -1,6 +1,7 @@
 """The ``lightning-mtl`` command on the main job's config, in a reduced form."""
 
 import re
+import sys
 import uuid
 from pathlib import Path
 
@@ -266,3 +267,35 @@ def test_the_summary_and_table_can_be_switched_off(tmp_path, capsys):
     assert not any(isinstance(callback, (ModelSummary, TaskTable)) for callback in cli.trainer.callbacks)
     out = capsys.readouterr().out
     assert "task left" not in out and "Per-task" not in out
+
+
+def _one_process_group(tmp_path):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+
+
+def test_main_destroys_the_process_group_a_finished_ddp_run_leaves(tmp_path, monkeypatch):
+    # Lightning keeps the group alive after fit; exiting with it alive can abort in gloo's threads (rc -6)
+    import lightning_mtl.cli as cli
+
+    monkeypatch.setattr(cli, "run", lambda: _one_process_group(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["lightning-mtl", "fit"])
+    cli.main()
+    assert not torch.distributed.is_initialized()
+
+
+def test_main_leaves_the_process_group_alone_after_a_failed_run(tmp_path, monkeypatch):
+    # destroying it while other ranks may still be in a collective can hang: the error must propagate as it is
+    import lightning_mtl.cli as cli
+
+    def failing_run():
+        _one_process_group(tmp_path)
+        raise RuntimeError("a rank failed")
+
+    monkeypatch.setattr(cli, "run", failing_run)
+    monkeypatch.setattr(sys, "argv", ["lightning-mtl", "fit"])
+    try:
+        with pytest.raises(RuntimeError, match="a rank failed"):
+            cli.main()
+        assert torch.distributed.is_initialized()
+    finally:
+        torch.distributed.destroy_process_group()

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
@@ -56,3 +57,6 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    # Lightning leaves the process group alive; without this a gloo thread can abort the exit (rc -6)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
