@@ -41,9 +41,12 @@ pass/total per goal and list every configuration that fails its goal.
 
 Runs are interleaved: each round runs every configuration of a workload for ``--warmup`` then
 ``--steps`` steps (the CNN, ~20x costlier per step: ``--cnn-warmup`` / ``--cnn-steps``), in turn, and
-keeps the median step time. Reported: the median over rounds of each
-configuration's per-round median, and the median over rounds of its per-round ratio to
-``MultiTaskModule`` with static weights, with the quartiles of those ratios. For gradient-level
+keeps the median step time; ``MultiTaskModule`` with static weights runs before the first configuration and
+again after every one (an A-B-A chain, :func:`run_round`). A configuration's per-round ratio is its median
+over the mean of the two Static medians beside it, so a drift of the machine's speed during a round cancels
+(until 2026-12-02 every ratio divided by one Static block at the start of the round). Reported: the median
+over rounds of each configuration's per-round median, and the median over rounds of its per-round ratio,
+with the quartiles of those ratios. For gradient-level
 methods the balancer's own call (``weights`` for a Gramian weighting, ``forward`` for a direction
 method) is timed inside every step, and the ratio is also given without that time: what the module
 adds and what the wrapped method costs, apart. Ratios depend on what else is interleaved (a run with
@@ -466,6 +469,37 @@ def time_steps(
     return statistics.median(times), statistics.median(machinery)
 
 
+def run_round(configs: list[Config], batches: list[Any], warmup: int, steps: int) -> None:
+    """One round of a workload as an A-B-A chain: Static, then each configuration followed by Static again.
+
+    A configuration's ratio divides its median by the mean of the two Static medians timed just before
+    and just after it, so a drift in the machine's speed during the round (on a shared 2-core VM Static's
+    own step moved by 30 % between two runs) cancels to first order instead of landing on whichever
+    configurations ran late. Static's figure for the round is the median of all its blocks.
+    """
+    static = configs[0]
+    blocks = [time_steps(static.step, batches, warmup, steps)]
+    for config in configs[1:]:
+        if config.error:
+            continue
+        try:
+            times = time_steps(config.step, batches, warmup, steps, config.stopwatch)
+        except Exception as error:  # noqa: BLE001 - reported with the results, counted as a failed goal
+            config.error = f"{type(error).__name__}: {error}"
+            print(f"error in {config.workload} {config.key}, not run again: {config.error}", flush=True)
+            continue
+        blocks.append(time_steps(static.step, batches, warmup, steps))
+        reference = (blocks[-2][0] + blocks[-1][0]) / 2
+        config.per_round.append(times[0])
+        config.machinery_per_round.append(times[1])
+        config.ratios.append(times[0] / reference)
+        config.machinery_ratios.append(times[1] / reference)
+    static.per_round.append(statistics.median(block[0] for block in blocks))
+    static.machinery_per_round.append(static.per_round[-1])
+    static.ratios.append(1.0)
+    static.machinery_ratios.append(1.0)
+
+
 def quartiles(values: list[float]) -> str:
     """First and third quartile of the per-round ratios: how much a ratio moves from round to round."""
     if len(values) < 2:
@@ -645,22 +679,7 @@ def main() -> None:
         for workload_key, configs in plan.items():
             cnn = workload_key.startswith("cnn")
             warmup, steps = (args.cnn_warmup, args.cnn_steps) if cnn else (args.warmup, args.steps)
-            for config in configs:
-                if config.error:
-                    continue
-                try:
-                    times = time_steps(config.step, batches[workload_key], warmup, steps, config.stopwatch)
-                except Exception as error:  # noqa: BLE001 - reported with the results, counted as a failed goal
-                    config.error = f"{type(error).__name__}: {error}"
-                    print(f"error in {workload_key} {config.key}, not run again: {config.error}", flush=True)
-                    continue
-                config.per_round.append(times[0])
-                config.machinery_per_round.append(times[1])
-            static = configs[0].per_round[-1]
-            for config in configs:
-                if not config.error:
-                    config.ratios.append(config.per_round[-1] / static)
-                    config.machinery_ratios.append(config.machinery_per_round[-1] / static)
+            run_round(configs, batches[workload_key], warmup, steps)
         print(f"round {r + 1}/{args.rounds} done ({time.perf_counter() - started:.0f} s, load {load()})", flush=True)
 
     print()
