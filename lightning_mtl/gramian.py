@@ -38,7 +38,7 @@ from torch.autograd.graph import GradientEdge, Node
 from torch.nn.modules.module import register_module_forward_hook
 
 from lightning_mtl import gramian_blocks
-from lightning_mtl.gradients import _REENTRANT
+from lightning_mtl.gradients import _REENTRANT, row_products
 from lightning_mtl.gramian_blocks import block_cost, has_kernel_rule, input_width, layer_gramian, trainable_parameters
 
 #: When a Gramian weighting in one process forms the Gramian layer by layer (:func:`use_layerwise`): ``"auto"``
@@ -300,7 +300,7 @@ def _passes(acc: _Accumulator, outputs: Sequence[Tensor], cotangents: Sequence[T
             if grad is not None:
                 reached = True
                 rows = grad.reshape(acc.num_tasks, -1).to(acc.dtype)
-                acc.add(rows @ rows.T)
+                acc.add(row_products(rows))
         if number == 0:
             acc.deliver_per_task()
             missing = [(m, i, acc.layers[m][i]) for m, i in acc.missing()]

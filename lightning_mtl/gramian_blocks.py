@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_mtl.gradients import row_products
+
 #: Elements one slice of an explicit per-layer block may hold (K × slice): 16 MB in float32.
 WORKSPACE = 1 << 22
 #: The kernel form is used only up to this many rows (its N × N kernel is held whole).
@@ -134,7 +136,7 @@ def layer_gramian(module: nn.Module, pieces: list[tuple[Tensor, Tensor]], dtype:
         kernel = a @ a.T
         if bias:
             kernel += 1
-        return d.reshape(k, -1) @ torch.matmul(kernel, d).reshape(k, -1).T
+        return row_products(d.reshape(k, -1), torch.matmul(kernel, d).reshape(k, -1))
     gramian = pieces[0][1].new_zeros(k, k)
     if bias:
         sums = sum(output_rows(module, d).sum(dim=1) for _, d in pieces)
@@ -143,5 +145,5 @@ def layer_gramian(module: nn.Module, pieces: list[tuple[Tensor, Tensor]], dtype:
         step = max(1, WORKSPACE // (k * fan_in))
         for start in range(0, fan_out, step):
             block = sum(_weight_slice(module, x, d, start, min(start + step, fan_out)) for x, d in pieces)
-            gramian += block @ block.T
+            gramian += row_products(block)
     return gramian

@@ -12,7 +12,7 @@ import test_gradient_balancing
 import test_step_view
 from lightning_mtl import MultiTaskModule, Task, gramian, gramian_blocks
 from lightning_mtl.balancers import MGDA, UPGrad
-from lightning_mtl.gradients import TaskJacobian, parameter_jacobian
+from lightning_mtl.gradients import PRODUCT_CHUNK, TaskJacobian, parameter_jacobian, row_products
 from lightning_mtl.gramian import LayerRecorder, OutputJacobian, kernel_layers, layerwise_gramian
 
 
@@ -398,3 +398,30 @@ def test_bf16_mixed_precision_step_is_close_to_float32(layerwise):
         quiet_trainer(max_steps=2, plugins=plugins).fit(module, DataLoader(data, batch_size=16))
         results.append(torch.cat([p.detach().flatten() for p in module.parameters()]))
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("width", [5, 4 * PRODUCT_CHUNK - 1, 4 * PRODUCT_CHUNK, 6 * PRODUCT_CHUNK + 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_products_equal_the_plain_product_in_chunks_and_tail(width, dtype):
+    generator = torch.Generator().manual_seed(width)
+    a = torch.randn(7, width, generator=generator, dtype=dtype)
+    b = torch.randn(3, width, generator=generator, dtype=dtype)
+    exact_aa, exact_ab = a.double() @ a.double().T, a.double() @ b.double().T
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-6
+    for product, exact in ((row_products(a), exact_aa), (row_products(a, b), exact_ab)):
+        assert product.dtype == dtype and product.shape == exact.shape
+        torch.testing.assert_close(product.double(), exact, rtol=0, atol=tolerance * exact_aa.diagonal().max().item())
+    transposed = a.T.contiguous().T  # a strided view (not contiguous): the same product, to rounding
+    # (below the chunked width this is one mm, which on a column-major float32 input errs by up to ~9e-6)
+    loose = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(
+        row_products(transposed).double(), exact_aa, rtol=0, atol=loose * exact_aa.diagonal().max().item()
+    )
+
+
+def test_row_products_is_more_accurate_than_one_long_float32_product():
+    # the reason for chunking besides speed: one mm accumulates 500k terms in float32
+    a = torch.rand(4, 500_000, generator=torch.Generator().manual_seed(0))
+    exact = a.double() @ a.double().T
+    chunked_error = (row_products(a).double() - exact).abs().max() / exact.abs().max()
+    assert chunked_error < 1e-6

@@ -187,11 +187,16 @@ def check_gradient_matrix(G: Tensor) -> None:
 def nonzero_rows(G: Tensor) -> Tensor:
     """Which rows of the K × P ``G`` are not all zero (a zero row: a task absent from the step), as a bool K-vector.
 
-    ``max_k |g_k| != 0``, not ``(G != 0).any(dim=1)``: the same answer (a NaN row counts as present) without a
-    K × P boolean temporary, 5× faster on a 10 × 525k Jacobian on CPU (0.9 against 4.7 ms).
+    ``max_j g_kj != 0 or min_j g_kj != 0``, not ``(G != 0).any(dim=1)``: the same answer (a NaN row counts as
+    present, ``-0.0`` as zero) from two reductions that read ``G`` once each and write no K × P temporary: on a
+    contiguous 10 × 525k Jacobian on CPU 0.53 ms, against 4.19 ms for the boolean and 2.59 ms for ``|G|``'s
+    maximum (``benchmarks/wide_products.py``). A strided ``G`` (where the reductions along rows are slow) takes
+    ``|G|``'s maximum.
     """
     if G.shape[1] == 0:  # amax refuses an empty reduction; no coordinate: no task present
         return torch.zeros(G.shape[0], dtype=torch.bool, device=G.device)
+    if G.is_contiguous():
+        return (G.amax(dim=1) != 0) | (G.amin(dim=1) != 0)
     return G.abs().amax(dim=1) != 0
 
 

@@ -11,6 +11,7 @@ from torch import Tensor
 from lightning_mtl.balancers._utils import at_least_float32, check_range, loaded_copy
 from lightning_mtl.balancers.base import GradientBalancer, check_gradient_matrix, nonzero_rows
 from lightning_mtl.balancers.sdmgrad import project_simplex
+from lightning_mtl.gradients import row_products
 
 
 class MoCo(GradientBalancer):
@@ -86,7 +87,7 @@ class MoCo(GradientBalancer):
             on_device = index.to(work.device)
             self.tracked[on_device] = self.tracked[on_device].lerp(work[on_device], beta)
             rows = self.tracked[on_device]
-        gramian = (rows @ rows.T).cpu().double().numpy()
+        gramian = row_products(rows).cpu().double().numpy()
         weights = self.simplex_weights.to("cpu", torch.float64).numpy().copy()
         block = weights[index.numpy()]
         mass = float(block.sum())

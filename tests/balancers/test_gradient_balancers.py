@@ -287,4 +287,9 @@ def test_nonzero_rows_equals_any_nonzero_entry():
     G[3] = -0.0
     G[4, 4] = -2.0
     G[5] = torch.randn(5)
-    assert nonzero_rows(G).tolist() == (G != 0).any(dim=1).tolist() == [False, True, True, False, True, True]
+    expected = [False, True, True, False, True, True]
+    assert nonzero_rows(G).tolist() == (G != 0).any(dim=1).tolist() == expected
+    strided = G.T.contiguous().T  # the other branch: a non-contiguous G
+    assert not strided.is_contiguous() and nonzero_rows(strided).tolist() == expected
+    G[0, 2], G[3, 1] = float("inf"), float("-inf")  # an infinite entry makes its row present
+    assert nonzero_rows(G).tolist() == (G != 0).any(dim=1).tolist() == [True, True, True, True, True, True]
