@@ -40,13 +40,15 @@ Goals, on the ratio to Static: loss level ≤ 1.05×; representation mode ≤ 1.
 pass/total per goal and list every configuration that fails its goal.
 
 Runs are interleaved: each round runs every configuration of a workload for ``--warmup`` then
-``--steps`` steps (the CNN, ~20x costlier per step: ``--cnn-warmup`` / ``--cnn-steps``), in turn, and
-keeps the median step time; ``MultiTaskModule`` with static weights runs before the first configuration and
-again after every one (an A-B-A chain, :func:`run_round`). A configuration's per-round ratio is its median
-over the mean of the two Static medians beside it, so a drift of the machine's speed during a round cancels
-(until 2026-12-02 every ratio divided by one Static block at the start of the round). Reported: the median
-over rounds of each configuration's per-round median, and the median over rounds of its per-round ratio,
-with the quartiles of those ratios. For gradient-level
+``--steps`` steps (the CNN, ~20x costlier per step: ``--cnn-warmup`` / ``--cnn-steps``), in turn, in blocks
+of 5 timed steps (each after 2 untimed ones) alternating with blocks of ``MultiTaskModule`` with static
+weights (:func:`run_round`): a block's ratio is its median over the mean of the two Static blocks' medians
+beside it, and a configuration's ratio for the round is the median over its blocks. This VM switches between
+a fast and a slow state (1.6x apart, lasting seconds), so only a comparison made within a fraction of a
+second is clean (until 2026-12-02 06:40 every ratio divided by one Static block at the start of the round;
+until 08:55 by the Static blocks before and after the configuration's 30 steps). Reported: the median over
+rounds of each configuration's per-round median step time, and the median over rounds of its per-round
+ratio, with the quartiles of those ratios. For gradient-level
 methods the balancer's own call (``weights`` for a Gramian weighting, ``forward`` for a direction
 method) is timed inside every step, and the ratio is also given without that time: what the module
 adds and what the wrapped method costs, apart. Ratios depend on what else is interleaved (a run with
@@ -453,8 +455,8 @@ def check_against_torchjd(workload_key: str, name: str, paths: tuple[str, ...]) 
 
 def time_steps(
     step: Callable[[Any], None], batches: list[Any], warmup: int, steps: int, stopwatch: Stopwatch | None = None
-) -> tuple[float, float]:
-    """Median step time, and median of (step time - time in the method's weighting call)."""
+) -> tuple[list[float], list[float]]:
+    """Each step's time, and each step's time less the time in the method's weighting call, after ``warmup`` steps."""
     for i in range(warmup):
         step(batches[i % len(batches)])
     times, machinery = [], []
@@ -466,35 +468,63 @@ def time_steps(
         elapsed = time.perf_counter() - start
         times.append(elapsed)
         machinery.append(elapsed - ((stopwatch.total - inside) if stopwatch is not None else 0.0))
-    return statistics.median(times), statistics.median(machinery)
+    return times, machinery
+
+
+#: Timed steps per block of the alternation in :func:`run_round`, and untimed steps before each block.
+BLOCK_STEPS, BLOCK_WARMUP = 5, 2
 
 
 def run_round(configs: list[Config], batches: list[Any], warmup: int, steps: int) -> None:
-    """One round of a workload as an A-B-A chain: Static, then each configuration followed by Static again.
+    """One round of a workload: every configuration in turn, each in short blocks alternating with Static's.
 
-    A configuration's ratio divides its median by the mean of the two Static medians timed just before
-    and just after it, so a drift in the machine's speed during the round (on a shared 2-core VM Static's
-    own step moved by 30 % between two runs) cancels to first order instead of landing on whichever
-    configurations ran late. Static's figure for the round is the median of all its blocks.
+    This VM runs in a fast and a slow state (Static's W-MLP K = 2 step: 4.9 or 8.6 ms; consecutive steps are
+    in the same state with correlation 0.72, 30-step block medians with 0.90, and a state lasts seconds). So a
+    configuration's ``steps`` timed steps are cut into blocks of :data:`BLOCK_STEPS`, each after
+    :data:`BLOCK_WARMUP` untimed steps (which also take the caches back from the other model), alternating with
+    Static's blocks: S C S C ... S. Each C block's ratio is its median over the mean of the medians of the two S
+    blocks beside it (about 40 ms away on W-MLP, well inside a state), and the configuration's ratio for the
+    round is the median over its blocks. A block pair that straddles a change of state is an outlier the
+    median ignores. Static's figure for the round is the median of all its steps.
     """
     static = configs[0]
-    blocks = [time_steps(static.step, batches, warmup, steps)]
+    size = max(1, min(BLOCK_STEPS, steps))
+    blocks = max(1, steps // size)
+    static_times: list[float] = []
+
+    def static_block(first: bool) -> float:
+        times, _ = time_steps(static.step, batches, warmup if first else BLOCK_WARMUP, size)
+        static_times.extend(times)
+        return statistics.median(times)
+
     for config in configs[1:]:
         if config.error:
             continue
+        before = static_block(first=True)
+        times, machinery, ratios, machinery_ratios = [], [], [], []
         try:
-            times = time_steps(config.step, batches, warmup, steps, config.stopwatch)
+            for block in range(blocks):
+                block_times, block_machinery = time_steps(
+                    config.step, batches, warmup if block == 0 else BLOCK_WARMUP, size, config.stopwatch
+                )
+                after = static_block(first=False)
+                reference = (before + after) / 2
+                ratios.append(statistics.median(block_times) / reference)
+                machinery_ratios.append(statistics.median(block_machinery) / reference)
+                times += block_times
+                machinery += block_machinery
+                before = after
         except Exception as error:  # noqa: BLE001 - reported with the results, counted as a failed goal
             config.error = f"{type(error).__name__}: {error}"
             print(f"error in {config.workload} {config.key}, not run again: {config.error}", flush=True)
             continue
-        blocks.append(time_steps(static.step, batches, warmup, steps))
-        reference = (blocks[-2][0] + blocks[-1][0]) / 2
-        config.per_round.append(times[0])
-        config.machinery_per_round.append(times[1])
-        config.ratios.append(times[0] / reference)
-        config.machinery_ratios.append(times[1] / reference)
-    static.per_round.append(statistics.median(block[0] for block in blocks))
+        config.per_round.append(statistics.median(times))
+        config.machinery_per_round.append(statistics.median(machinery))
+        config.ratios.append(statistics.median(ratios))
+        config.machinery_ratios.append(statistics.median(machinery_ratios))
+    if not static_times:  # no other configuration: Static alone
+        static_block(first=True)
+    static.per_round.append(statistics.median(static_times))
     static.machinery_per_round.append(static.per_round[-1])
     static.ratios.append(1.0)
     static.machinery_ratios.append(1.0)
