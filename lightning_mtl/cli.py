@@ -29,7 +29,7 @@ Lightning's top-level ``--optimizer``/``--lr_scheduler`` (the model's own ``--mo
 ``predict`` writes each task's predictions into the run's folder (:class:`TaskPredictionWriter`,
 ``<run folder>/predictions/<task>.pt``) unless the trainer already has a prediction writer.
 :func:`lightning_mtl.load_run` rebuilds a run's model from its ``config.yaml`` and a checkpoint.
-See ``docs/cli.md``.
+The help text is :mod:`lightning_mtl.cli_help`. See ``docs/cli.md``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from typing import Any, Optional
 
 import yaml
 from fsspec.implementations.local import LocalFileSystem
-from jsonargparse import ArgumentError, ArgumentParser, DefaultHelpFormatter
+from jsonargparse import ArgumentError, ArgumentParser
 from jsonargparse.typing import import_object
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -58,12 +58,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 import torch
-from torch import nn
 
 from lightning_mtl.balancers import BALANCERS, Balancer, check_not_abstract
 from lightning_mtl.callbacks.model_summary import MultiTaskModelSummary
 from lightning_mtl.callbacks.prediction_writer import TaskPredictionWriter
 from lightning_mtl.callbacks.task_table import TaskTable
+from lightning_mtl.cli_help import DESCRIPTIONS, SUMMARIES, parser_kwargs
 from lightning_mtl.module import MultiTaskModule
 from lightning_mtl.run_config import log_config_to_wandb, require_wandb
 from lightning_mtl.runs import run_dir as _run_dir
@@ -164,7 +164,7 @@ class MultiTaskCLI(LightningCLI):
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         for action in self.parser._actions:
             for choice in getattr(action, "_choices_actions", ()):  # the sub-commands' one-line summaries
-                choice.help = _SUMMARIES.get(choice.dest, choice.help)
+                choice.help = SUMMARIES.get(choice.dest, choice.help)
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -475,118 +475,6 @@ def _is_inside(path: str, folder: str) -> bool:
     return Path(path).resolve().is_relative_to(Path(folder).resolve())
 
 
-class HelpFormatter(DefaultHelpFormatter):
-    """``--help`` a person can read: the model's options in full, others cut to their first sentence, classes
-    named briefly (the backbone's and balancer's from this package only), and no ``--<option>.help`` entries
-    (one line of the description says how to use them)."""
-
-    def _format_action(self, action: argparse.Action) -> str:
-        if action.option_strings and all(option.endswith(".help") for option in action.option_strings):
-            return ""
-        return super()._format_action(action)
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = super()._get_help_string(action)
-        if not text:
-            return text
-        start = max(text.rfind(" (type: "), text.rfind(" (required"), text.rfind(" (default: "))
-        description, details = (text[:start], text[start:]) if start >= 0 else (text, "")
-        if not action.dest.startswith("model.") and action.dest != "test_after_fit":
-            description = _first_sentence(description)
-        details, _, known = details.partition(", known subclasses: ")
-        if known:
-            details += "; " + _classes(action.dest, known.rstrip(")").split(", ")) + ")"
-        return description + details
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return "\n\n".join(super(HelpFormatter, self)._fill_text(part, width, indent) for part in text.split("\n\n"))
-
-
-def _first_sentence(text: str) -> str:
-    return re.split(r"(?<=[.:])\s+(?=[A-Z`(])", text.strip(), maxsplit=1)[0]
-
-
-def _classes(dest: str, paths: list[str]) -> str:
-    """What an option taking a class accepts, in a few words."""
-    if dest == "model.balancer":
-        return f"names: {', '.join(sorted(BALANCERS))}; or a lightning_mtl.balancers class_path"
-    if dest == "model.backbone":
-        return "any torch.nn.Module by class_path; bundled: " + _grouped(_backbones())
-    if dest == "data":
-        import lightning_mtl.datasets as datasets
-
-        bundled = [f"lightning_mtl.datasets.{name}" for name in datasets.__all__ if name.endswith("DataModule")]
-        paths = [path for path in paths if path != "lightning.LightningDataModule"] + bundled
-    return "known: " + _grouped(paths)
-
-
-def _backbones() -> list[str]:
-    import lightning_mtl.architectures as architectures
-
-    names = []
-    for name in architectures.__all__:
-        cls = getattr(architectures, name)
-        if isinstance(cls, type) and issubclass(cls, nn.Module) and not cls.__module__.endswith((".base", ".heads")):
-            names.append(f"lightning_mtl.architectures.{name}")
-    return names
-
-
-def _grouped(paths: list[str]) -> str:
-    """``a.b.C, a.b.D, e.F`` as ``a.b.{C, D}, e.F``."""
-    groups: dict[str, list[str]] = {}
-    for path in paths:
-        module, _, name = path.rpartition(".")
-        groups.setdefault(module, []).append(name)
-    return ", ".join(
-        f"{module}.{names[0]}" if len(names) == 1 else f"{module}.{{{', '.join(names)}}}"
-        for module, names in groups.items()
-    )
-
-
-_USE = (
-    "Every option can be set in the YAML config (-c) or on the command line, later ones winning. An option that "
-    "takes a class takes its class_path and init_args; --<option>.help CLASS lists a class's init_args, e.g. "
-    "--model.backbone.help lightning_mtl.architectures.SmallCNN. Lightning's own options are shown with the first "
-    "sentence of their documentation. More in docs/cli.md."
-)
-_CKPT = "Give the trained weights with --ckpt_path (a checkpoint of a run, e.g. runs/.../checkpoints/*.ckpt)."
-_SUMMARIES = {
-    "fit": "train a multi-task model",
-    "validate": "evaluate a model on the validation split, per task",
-    "test": "evaluate a model on the test split, per task",
-    "predict": "write each task's predictions to the run's folder",
-}
-_DESCRIPTIONS = {
-    "fit": (
-        "lightning-mtl fit: train a multi-task model (a shared backbone; a head, loss and metrics per task; a "
-        "balancer combining the tasks) on a data module. The run's config.yaml and checkpoints/ go to its own "
-        "folder; --test_after_fit true tests the best checkpoint once training ends."
-    ),
-    "validate": f"lightning-mtl validate: evaluate a multi-task model on the validation split, per task. {_CKPT}",
-    "test": f"lightning-mtl test: evaluate a multi-task model on the test split, per task. {_CKPT}",
-    "predict": (
-        "lightning-mtl predict: write each task's predictions to the run's folder, predictions/<task>.pt "
-        f"(TaskPredictionWriter; a prediction writer in --trainer.callbacks replaces it). {_CKPT}"
-    ),
-}
-
-
-def _parser_kwargs() -> dict[str, Any]:
-    usage = "%(prog)s [-h] [-c CONFIG] [--print_config[=flags]] [--OPTION VALUE ...]"
-    kwargs: dict[str, Any] = {
-        "description": (
-            "lightning-mtl: train and evaluate multi-task models (lightning_mtl.MultiTaskModule) with Lightning, "
-            "the whole experiment in one YAML config. See `lightning-mtl fit --help`. `lightning-mtl baselines "
-            "--config X.yaml` trains one single-task model per task of X for Δm (lightning_mtl.callbacks.DeltaM); "
-            "`lightning-mtl compare --config X.yaml --balancers static,uw,upgrad --seeds 3` writes a leaderboard."
-        ),
-        "formatter_class": HelpFormatter,
-    }
-    for command, description in _DESCRIPTIONS.items():
-        kwargs[command] = {"description": f"{description}\n\n{_USE}", "formatter_class": HelpFormatter, "usage": usage}
-    return kwargs
-
-
 def run(args: Optional[Sequence[str]] = None) -> MultiTaskCLI:
     """Run the CLI on ``args`` (default ``sys.argv[1:]``) and return it, trainer and model included."""
     return MultiTaskCLI(
@@ -595,7 +483,7 @@ def run(args: Optional[Sequence[str]] = None) -> MultiTaskCLI:
         subclass_mode_data=True,
         save_config_callback=SaveRunConfig,
         auto_configure_optimizers=False,
-        parser_kwargs=_parser_kwargs(),
+        parser_kwargs=parser_kwargs(),
         args=list(args) if args is not None else None,
     )
 
@@ -610,7 +498,7 @@ def main() -> None:
         try:
             run()
         except ConfigError as error:
-            command = next((arg for arg in sys.argv[1:] if arg in _DESCRIPTIONS), "")
+            command = next((arg for arg in sys.argv[1:] if arg in DESCRIPTIONS), "")
             sys.stderr.write(f"lightning-mtl{' ' + command if command else ''}: error: {error}\n")
             sys.exit(2)
     end_process_group()

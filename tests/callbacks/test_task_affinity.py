@@ -19,7 +19,8 @@ from _ddp_gradient_conflict_fit import STEPS, ThreeTasks, build, global_loader
 from conftest import quiet_trainer, run_script
 from lightning_mtl import MultiTaskModule, Task
 from lightning_mtl.callbacks import TaskAffinity
-from lightning_mtl.callbacks.task_affinity import grouping_score, lookahead_affinity, task_groups
+from lightning_mtl.callbacks.task_affinity import lookahead_affinity
+from lightning_mtl.callbacks.task_grouping import grouping_score, task_groups
 
 SCRIPT = Path(__file__).with_name("_ddp_gradient_conflict_fit.py")
 
