@@ -63,7 +63,7 @@ from lightning_mtl.balancers import BALANCERS, Balancer, check_not_abstract
 from lightning_mtl.callbacks.model_summary import MultiTaskModelSummary
 from lightning_mtl.callbacks.prediction_writer import TaskPredictionWriter
 from lightning_mtl.callbacks.task_table import TaskTable
-from lightning_mtl.cli_help import DESCRIPTIONS, SUMMARIES, parser_kwargs
+from lightning_mtl.cli_help import DESCRIPTIONS, SUMMARIES, HelpFormatter, parser_kwargs  # noqa: F401 - HelpFormatter: its old home
 from lightning_mtl.module import MultiTaskModule
 from lightning_mtl.run_config import log_config_to_wandb, require_wandb
 from lightning_mtl.runs import run_dir as _run_dir
@@ -134,7 +134,7 @@ class MultiTaskCLI(LightningCLI):
     """``LightningCLI`` for :class:`MultiTaskModule` with any ``LightningDataModule``.
 
     Beyond Lightning's: the model and data arguments of :func:`experiment_arguments`, ``--test_after_fit``, a
-    readable ``--help`` (:class:`HelpFormatter`), parse-time checks (:class:`ConfigError`), checked
+    readable ``--help`` (:class:`~lightning_mtl.cli_help.HelpFormatter`), parse-time checks (:class:`ConfigError`), checked
     ``--ckpt_path`` files, and a :class:`TaskPredictionWriter` for ``predict``.
     """
 

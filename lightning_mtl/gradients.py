@@ -62,15 +62,19 @@ def row_products(a: Tensor, b: Optional[Tensor] = None) -> Tensor:
     One ``mm`` with a K × K output and an inner dimension of W runs badly on CPU BLAS: on a 10 × 525k
     float32 Jacobian it took 4.05 ms with a relative error of 2.6e-5 (one long accumulation); the sum of the
     products of :data:`PRODUCT_CHUNK`-column chunks, one ``bmm``, took 2.35 ms with 1.3e-7
-    (``benchmarks/wide_products.py``; ``benchmarks/RESULTS.md``, "Gramians of wide matrices").
+    (``benchmarks/wide_products.py``; ``benchmarks/RESULTS.md``, "Gramians of wide matrices"). Chunked for float32
+    and float64 from four chunks on; a half-precision product is one ``mm`` (chunk products rounded to half
+    precision before their sum would be less accurate than it).
     """
     b = a if b is None else b
     k, width = a.shape
-    if width < 4 * PRODUCT_CHUNK:
+    # half precision: each chunk's product would be rounded to it before the sum (one mm rounds once); no rows: mm
+    if width < 4 * PRODUCT_CHUNK or a.dtype not in (torch.float32, torch.float64) or k == 0 or b.shape[0] == 0:
         return a @ b.T
-    whole = width - width % PRODUCT_CHUNK
-    a_chunks = a[:, :whole].reshape(k, -1, PRODUCT_CHUNK).transpose(0, 1)
-    b_chunks = a_chunks if b is a else b[:, :whole].reshape(b.shape[0], -1, PRODUCT_CHUNK).transpose(0, 1)
+    chunks = width // PRODUCT_CHUNK
+    whole = chunks * PRODUCT_CHUNK
+    a_chunks = a[:, :whole].reshape(k, chunks, PRODUCT_CHUNK).transpose(0, 1)
+    b_chunks = a_chunks if b is a else b[:, :whole].reshape(b.shape[0], chunks, PRODUCT_CHUNK).transpose(0, 1)
     product = torch.bmm(a_chunks, b_chunks.transpose(1, 2)).sum(dim=0)
     if whole < width:
         product += a[:, whole:] @ b[:, whole:].T

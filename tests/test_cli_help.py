@@ -83,3 +83,12 @@ def test_top_level_help_says_what_each_command_does(capsys):
     listing = " ".join(capsys.readouterr().out.split())
     assert "fit train a multi-task model" in listing
     assert "predict write each task's predictions to the run's folder" in listing
+
+
+def test_names_moved_out_of_cli_and_task_affinity_still_import_from_there():
+    from lightning_mtl import cli, cli_help
+    from lightning_mtl.callbacks import task_affinity, task_grouping
+
+    assert cli.HelpFormatter is cli_help.HelpFormatter
+    for name in ("task_groups", "grouping_score", "TaskGrouping", "MAX_SEARCH_NODES"):
+        assert getattr(task_affinity, name) is getattr(task_grouping, name)

@@ -425,3 +425,13 @@ def test_row_products_is_more_accurate_than_one_long_float32_product():
     exact = a.double() @ a.double().T
     chunked_error = (row_products(a).double() - exact).abs().max() / exact.abs().max()
     assert chunked_error < 1e-6
+
+
+def test_row_products_without_rows_and_in_half_precision_are_the_plain_product():
+    width = 5 * PRODUCT_CHUNK  # wide enough to be chunked in float32
+    a, none = torch.randn(3, width), torch.randn(0, width)
+    assert row_products(none).shape == (0, 0) and row_products(a, none).shape == (3, 0)
+    assert row_products(none, a).shape == (0, 3)
+    for dtype in (torch.float16, torch.bfloat16):  # chunk sums rounded to half precision would lose accuracy: one mm
+        half = torch.randn(4, width, generator=torch.Generator().manual_seed(1)).to(dtype)
+        assert torch.equal(row_products(half), half @ half.T)

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_mtl.callbacks.figures import heatmap, log_figure, require_matplotlib, run_dir, write_json
-from lightning_mtl.callbacks.task_grouping import TaskGrouping, task_groups
+from lightning_mtl.callbacks.task_grouping import MAX_SEARCH_NODES, TaskGrouping, grouping_score, task_groups  # noqa: F401 - their old home
 from lightning_mtl.checks import _one_task_per_step
 from lightning_mtl.gradients import parameter_jacobian
 

@@ -293,3 +293,7 @@ def test_nonzero_rows_equals_any_nonzero_entry():
     assert not strided.is_contiguous() and nonzero_rows(strided).tolist() == expected
     G[0, 2], G[3, 1] = float("inf"), float("-inf")  # an infinite entry makes its row present
     assert nonzero_rows(G).tolist() == (G != 0).any(dim=1).tolist() == [True, True, True, True, True, True]
+    integers = torch.tensor([[0, -128], [0, 0], [3, 0]], dtype=torch.int8)  # abs(-128) overflows in int8
+    for other in (integers, integers.long(), integers != 0):
+        for layout in (other, other.T.contiguous().T):
+            assert nonzero_rows(layout).tolist() == [True, False, True], (other.dtype, layout.is_contiguous())
