@@ -45,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 from jsonargparse import ArgumentError, ArgumentParser
@@ -57,7 +58,6 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-import torch
 
 from lightning_mtl.balancers import BALANCERS, Balancer, check_not_abstract
 from lightning_mtl.callbacks.model_summary import MultiTaskModelSummary

@@ -37,6 +37,7 @@ from lightning_mtl.architectures import (
     SoftSharing,
 )
 from lightning_mtl.callbacks import GateStatistics, SequentialTransfer
+from lightning_mtl.cli import end_process_group
 
 TASKS = ["a", "b"]
 
@@ -120,6 +121,4 @@ def main(out_dir: str, *names: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    # Lightning leaves the process group alive; without this a gloo thread can abort the exit (rc -6)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_process_group()  # Lightning leaves the group alive; a gloo thread can abort the exit (rc -6)

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_mtl.balancers.autolambda import AutoLambda
+from lightning_mtl.cli import end_process_group
 from lightning_mtl.data import MultiTaskDataModule
 from test_module import SharedInput, make_module, make_tasks
 
@@ -63,6 +64,4 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # Lightning leaves the process group alive; without this a gloo thread can abort the exit (rc -6)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_process_group()  # Lightning leaves the group alive; a gloo thread can abort the exit (rc -6)

@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import TensorDataset
 
 from lightning_mtl import MultiTaskDataModule
+from lightning_mtl.cli import end_process_group
 from test_module import make_module, make_tasks
 
 MAX_STEPS, EVERY, KILL_AFTER = 10, 3, 6
@@ -163,6 +164,4 @@ def main(out_dir: str, *items: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    # Lightning leaves the process group alive; without this a gloo thread can abort the exit (rc -6)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_process_group()  # Lightning leaves the group alive; a gloo thread can abort the exit (rc -6)

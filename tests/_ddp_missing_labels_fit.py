@@ -28,6 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import MeanAbsoluteError
 
 from lightning_mtl import MultiTaskModule, Task
+from lightning_mtl.cli import end_process_group
 
 
 class EveryOtherIndex(Sampler):
@@ -96,6 +97,4 @@ def main(out_dir: str, balancer: str, gradients: str = "parameters") -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    # Lightning leaves the process group alive; without this a gloo thread can abort the exit (rc -6)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_process_group()  # Lightning leaves the group alive; a gloo thread can abort the exit (rc -6)

@@ -18,6 +18,7 @@ from torch.utils.data import TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_mtl import MultiTaskDataModule, MultiTaskModule, Task
+from lightning_mtl.cli import end_process_group
 
 
 def task_data(seed: int) -> dict[str, TensorDataset]:
@@ -66,6 +67,4 @@ def main(out_dir: str, sampling: str, strategy: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    # Lightning leaves the process group alive; without this a gloo thread can abort the exit (rc -6)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_process_group()  # Lightning leaves the group alive; a gloo thread can abort the exit (rc -6)

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from lightning_mtl.balancers import BALANCERS
+from lightning_mtl.cli import end_process_group
 from test_module import SharedInput, make_module, make_tasks
 
 # (key, registered name, arguments, gradient mode): both modes for the Gramian weightings, parameter mode for
@@ -88,6 +89,4 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # Lightning leaves the process group alive; without this a gloo thread can abort the exit (rc -6)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_process_group()  # Lightning leaves the group alive; a gloo thread can abort the exit (rc -6)

@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 
 from _ddp_balancer_fit import STEPS, rank_loader
+from lightning_mtl.cli import end_process_group
 from test_module import make_module, make_tasks
 
 # Gradient balancers form the Gramian anyway; Static forms it only on request (asked on every step here).
@@ -87,6 +88,4 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # Lightning leaves the process group alive; without this a gloo thread can abort the exit (rc -6)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_process_group()  # Lightning leaves the group alive; a gloo thread can abort the exit (rc -6)

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
@@ -20,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shar
 from callbacks.test_delta_m import baselines, loader, module
 
 from lightning_mtl.callbacks import DeltaM
+from lightning_mtl.cli import end_process_group
 
 
 class Record(pl.Callback):
@@ -57,6 +57,4 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    # Lightning leaves the process group alive; without this a gloo thread can abort the exit (rc -6)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_process_group()  # Lightning leaves the group alive; a gloo thread can abort the exit (rc -6)

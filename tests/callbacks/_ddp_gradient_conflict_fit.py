@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset  # noqa: E402
 from conftest import RecordingLogger  # noqa: E402
 from lightning_mtl import MultiTaskModule, Task  # noqa: E402
 from lightning_mtl.callbacks import GradientConflict  # noqa: E402
+from lightning_mtl.cli import end_process_group  # noqa: E402
 
 PER_RANK, STEPS = 16, 3
 # a loss-level balancer (asks for the Gramian) and gradient-level ones (form it anyway), in both gradient modes
@@ -129,6 +130,4 @@ def main(out_dir: str, part: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
-    # Lightning leaves the process group alive; without this a gloo thread can abort the exit (rc -6)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_process_group()  # Lightning leaves the group alive; a gloo thread can abort the exit (rc -6)

@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import TensorDataset
 
+from lightning_mtl.cli import end_process_group
 from lightning_mtl.data import MultiTaskDataModule
 
 SIZES = {"a": 37, "b": 101}
@@ -86,6 +87,4 @@ def main(out_dir: str, modes: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
-    # Lightning leaves the process group alive; without this a gloo thread can abort the exit (rc -6)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_process_group()  # Lightning leaves the group alive; a gloo thread can abort the exit (rc -6)
