@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_mtl.balancers._utils import all_present, all_true, at_least_float32, scalarize
+from lightning_mtl.gradients import row_products
 
 
 def _identity(tensor: Tensor) -> Tensor:
@@ -263,7 +264,7 @@ class GramianBalancer(Balancer):
         """The combined direction ``Gᵀ w`` for the K × P task-gradient matrix ``G``."""
         check_gradient_matrix(G)
         work = at_least_float32(G)
-        return (self.weights(work @ work.T, losses) @ work).to(G.dtype)
+        return (self.weights(row_products(work), losses) @ work).to(G.dtype)
 
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:  # pragma: no cover - interface
         """Weights for ``gramian``, the Gramian of the tasks ``present`` (a mask over all K tasks)."""
