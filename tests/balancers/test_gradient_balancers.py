@@ -1,12 +1,17 @@
+import contextlib
+
+import numpy as np
 import pytest
 import torch
 import torchjd.aggregation as jd
+from torch import Tensor
 from torchjd.linalg import QuadprogProjector
 
 from lightning_mtl.balancers import (
     DBMTL, MGDA, AlignedMTL, CAGrad, ConFIG, DualProj, GradDrop, GradNorm, GradVac, IMTLG, MoCo, PCGrad, UPGrad,
 )  # fmt: skip
-from lightning_mtl.balancers._utils import global_rng
+
+from lightning_mtl.balancers.graddrop import draw_integers
 
 from balancer_helpers import GRADIENT_METHODS, HAS_SOLVERS, direction
 
@@ -100,16 +105,46 @@ def _seeds(seed: int, count: int) -> list[int]:
     return [int(torch.randint(0, 2**62, (1,), generator=generator)) for _ in range(count)]
 
 
+def _graddrop_uniforms(seed: int, count: int, dtype: torch.dtype) -> Tensor:
+    """The uniforms ``U = (1 − V) / 2`` GradDrop draws under ``seed``, from an independent reading of NumPy's
+    SFC64 raw stream: each 64-bit word holds two 32-bit draws (low half first), each keeps its top 24 bits."""
+    words = np.random.SFC64(seed).random_raw((count + 1) // 2)
+    halves = np.stack([words & 0xFFFFFFFF, words >> np.uint64(32)], axis=1).reshape(-1)[:count].astype(np.int64)
+    signed = np.where(halves >= 2**31, halves - 2**32, halves)  # the 32-bit words as two's complement
+    v = (np.floor_divide(signed, 2**8) * 2 + 1) / 2.0**24  # the top 24 bits q: (q + ½) · 2**-23, in (−1, 1)
+    return torch.from_numpy((1.0 - v) / 2.0).to(dtype)
+
+
+@contextlib.contextmanager
+def _torch_rand_returns(values: Tensor):
+    """Within the block, ``torch.rand`` (which torchjd's GradDrop draws its uniforms with) returns ``values``."""
+    original = torch.rand
+
+    def rand(*shape, dtype=None, device=None, **kwargs):
+        size = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
+        assert size == tuple(values.shape), (size, values.shape)
+        return values.to(dtype=dtype, device=device)
+
+    torch.rand = rand
+    try:
+        yield
+    finally:
+        torch.rand = original
+
+
+def _torchjd_graddrop(theirs, G: Tensor, seed: int) -> Tensor:
+    """torchjd's GradDrop on ``G`` under the uniforms ours draws with ``seed``."""
+    with _torch_rand_returns(_graddrop_uniforms(seed, G.shape[1], G.dtype)):
+        return theirs(G)
+
+
 # PCGrad and GradVac are native and draw their visiting orders from their own generator: they are
 # checked against reference loops under the same orders in test_native_weightings.py.
-@pytest.mark.parametrize("cls", [GradDrop])
-def test_random_methods_equal_torchjd_under_the_same_draws(cls):
-    ours, theirs = cls(seed=5), getattr(jd, cls.__name__)()
+def test_graddrop_equals_torchjd_under_the_same_draws():
+    ours, theirs = GradDrop(seed=5), jd.GradDrop()
     for step, seed in enumerate(_seeds(5, 4)):
         G = _random_gradients(step, k=4)
-        with global_rng(seed, G.device):
-            expected = theirs(G)
-        torch.testing.assert_close(ours(G), expected)
+        torch.testing.assert_close(ours(G), _torchjd_graddrop(theirs, G, seed))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -126,8 +161,7 @@ def test_native_graddrop_equals_torchjds_under_the_same_draws(k, leak, dtype):
     theirs = jd.GradDrop(leak=torch.full((k,), leak, dtype=dtype) if leak else None)
     for seed in _seeds(3, 3):
         got = ours(G)
-        with global_rng(seed, G.device):
-            expected = theirs(G)
+        expected = _torchjd_graddrop(theirs, G, seed)
         tolerance = 10 * k * torch.finfo(dtype).eps * G.abs().sum(dim=0)
         assert ((got - expected).abs() <= tolerance).all()
         assert (got[:7] == 0).all()
@@ -223,8 +257,7 @@ def test_native_graddrop_in_float16_is_finite_where_torchjds_is(leak):
     theirs = jd.GradDrop(leak=torch.full((2,), leak, dtype=dtype) if leak else None)
     for seed in _seeds(3, 5):
         got = ours(G)
-        with global_rng(seed, G.device):
-            expected = theirs(G)
+        expected = _torchjd_graddrop(theirs, G, seed)
         assert got.dtype == dtype and torch.isfinite(got).all()
         torch.testing.assert_close(got, expected)
 
@@ -233,6 +266,50 @@ def test_native_graddrop_in_float16_is_finite_where_torchjds_is(leak):
 def test_zero_parameter_gradients_give_an_empty_direction(cls):
     """A K × 0 matrix (no shared parameter): every task absent, as ``(G != 0).any(dim=1)`` said; ``amax`` raised."""
     assert cls()(torch.zeros(3, 0)).shape == (0,)
+
+
+@pytest.mark.parametrize("purity", [0.02, 0.3, 0.6, 0.97])
+def test_graddrop_keeps_the_positive_parts_with_probability_p(purity):
+    """Over 400k coordinates of purity P (positive part P, negative part P − 1), the positive part is kept in a
+    fraction P of them, within 5 standard deviations; every coordinate gets one sign's part, never both or neither."""
+    count = 400_000
+    G = torch.stack([torch.full((count,), purity), torch.full((count,), purity - 1.0)]).double()
+    out = GradDrop(seed=11)(G)
+    positive = out == G[0]
+    assert (positive | (out == G[1])).all()
+    assert abs(positive.double().mean().item() - purity) <= 5 * (purity * (1 - purity) / count) ** 0.5
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_graddrop_keeps_one_signed_coordinates_whole(sign):
+    """P is exactly 1 or 0 there: no draw may tie with it (the uniforms lie strictly inside (0, 1)), so the sum
+    passes whole in all of 2M coordinates and 5 calls."""
+    G = sign * (torch.rand(3, 2_000_000, generator=torch.Generator().manual_seed(0)) + 0.5)
+    balancer = GradDrop(seed=2)
+    for _ in range(5):
+        torch.testing.assert_close(balancer(G), G.sum(dim=0), rtol=1e-6, atol=0.0)
+
+
+def test_graddrop_draws_depend_on_the_position_only():
+    """Draw j is the same for every width (DDP's representation mode pads the global batch to the widest process),
+    the integers are odd and inside (−2**24, 2**24), and their mean is near 0."""
+    narrow, wide = draw_integers(7, 1001, torch.device("cpu")), draw_integers(7, 300_001, torch.device("cpu"))
+    assert narrow.dtype == torch.int32 and torch.equal(narrow, wide[:1001])
+    assert (wide % 2 != 0).all() and wide.abs().max() < 2**24
+    assert abs(wide.double().mean().item()) < 5 * 2**24 / (3 * 300_001) ** 0.5
+    assert not torch.equal(draw_integers(8, 1001, torch.device("cpu")), narrow)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graddrop_on_cuda_is_reproducible_and_leaves_the_global_rng_alone():
+    G = torch.randn(3, 10_000, device="cuda")
+    torch.cuda.manual_seed(0)
+    expected = torch.rand(3, device="cuda")
+    torch.cuda.manual_seed(0)
+    first, second = GradDrop(seed=4)(G), GradDrop(seed=4)(G)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(torch.rand(3, device="cuda"), expected)
+    assert ((first - G.clamp(min=0).sum(0)).abs() < 1e-5).logical_or((first - G.clamp(max=0).sum(0)).abs() < 1e-5).all()
 
 
 def test_graddrop_with_full_leak_is_the_sum():
