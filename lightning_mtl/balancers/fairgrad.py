@@ -17,6 +17,11 @@ _CAP = 1e6
 #: The smallest ridge (relative to the unit mean diagonal): a smaller one is lost in the rounding of ``A + ridge·I``.
 _MIN_RIDGE = 1e-12
 _MAX_ITERS = 100
+#: Converged once the residual stops halving after a step whose squared Newton decrement ``λ² = ∇fᵀ H⁻¹ ∇f`` was
+#: below this (Newton's convergence is quadratic there: the residual is at its rounding level). On an
+#: ill-conditioned Gramian (weights ~1e3 normalised) that level is ~1e-9 relative, above the plain residual
+#: test's 1e-10; without this rule the solve ran its 100 iterations and restarted on the ridge (another answer).
+_DECREMENT = 1e-16
 
 
 def solve_fairgrad(gramian: np.ndarray, alpha: float, ridge: float = 0.0) -> Optional[np.ndarray]:
@@ -29,15 +34,38 @@ def solve_fairgrad(gramian: np.ndarray, alpha: float, ridge: float = 0.0) -> Opt
     k = gramian.shape[0]
     A = gramian + ridge * np.eye(k) if ridge else gramian
     power = -1.0 / alpha
-    mean = A.sum() / k  # 1ᵀA1 / K: start from the solution along 1, if the mean gradient is not ~0
-    w = np.full(k, mean ** (-alpha / (alpha + 1.0))) if mean > 1e-3 else np.diag(A) ** (-alpha / (alpha + 1.0))
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # a rejected trial point may overflow
         if k == 2:
             try:
-                return _newton_pair(A, w, power, ridge)
+                return _newton_pair(A, alpha, power, ridge)
             except (OverflowError, ValueError, ZeroDivisionError):  # Python floats raise where NumPy gives inf
                 pass
-        return _newton(A, w, power, ridge)
+        return _newton(A, _start(A, alpha, power), power, ridge)
+
+
+def _start(A: np.ndarray, alpha: float, power: float) -> np.ndarray:
+    """The first iterate: of the minimisers of ``f`` on the rays through ``1`` and through ``diag(A)^(−½)``, the one
+    with the lower ``f``. On the ray ``s·v``, ``f' = 0`` at ``s = (Σ_k v_k^{1+power} / vᵀAv)^{α/(1+α)}``.
+
+    The ray through 1 is the plain sum's; where the task gradients nearly cancel (``1ᵀA1`` ≈ 0) its minimiser is far
+    out, as the solution is, and Newton needs a few steps from there instead of one doubling per step from 1.
+    """
+    best, best_value = np.diag(A) ** (-alpha / (alpha + 1.0)), math.inf
+    for ray in (np.ones_like(best), best):
+        curvature = float(ray @ A @ ray)
+        if not curvature > 0.0:
+            continue
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            candidate = ray * (_barrier_slope(ray, power) / curvature) ** (alpha / (alpha + 1.0))
+            value = 0.5 * float(candidate @ A @ candidate) - _barrier(candidate, power)
+        if math.isfinite(value) and value < best_value and bool(np.all(candidate > 0.0)):
+            best, best_value = candidate, value
+    return best
+
+
+def _barrier_slope(v: np.ndarray, power: float) -> float:
+    """``Σ_k v_k^{1+power}``: ``d/ds Σ_k φ(s v_k)`` at ``s = 1``."""
+    return float(np.sum(v ** (1.0 + power)))
 
 
 def _barrier(w: np.ndarray, power: float) -> float:
@@ -53,13 +81,13 @@ def _newton(A: np.ndarray, w: np.ndarray, power: float, ridge: float) -> Optiona
     curvature = -power * np.eye(w.size)  # the barrier's Hessian is diag(−power · w^power / w)
     Aw = A @ w
     value = 0.5 * float(w @ Aw) - _barrier(w, power)
-    previous = math.inf
+    previous = decrement = math.inf
     for _ in range(_MAX_ITERS):
         rhs = w**power
         residual = Aw - rhs
         largest = max(rhs.tolist())
         error = max(map(abs, residual.tolist())) / largest if largest > 0.0 else math.inf
-        if error <= 1e-14 or (error <= 1e-10 and error > 0.5 * previous):  # converged, or at rounding level
+        if error <= 1e-14 or (error > 0.5 * previous and (error <= 1e-10 or decrement < _DECREMENT)):  # at rounding
             return w
         previous = error
         try:
@@ -69,6 +97,7 @@ def _newton(A: np.ndarray, w: np.ndarray, power: float, ridge: float) -> Optiona
         bounds = [-x / d for x, d in zip(w.tolist(), step.tolist()) if d < 0.0]
         t = min(1.0, 0.99 * min(bounds)) if bounds else 1.0
         slope = float(residual @ step)  # minus the squared Newton decrement
+        decrement = -slope
         while True:
             candidate = w + t * step
             A_candidate = A @ candidate
@@ -83,19 +112,28 @@ def _newton(A: np.ndarray, w: np.ndarray, power: float, ridge: float) -> Optiona
     return w if ridge else None
 
 
-def _newton_pair(A: np.ndarray, w: np.ndarray, power: float, ridge: float) -> Optional[np.ndarray]:
-    """:func:`_newton` for two tasks in Python floats (a 2 × 2 Newton system by Cramer's rule). Raises
-    ``OverflowError``, ``ValueError`` or ``ZeroDivisionError`` where a float operation leaves the finite range."""
+def _newton_pair(A: np.ndarray, alpha: float, power: float, ridge: float) -> Optional[np.ndarray]:
+    """:func:`_newton` for two tasks in Python floats (a 2 × 2 Newton system by Cramer's rule), from :func:`_start`'s
+    point. Raises ``OverflowError``, ``ValueError`` or ``ZeroDivisionError`` where a float operation leaves the
+    finite range."""
     (a, b), (_, c) = A.tolist()
-    w1, w2 = w.tolist()
     log = power == -1.0
 
     def objective(w1: float, w2: float) -> float:
         barrier = math.log(w1) + math.log(w2) if log else (w1 ** (1.0 + power) + w2 ** (1.0 + power)) / (1.0 + power)
         return 0.5 * (w1 * (a * w1 + b * w2) + w2 * (b * w1 + c * w2)) - barrier
 
+    exponent = alpha / (alpha + 1.0)
+    w1, w2 = a**-exponent, c**-exponent
     value = objective(w1, w2)
-    previous = math.inf
+    for v1, v2 in ((1.0, 1.0), (w1, w2)):  # the rays of _start
+        curvature = v1 * (a * v1 + b * v2) + v2 * (b * v1 + c * v2)
+        if curvature > 0.0:
+            scale = ((v1 ** (1.0 + power) + v2 ** (1.0 + power)) / curvature) ** exponent
+            candidate = objective(scale * v1, scale * v2)
+            if candidate < value:
+                w1, w2, value = scale * v1, scale * v2, candidate
+    previous = decrement = math.inf
     for _ in range(_MAX_ITERS):
         rhs1, rhs2 = w1**power, w2**power
         r1, r2 = a * w1 + b * w2 - rhs1, b * w1 + c * w2 - rhs2
@@ -103,7 +141,7 @@ def _newton_pair(A: np.ndarray, w: np.ndarray, power: float, ridge: float) -> Op
             raise ValueError("NaN residual")
         largest = max(rhs1, rhs2)
         error = max(abs(r1), abs(r2)) / largest if largest > 0.0 else math.inf
-        if error <= 1e-14 or (error <= 1e-10 and error > 0.5 * previous):
+        if error <= 1e-14 or (error > 0.5 * previous and (error <= 1e-10 or decrement < _DECREMENT)):
             return np.array([w1, w2])
         previous = error
         h1, h2 = a - power * rhs1 / w1, c - power * rhs2 / w2
@@ -114,6 +152,7 @@ def _newton_pair(A: np.ndarray, w: np.ndarray, power: float, ridge: float) -> Op
         bounds = [-x / d for x, d in ((w1, s1), (w2, s2)) if d < 0.0]
         t = min(1.0, 0.99 * min(bounds)) if bounds else 1.0
         slope = r1 * s1 + r2 * s2
+        decrement = -slope
         while True:
             c1, c2 = w1 + t * s1, w2 + t * s2
             new_value = objective(c1, c2)
@@ -142,8 +181,10 @@ class FairGrad(GramianBalancer):
     Solved natively in float64, without a general-purpose solver: the equation is the stationarity
     condition of the strictly convex ``f(w) = ½ wᵀ(G Gᵀ)w − Σ_k φ(w_k)`` on ``w > 0``, ``φ' = w^{−1/α}``
     (its Hessian ``G Gᵀ + diag(w^{−1/α−1}/α)`` is positive definite), minimised by Newton's method with
-    a fraction-to-the-boundary step (``w`` stays positive) and an Armijo backtracking line search: a
-    handful of iterations to a relative residual of about 1e-14. The Gramian is first divided by its mean
+    a fraction-to-the-boundary step (``w`` stays positive) and an Armijo backtracking line search, from the
+    minimiser of ``f`` on the better of the rays through 1 and through ``diag(G Gᵀ)^{−α/(1+α)}``: a handful of
+    iterations to a relative residual of about 1e-14, or to its rounding level (about 1e-9 where the weights are
+    large), recognised by a Newton decrement below 1e-16. The Gramian is first divided by its mean
     diagonal ``s`` and the weights multiplied back by ``s^{−α/(1+α)}`` (the equation's scaling law), so
     the solve does not depend on the gradients' scale.
 

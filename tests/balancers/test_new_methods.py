@@ -222,6 +222,35 @@ def test_fairgrad_small_alpha_on_gradients_that_cancel(alpha):
             assert float(cancelling.norm()) <= 0.1 * float(G.norm(dim=1).min()), (G, dtype, direction)
 
 
+def _opposed(k: int, common: float, seed: int) -> torch.Tensor:
+    """Strongly opposed task gradients (pairs at cosine near −1, summing to 0) plus a small common component."""
+    generator = torch.Generator().manual_seed(seed)
+    R = torch.randn(k, 2 * k + 3, generator=generator, dtype=torch.float64)
+    for i in range(1, k, 2):
+        R[i] = -R[i - 1] + 0.01 * R[i]
+    R[:, 0] = 0.0
+    R -= R.mean(dim=0)
+    R /= R.norm(dim=1, keepdim=True)
+    R[:, 0] = common
+    return R
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fairgrad_solves_ill_conditioned_opposed_gramians_without_the_ridge(seed):
+    """Ten opposed gradients with a 1e-4 common component, Gramian rounded to float32 (as the module hands it): the
+    equation has a solution (weights ~4e3 in normalised units) and Newton reaches it in a few steps, but its residual
+    stalls at ~1e-9, the rounding level of such large weights. The solve must stop there, not run its 100 iterations
+    and restart on the ridge, whose weights (~90) are another answer."""
+    G = _opposed(10, 1e-4, seed)
+    gramian = (G @ G.T).float()
+    A = gramian.double()
+    scale = float(A.trace()) / 10
+    solution = solve_fairgrad((A / scale).numpy(), 1.0)  # None: no solution without a ridge
+    assert solution is not None and solution.min() > 1e3
+    assert _residual(A / scale, torch.from_numpy(solution), 1.0) <= 1e-8
+    torch.testing.assert_close(FairGrad().weights(gramian), torch.from_numpy(solution / scale**0.5).float())
+
+
 def test_fairgrad_solver_reports_no_solution_without_a_ridge():
     import numpy as np
 
