@@ -29,7 +29,7 @@ Lightning's top-level ``--optimizer``/``--lr_scheduler`` (the model's own ``--mo
 ``predict`` writes each task's predictions into the run's folder (:class:`TaskPredictionWriter`,
 ``<run folder>/predictions/<task>.pt``) unless the trainer already has a prediction writer.
 :func:`lightning_mtl.load_run` rebuilds a run's model from its ``config.yaml`` and a checkpoint.
-The help text is :mod:`lightning_mtl.cli_help`. See ``docs/cli.md``.
+The help text is :mod:`lightning_mtl.cli_help`, the checkpoint checks :mod:`lightning_mtl.checkpoints`. See ``docs/cli.md``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import itertools
 import os
 import re
 import sys
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -63,6 +62,7 @@ from lightning_mtl.balancers import BALANCERS, Balancer, check_not_abstract
 from lightning_mtl.callbacks.model_summary import MultiTaskModelSummary
 from lightning_mtl.callbacks.prediction_writer import TaskPredictionWriter
 from lightning_mtl.callbacks.task_table import TaskTable
+from lightning_mtl.checkpoints import checkpoint_damage, damaged_message  # noqa: F401 - checkpoint_damage: its old home
 from lightning_mtl.cli_help import DESCRIPTIONS, SUMMARIES, HelpFormatter, parser_kwargs  # noqa: F401 - HelpFormatter: its old home
 from lightning_mtl.module import MultiTaskModule
 from lightning_mtl.run_config import log_config_to_wandb, require_wandb
@@ -301,7 +301,7 @@ class MultiTaskCLI(LightningCLI):
             return
         damage = checkpoint_damage(path)
         if damage is not None:
-            raise ValueError(_damaged(given, path, damage))
+            raise ValueError(damaged_message(given, path, damage))
         self._verified_ckpt = path
 
 
@@ -394,59 +394,6 @@ def _optimizer_rule(key: str) -> str:
         f"the top-level --{key} (or {key}: at the top of a config) is refused: the {key} belongs to the model, and "
         f"Lightning's top-level one would replace the model's without a word. Use --model.{key} "
         f"(e.g. {example}{monitor}), or put {key}: under model: in the YAML config."
-    )
-
-
-def checkpoint_damage(path: str) -> Optional[str]:
-    """Why the checkpoint at ``path`` cannot be loaded (truncated or corrupt zip archive), or None if it looks whole.
-
-    ``torch.save`` writes a zip archive whose central directory comes last, so a truncated file lacks it (reading
-    the directory is cheap; the members are not read). A missing file or one in torch's legacy (non-zip) format is
-    left to ``torch.load``.
-    """
-    fs = get_filesystem(path)
-    if not fs.isfile(path):
-        return None
-    with fs.open(path, "rb") as file:
-        if file.read(4) != b"PK\x03\x04":
-            return None
-        file.seek(0)
-        try:
-            with zipfile.ZipFile(file):
-                pass
-        except (zipfile.BadZipFile, EOFError, OSError) as error:
-            return f"it starts as a zip archive but is incomplete ({error}); probably cut short while written or copied"
-    # Member CRCs are not checked: torch.serialization.set_crc32_options(False) writes intact files without them.
-    return None
-
-
-def _intact_siblings(path: str, limit: int = 3) -> list[str]:
-    """Up to ``limit`` intact ``.ckpt`` files in ``path``'s folder other than ``path``, newest first."""
-    folder = os.path.dirname(path)
-    fs = get_filesystem(folder)
-    name = os.path.basename(path)
-    others = [p for p in fs.ls(folder, detail=False) if p.endswith(".ckpt") and os.path.basename(p) != name]
-    intact = []
-    for other in sorted(others, key=fs.modified, reverse=True):
-        candidate = os.path.join(folder, os.path.basename(other))
-        if checkpoint_damage(candidate) is None:
-            intact.append(candidate)
-            if len(intact) == limit:
-                break
-    return intact
-
-
-def _damaged(given: str, path: str, damage: str) -> str:
-    intact = _intact_siblings(path)
-    source = f"--ckpt_path {given!r} resolves to {path}" if given != path else f"--ckpt_path {path}"
-    advice = (
-        f"Intact checkpoints in {os.path.dirname(path)}, newest first: {', '.join(intact)}. Pass one with --ckpt_path."
-        if intact
-        else f"No intact checkpoint was found in {os.path.dirname(path)}."
-    )
-    return (
-        f"{source}, which cannot be loaded: {damage}. {advice} (The CLI does not pick another checkpoint by itself: "
-        "resuming from a different step without saying so would be wrong.)"
     )
 
 

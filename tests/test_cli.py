@@ -299,3 +299,9 @@ def test_main_leaves_the_process_group_alone_after_a_failed_run(tmp_path, monkey
         assert torch.distributed.is_initialized()
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_checkpoint_checks_keep_their_old_import_path():
+    from lightning_mtl import checkpoints, cli
+
+    assert cli.checkpoint_damage is checkpoints.checkpoint_damage
