@@ -579,3 +579,19 @@ def test_reentrant_checkpointing_is_refused_with_the_fix_and_non_reentrant_is_ex
         expected = torch.autograd.grad(z, params, cotangents[0][k], retain_graph=True)
         for got, want in zip(jacobian, expected):
             torch.testing.assert_close(got[k], want)
+
+
+def test_global_columns_place_widths_past_float32_precision_exactly():
+    """DDP representation mode (GradDrop): each process's columns go at ``rank · width`` of the global matrix. The
+    width was all-reduced in float32, which rounds 2**24 + 1 down: the blocks overlapped and the last rank raised."""
+    from types import SimpleNamespace
+
+    from lightning_mtl.updates.gradient import _in_global_columns
+
+    width = 2**24 + 1
+    flat = torch.ones(1, width)
+    for rank in (0, 1):
+        context = SimpleNamespace(world_size=2, rank=rank, all_reduce=lambda tensor, op: tensor)
+        padded, columns = _in_global_columns(flat, context)
+        assert padded.shape == (1, 2 * width) and columns == slice(rank * width, (rank + 1) * width)
+        assert int(padded[0, columns].count_nonzero()) == width and int(padded.count_nonzero()) == width

@@ -46,10 +46,13 @@ class GradDrop(Seeded, GradientBalancer):
 
     Native, in a few passes over ``G``: with ``S = Σ_k g_k`` and ``A = Σ_k |g_k|`` per coordinate, the sum of the
     positive components is ``(S + A) / 2`` and of the negative ones ``(S − A) / 2`` (rounding error ``eps · A``, the
-    order of the rounding of ``S`` itself), and ``P > U`` is ``S + A · V > 0`` with ``V = 1 − 2U``: the result is
-    ``(S + A · sign(S + A · V)) / 2``, in float32 for half-precision ``G``. A coordinate where every gradient is 0
-    gives 0, and so does a tie ``S + A · V = 0`` (as torchjd's ``P = U``; ``V`` is never ±1, so a one-signed
-    coordinate always keeps or drops its sum whole). ``torchjd.aggregation.GradDrop``, which loops over the K rows
+    order of the rounding of ``S`` itself), and ``P > U`` is ``S + A · V > 0`` with ``V = 1 − 2U``: with ``s = sign(S + A · V)``
+    the result is ``(S + A · s) / 2`` where ``s ≠ 0`` (in float32 for float16 ``G``, float64 for bfloat16, whose sums can overflow
+    float32). A coordinate where every gradient is 0 gives 0, and so does a tie ``S + A · V = 0`` (``P = U``: the
+    paper's and torchjd's masks keep neither sign there). ``V`` is never ±1, so a one-signed coordinate keeps its
+    sum whole, as long as ``A · V`` is a normal number: for ``A`` above about 2e-31 in float32 (4e-301 in
+    float64); below that the product loses bits and the choice drifts from ``P`` (coordinates whose update is that
+    small). ``torchjd.aggregation.GradDrop``, which loops over the K rows
     with a dozen operations each, is the test oracle under the same uniforms.
 
     The uniforms (:func:`draw_integers`, 24 bits each) come from a seed drawn from the balancer's own generator
@@ -78,13 +81,15 @@ class GradDrop(Seeded, GradientBalancer):
             )
         if G.shape[0] == 0 or G.shape[1] == 0:
             return torch.zeros(G.shape[1], dtype=G.dtype, device=G.device)
-        if G.dtype in (torch.float16, torch.bfloat16):  # S ± A can overflow where each sign's sum does not (±4e4)
-            total, magnitude = G.sum(dim=0, dtype=torch.float32).mul_(0.5), G.abs().sum(dim=0, dtype=torch.float32).mul_(0.5)
+        if G.dtype in (torch.float16, torch.bfloat16):  # S ± A can overflow where each sign's sum does not
+            wide = torch.float32 if G.dtype == torch.float16 else torch.float64  # bfloat16's range is float32's
+            total, magnitude = G.sum(dim=0, dtype=wide).mul_(0.5), G.abs().sum(dim=0, dtype=wide).mul_(0.5)
         else:
             halves = G.new_full((G.shape[0],), 0.5)
             total = halves @ G  # S / 2, as a product: 10x faster than G.sum(dim=0) on a CPU (one thread)
             magnitude = halves @ G.abs()  # A / 2
         draws = draw_integers(seed, G.shape[1], G.device).to(total.dtype)  # V = draws · 2**-24
         side = torch.addcmul(total, magnitude, draws, value=2.0 ** -(DRAW_BITS)).sign_()  # sign(S + A·V): +1 keeps
-        kept = torch.addcmul(total, magnitude, side)  # (S + A)/2 or (S - A)/2; 0 where A = 0
+        # side · (A/2 + side · S/2): (S + A)/2 or (S − A)/2, and 0 at a tie (side 0) and where A = 0
+        kept = torch.addcmul(magnitude, total, side).mul_(side)
         return (kept if not self.leak else (2.0 * self.leak) * total + (1.0 - self.leak) * kept).to(G.dtype)

@@ -106,7 +106,8 @@ def _in_global_columns(flat: Tensor, context: StepContext) -> tuple[Tensor, slic
     alike on every process) then draws for the global batch, as one process would, instead of giving
     sample i of every process the same draw. The blocks are ``P`` wide, the widest process's width.
     """
-    width = int(context.all_reduce(torch.tensor(float(flat.shape[1]), device=flat.device), "max"))
+    # float64 holds every width exactly (float32 rounded widths above 2**24, and the blocks overlapped)
+    width = int(context.all_reduce(torch.tensor(float(flat.shape[1]), dtype=torch.float64, device=flat.device), "max"))
     start = context.rank * width
     padded = flat.new_zeros(flat.shape[0], width * context.world_size)
     padded[:, start : start + flat.shape[1]] = flat

@@ -290,6 +290,32 @@ def test_graddrop_keeps_one_signed_coordinates_whole(sign):
         torch.testing.assert_close(balancer(G), G.sum(dim=0), rtol=1e-6, atol=0.0)
 
 
+def test_graddrop_keeps_neither_part_at_a_tie_as_torchjd():
+    """A coordinate whose purity P equals its draw U exactly (constructed from the draw): the paper's and torchjd's
+    masks keep neither sign there, so the coordinate gives 0 (it gave S/2)."""
+    seed = _seeds(0, 1)[0]
+    v = draw_integers(seed, 1, torch.device("cpu")).double() * 2.0**-24
+    G = torch.stack([1 - v, -(1 + v)])  # S / A = −V: P = U
+    ours = GradDrop(seed=0)(G)
+    assert ours.item() == 0.0
+    torch.testing.assert_close(ours, _torchjd_graddrop(jd.GradDrop(), G, seed))
+
+
+@pytest.mark.parametrize("scale", [1e-29, 1.0, 1e29])
+def test_graddrop_keeps_one_signed_coordinates_whole_at_extreme_scales(scale):
+    """Down to the documented bound (A · V a normal float32 number, A ≳ 2e-31) and up to 1e29."""
+    G = torch.rand(4, 200_000, generator=torch.Generator().manual_seed(1)) * scale
+    torch.testing.assert_close(GradDrop(seed=0)(G), G.sum(dim=0), rtol=1e-6, atol=0.0)
+
+
+def test_graddrop_bfloat16_sums_past_float32_range_stay_finite():
+    """Opposite bfloat16 components near float32's maximum: S ± A overflows float32, not float64."""
+    G = torch.tensor([[3e38, 1.0], [-3e38, 2.0]], dtype=torch.bfloat16)
+    ours = GradDrop(seed=0)(G)
+    assert ours.dtype == torch.bfloat16 and torch.isfinite(ours).all()
+    assert ours[0].abs().item() == pytest.approx(3e38, rel=1e-2) and ours[1].item() == 3.0
+
+
 def test_graddrop_draws_depend_on_the_position_only():
     """Draw j is the same for every width (DDP's representation mode pads the global batch to the widest process),
     the integers are odd and inside (−2**24, 2**24), and their mean is near 0."""
