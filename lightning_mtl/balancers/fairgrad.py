@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -93,23 +94,42 @@ def _newton(A: np.ndarray, w: np.ndarray, power: float, ridge: float) -> Optiona
         try:
             step = np.linalg.solve(A + curvature * (rhs / w), -residual)
         except np.linalg.LinAlgError:  # singular to rounding: weights so large that their barrier term vanishes
-            return w if ridge else None
-        bounds = [-x / d for x, d in zip(w.tolist(), step.tolist()) if d < 0.0]
-        t = min(1.0, 0.99 * min(bounds)) if bounds else 1.0
+            return _unconverged(w, power) if ridge else None
+        # For α > 1 the barrier φ(w) = w^{1−1/α} / (1 − 1/α) is finite at w = 0 and a solution can have weights of
+        # 1e-200 (nearly opposed tasks at α ~ 100). A linear step kept positive by the fraction-to-the-boundary rule
+        # shrinks a weight at most 100-fold per iteration: Newton ran out of iterations, and the ridge's unconverged
+        # iterate came back (directions up to 96 % off). There a shrinking weight moves along w · exp(t · step / w):
+        # the same first-order step, always positive, any shrink at once. For α ≤ 1, f → ∞ at the boundary.
+        # Weights are kept above 10^(−250/(1−power)), where the Hessian's w^(power−1) stays below 1e250.
+        if power > -1.0:
+            shrinking = step < 0.0
+            rate = np.where(shrinking, step / w, 0.0)
+            floor = 10.0 ** (-250.0 / (1.0 - power))
+            t = 1.0
+        else:
+            bounds = [-x / d for x, d in zip(w.tolist(), step.tolist()) if d < 0.0]
+            t = min(1.0, 0.99 * min(bounds)) if bounds else 1.0
         slope = float(residual @ step)  # minus the squared Newton decrement
         decrement = -slope
         while True:
-            candidate = w + t * step
+            if power > -1.0:
+                candidate = np.where(shrinking, np.maximum(w * np.exp(t * rate), floor), w + t * step)
+            else:
+                candidate = w + t * step
             A_candidate = A @ candidate
             new_value = 0.5 * float(candidate @ A_candidate) - _barrier(candidate, power)
             # near the solution f's decrease is below its rounding: the (quadratically convergent) step is taken
-            if new_value <= value + 1e-4 * t * slope or -slope < 1e-12 * (1.0 + abs(value)) or t < 1e-10:
+            # f stays finite at w_k = 0 when α > 1 (φ(0) = 0): a weight that underflowed to 0 is refused
+            accept = new_value <= value + 1e-4 * t * slope or -slope < 1e-12 * (1.0 + abs(value)) or t < 1e-10
+            if accept and candidate.min() > 0.0:
                 break
+            if t < 1e-30:  # no positive point along the step (a NaN in it): stop here
+                return _unconverged(w, power) if ridge else None
             t *= 0.5
         w, Aw, value = candidate, A_candidate, new_value
         if not ridge and not w.max() <= _CAP:  # NaN too: w^{-1/α} overflowed (small α)
             return None
-    return w if ridge else None
+    return _unconverged(w, power) if ridge else None
 
 
 def _newton_pair(A: np.ndarray, alpha: float, power: float, ridge: float) -> Optional[np.ndarray]:
@@ -149,20 +169,40 @@ def _newton_pair(A: np.ndarray, alpha: float, power: float, ridge: float) -> Opt
         if det == 0.0:
             return np.array([w1, w2]) if ridge else None
         s1, s2 = (b * r2 - h2 * r1) / det, (b * r1 - h1 * r2) / det
-        bounds = [-x / d for x, d in ((w1, s1), (w2, s2)) if d < 0.0]
-        t = min(1.0, 0.99 * min(bounds)) if bounds else 1.0
+        geometric = power > -1.0
+        if geometric:
+            t = 1.0
+        else:
+            bounds = [-x / d for x, d in ((w1, s1), (w2, s2)) if d < 0.0]
+            t = min(1.0, 0.99 * min(bounds)) if bounds else 1.0
         slope = r1 * s1 + r2 * s2
         decrement = -slope
         while True:
-            c1, c2 = w1 + t * s1, w2 + t * s2
+            floor = 10.0 ** (-250.0 / (1.0 - power))  # as in _newton
+            c1 = max(w1 * math.exp(t * s1 / w1), floor) if geometric and s1 < 0.0 else w1 + t * s1
+            c2 = max(w2 * math.exp(t * s2 / w2), floor) if geometric and s2 < 0.0 else w2 + t * s2
             new_value = objective(c1, c2)
-            if new_value <= value + 1e-4 * t * slope or -slope < 1e-12 * (1.0 + abs(value)) or t < 1e-10:
+            accept = new_value <= value + 1e-4 * t * slope or -slope < 1e-12 * (1.0 + abs(value)) or t < 1e-10
+            if accept and c1 > 0.0 and c2 > 0.0:
                 break
+            if t < 1e-30:
+                raise ValueError("no positive point along the Newton step")  # solve_fairgrad runs the arrays instead
             t *= 0.5
         w1, w2, value = c1, c2, new_value
         if not ridge and not (w1 <= _CAP and w2 <= _CAP):  # NaN too
             return None
-    return np.array([w1, w2]) if ridge else None
+    return _unconverged(np.array([w1, w2]), power) if ridge else None
+
+
+def _unconverged(w: np.ndarray, power: float) -> np.ndarray:
+    """The last iterate of a ridged solve that stopped short of convergence, with a warning: it is approximate."""
+    warnings.warn(
+        f"FairGrad(alpha={-1.0 / power:g}): Newton's method did not converge on this step's Gramian (nearly opposed tasks at a large alpha give weights of 1e-100 and below); its weights are "
+        "approximate. A smaller alpha avoids it.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return w
 
 
 class FairGrad(GramianBalancer):
