@@ -22,7 +22,8 @@ def draw_integers(seed: int, count: int, device: torch.device) -> Tensor:
     ``seed`` (its raw stream, which NumPy keeps stable across versions), with the lowest bit set: 0.4 ms for 525k
     draws, where ``torch.rand``'s Mersenne Twister takes 1.2 ms, a fifth of a W-MLP step
     (``benchmarks/RESULTS.md``). On CUDA the words come from ``torch.randint`` on the device's generator seeded
-    with ``seed`` (the global one, restored after). Draw ``j`` depends on ``seed`` and ``j`` only.
+    with ``seed`` (the global one, restored after). On the CPU draw ``j`` depends on ``seed`` and ``j`` only; on CUDA
+    it may also depend on ``count`` (how torch splits Philox's stream), which is the same on every DDP rank.
     """
     if device.type == "cpu":
         words = torch.from_numpy(np.random.SFC64(seed).random_raw((count + 1) // 2).view(np.int32)[:count])
