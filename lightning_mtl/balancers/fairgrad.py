@@ -13,7 +13,9 @@ from torch import Tensor
 from lightning_mtl.balancers._utils import check_range, rank_tolerance
 from lightning_mtl.balancers.base import GramianBalancer
 
-#: Normalised weights above this mean the equation has no solution (see FairGrad's docstring).
+#: A weight above this multiple of its task's single-task weight ``A_kk^{−α/(1+α)}`` means the equation has no solution
+#: (see FairGrad's docstring). Relative to the task's own scale: a task whose gradient is 1e-4 of the others' has a
+#: single-task weight of 1e8^{α/(1+α)} already (normalised), which an absolute cap took for "no solution".
 _CAP = 1e6
 #: The smallest ridge (relative to the unit mean diagonal): a smaller one is lost in the rounding of ``A + ridge·I``.
 _MIN_RIDGE = 1e-12
@@ -29,7 +31,7 @@ def solve_fairgrad(gramian: np.ndarray, alpha: float, ridge: float = 0.0) -> Opt
     """The positive ``w`` with ``(A + ridge·I) w = w^{-1/α}`` for a K × K Gramian ``A`` whose diagonal
     mean is 1, by Newton's method on the strictly convex ``f(w) = ½ wᵀ(A + ridge·I)w − Σ_k φ(w_k)``,
     ``φ' = w^{-1/α}``, with a fraction-to-the-boundary step that keeps ``w`` positive and an Armijo
-    backtracking line search. Without a ridge, returns None when the iterates grow past ``_CAP`` or do not converge
+    backtracking line search. Without a ridge, returns None when the iterates grow past ``_CAP`` times their single-task weights or do not converge
     in ``_MAX_ITERS`` iterations (no solution). Two tasks: the same iterations in Python floats
     (:func:`_newton_pair`), unless a float operation there would overflow or divide by zero."""
     k = gramian.shape[0]
@@ -80,6 +82,7 @@ def _newton(A: np.ndarray, w: np.ndarray, power: float, ridge: float) -> Optiona
     """:func:`solve_fairgrad`'s iterations from ``w``, with few NumPy calls (the vectors are short: a call's
     overhead, not its arithmetic, is the cost)."""
     curvature = -power * np.eye(w.size)  # the barrier's Hessian is diag(−power · w^power / w)
+    sizes = np.diag(A) ** (1.0 / (1.0 - power))  # 1 / each task's single-task weight (see _CAP)
     Aw = A @ w
     value = 0.5 * float(w @ Aw) - _barrier(w, power)
     previous = decrement = math.inf
@@ -102,8 +105,8 @@ def _newton(A: np.ndarray, w: np.ndarray, power: float, ridge: float) -> Optiona
         # the same first-order step, always positive, any shrink at once. For α ≤ 1, f → ∞ at the boundary.
         # Weights are kept above 10^(−250/(1−power)), where the Hessian's w^(power−1) stays below 1e250.
         if power > -1.0:
-            shrinking = step < 0.0
-            rate = np.where(shrinking, step / w, 0.0)
+            rate = step / w
+            shrinking = rate < -1.0  # only where the full linear step would leave w > 0
             floor = 10.0 ** (-250.0 / (1.0 - power))
             t = 1.0
         else:
@@ -127,7 +130,7 @@ def _newton(A: np.ndarray, w: np.ndarray, power: float, ridge: float) -> Optiona
                 return _unconverged(w, power) if ridge else None
             t *= 0.5
         w, Aw, value = candidate, A_candidate, new_value
-        if not ridge and not w.max() <= _CAP:  # NaN too: w^{-1/α} overflowed (small α)
+        if not ridge and not (w * sizes).max() <= _CAP:  # NaN too: w^{-1/α} overflowed (small α)
             return None
     return _unconverged(w, power) if ridge else None
 
@@ -179,8 +182,8 @@ def _newton_pair(A: np.ndarray, alpha: float, power: float, ridge: float) -> Opt
         decrement = -slope
         while True:
             floor = 10.0 ** (-250.0 / (1.0 - power))  # as in _newton
-            c1 = max(w1 * math.exp(t * s1 / w1), floor) if geometric and s1 < 0.0 else w1 + t * s1
-            c2 = max(w2 * math.exp(t * s2 / w2), floor) if geometric and s2 < 0.0 else w2 + t * s2
+            c1 = max(w1 * math.exp(t * s1 / w1), floor) if geometric and s1 < -w1 else w1 + t * s1
+            c2 = max(w2 * math.exp(t * s2 / w2), floor) if geometric and s2 < -w2 else w2 + t * s2
             new_value = objective(c1, c2)
             accept = new_value <= value + 1e-4 * t * slope or -slope < 1e-12 * (1.0 + abs(value)) or t < 1e-10
             if accept and c1 > 0.0 and c2 > 0.0:
@@ -189,7 +192,7 @@ def _newton_pair(A: np.ndarray, alpha: float, power: float, ridge: float) -> Opt
                 raise ValueError("no positive point along the Newton step")  # solve_fairgrad runs the arrays instead
             t *= 0.5
         w1, w2, value = c1, c2, new_value
-        if not ridge and not (w1 <= _CAP and w2 <= _CAP):  # NaN too
+        if not ridge and not (w1 * a**exponent <= _CAP and w2 * c**exponent <= _CAP):  # NaN too; as in _newton
             return None
     return _unconverged(np.array([w1, w2]), power) if ridge else None
 
@@ -197,10 +200,10 @@ def _newton_pair(A: np.ndarray, alpha: float, power: float, ridge: float) -> Opt
 def _unconverged(w: np.ndarray, power: float) -> np.ndarray:
     """The last iterate of a ridged solve that stopped short of convergence, with a warning: it is approximate."""
     warnings.warn(
-        f"FairGrad(alpha={-1.0 / power:g}): Newton's method did not converge on this step's Gramian (nearly opposed tasks at a large alpha give weights of 1e-100 and below); its weights are "
-        "approximate. A smaller alpha avoids it.",
+        f"FairGrad(alpha={-1.0 / power:g}): Newton's method did not converge on this step's Gramian (weights many orders of magnitude apart: tasks that cancel, or nearly opposed tasks at a large "
+        "alpha); its weights are approximate.",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=6,  # the caller of FairGrad.weights
     )
     return w
 
@@ -232,7 +235,7 @@ class FairGrad(GramianBalancer):
     unique solution and needs nothing special. If a convex combination of the task gradients is 0 (a
     Pareto-stationary step: some tasks cancel each other exactly), the equation has no solution:
     ``f`` is unbounded below along that combination and its weights grow without bound. When the
-    Newton iterates pass 10⁶ (normalised), or do not converge, the solve restarts on ``G Gᵀ + ρ I`` with
+    Newton iterates pass 10⁶ times their task's single-task weight ``A_kk^{−α/(1+α)}``, or do not converge, the solve restarts on ``G Gᵀ + ρ I`` with
     ``ρ = (10⁻⁶)^{1+1/α}`` (relative to ``s``), but at least 10⁻¹² and the rounding level of the Gramian's
     dtype (a smaller ρ underflows or is lost in rounding at small α), whose solution exists and whose weights
     stay near or below 10⁶: the cancelling combination contributes (almost) nothing to ``d``, the other tasks keep
@@ -250,6 +253,7 @@ class FairGrad(GramianBalancer):
 
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
         A = gramian.detach().double().numpy()
+        A = 0.5 * (A + A.T)  # a float32 G Gᵀ is symmetric only to ~1e-7: Newton's line search on f needs it exact
         scale = float(A.trace()) / A.shape[0]
         A = A / scale
         w = solve_fairgrad(A, self.alpha)

@@ -51,7 +51,7 @@ class GradDrop(Seeded, GradientBalancer):
     the result is ``(S + A · s) / 2`` where ``s ≠ 0`` (in float32 for float16 ``G``, float64 for bfloat16, whose sums can overflow
     float32). A coordinate where every gradient is 0 gives 0, and so does a tie ``S + A · V = 0`` (``P = U``: the
     paper's and torchjd's masks keep neither sign there). ``V`` is never ±1, so a one-signed coordinate keeps its
-    sum whole, as long as ``A · V`` is a normal number: for ``A`` above about 2e-31 in float32 (4e-301 in
+    sum whole, as long as ``A · V`` is a normal number: for ``A`` above ``2⁻¹⁰¹`` ≈ 4e-31 in float32 (8e-301 in
     float64); below that the product loses bits and the choice drifts from ``P`` (coordinates whose update is that
     small). ``torchjd.aggregation.GradDrop``, which loops over the K rows
     with a dozen operations each, is the test oracle under the same uniforms.
