@@ -14,7 +14,9 @@ from lightning_mtl.balancers.base import GramianBalancer
 
 #: Regularisation ``ε`` (relative to the normalised Gramian) of the fallback for Gramians with no solution.
 FALLBACK_EPS = 1e-8
-#: An iterate with an entry above this (normalised units) is taken as running off to infinity: no solution.
+#: An iterate with an entry above this multiple of its task's single-task weight ``1/√M_kk`` is taken as running
+#: off to infinity: no solution. Relative to each task's own scale: an absolute limit took a task whose gradient is
+#: 1e-4 of the others' (single-task weight ~1e4 already) for "no solution", and the fallback's direction was off.
 ALPHA_LIMIT = 1.0 / math.sqrt(FALLBACK_EPS)
 #: Stop when ``‖M α − 1/α‖ ≤ TOLERANCE ‖1/α‖``.
 TOLERANCE = 1e-13
@@ -60,9 +62,10 @@ def _newton(gramian: np.ndarray, alpha: np.ndarray, iterations: int) -> tuple[np
     Nemirovskii's analysis of self-concordant functions); else a backtracking (Armijo) line search from
     the largest step that keeps every ``α_i`` positive (99 % of the way to the boundary). Stops after a
     full step with ``λ² < 1e-16`` (the next one would be below ``1e-32``: the residual is at rounding), or
-    early if an entry exceeds :data:`ALPHA_LIMIT`; after ``iterations`` steps, converged means a relative
+    early if an entry exceeds :data:`ALPHA_LIMIT` times its single-task value; after ``iterations`` steps, converged means a relative
     residual within :data:`TOLERANCE`.
     """
+    sizes = np.sqrt(gramian.diagonal())  # 1 / each task's single-task weight (see ALPHA_LIMIT)
     for _ in range(iterations):
         inverse = 1.0 / alpha
         product = gramian @ alpha
@@ -80,7 +83,7 @@ def _newton(gramian: np.ndarray, alpha: np.ndarray, iterations: int) -> tuple[np
         while _objective(gramian, alpha - size * step) > value - 0.01 * size * decrement and size > 1e-12:
             size *= 0.5
         alpha = alpha - size * step
-        if alpha.max() > ALPHA_LIMIT:
+        if (alpha * sizes).max() > ALPHA_LIMIT:
             return alpha, False
     inverse = 1.0 / alpha
     return alpha, bool(np.linalg.norm(gramian @ alpha - inverse) <= TOLERANCE * np.linalg.norm(inverse))
@@ -110,10 +113,11 @@ def nash_solution(gramian: np.ndarray, start: Optional[np.ndarray], iterations: 
             if value < best:
                 alpha, best = candidate * scale, value
     solution, converged = _newton(gramian, alpha, iterations)
-    if converged or solution.max() <= ALPHA_LIMIT:
+    sizes = np.sqrt(gramian.diagonal())  # 1 / each task's single-task weight
+    if converged or (solution * sizes).max() <= ALPHA_LIMIT:
         return solution
     regularised = gramian + FALLBACK_EPS * np.eye(k)
-    return _newton(regularised, np.minimum(solution, ALPHA_LIMIT), iterations)[0]
+    return _newton(regularised, np.minimum(solution, ALPHA_LIMIT / sizes), iterations)[0]
 
 
 class NashMTL(GramianBalancer):
@@ -141,7 +145,7 @@ class NashMTL(GramianBalancer):
     unless ``0`` lies in the convex hull of the gradients (e.g. two exactly opposite gradients: a
     Pareto-stationary point, where no direction improves every task): then the objective is unbounded
     below and the equation has no solution. Newton detects it when an entry of ``α̂`` exceeds
-    ``1e4`` (:data:`ALPHA_LIMIT`) and returns instead the solution for ``M + 1e-8 I``
+    ``1e4`` (:data:`ALPHA_LIMIT`) times its single-task value ``1/√M_kk`` and returns instead the solution for ``M + 1e-8 I``
     (:data:`FALLBACK_EPS`): finite weights, large (up to about ``1e4 / √N``) on the tasks whose
     gradients cancel, so that their combination nearly vanishes, and a direction close to the limit
     ``ε → 0`` (which improves the other tasks and leaves those to first order unchanged).

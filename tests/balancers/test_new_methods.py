@@ -383,6 +383,20 @@ def test_nashmtl_two_tasks_with_one_tiny_gradient_equals_fairgrad_at_alpha_1(sca
     assert _residual(gramian, nash, 1.0) <= 1e-12
 
 
+@pytest.mark.parametrize("k", [5, 8, 16])
+@pytest.mark.parametrize("ratio", [1e-4, 1e-6, 1e-8])
+def test_nashmtl_with_one_tiny_gradient_equals_fairgrad_at_alpha_1(k, ratio):
+    """K ≥ 3, one task's gradient 1e-4..1e-8 of the others': its single-task weight is past the absolute "no
+    solution" limit of 1e4, so Newton stopped and the ε-regularised fallback gave directions 9–57 % off (review).
+    The limit is now relative to each task's single-task weight; against FairGrad at α = 1 (tested against SciPy)."""
+    generator = torch.Generator().manual_seed(0)
+    G = torch.randn(k, 50, generator=generator, dtype=torch.float64)
+    G[0] *= ratio
+    gramian = G @ G.T
+    nash, fair = NashMTL(max_norm=0.0).weights(gramian), FairGrad(1.0).weights(gramian)
+    torch.testing.assert_close(nash @ G, fair @ G, rtol=1e-8, atol=0.0)
+
+
 def test_fairgrad_solver_reports_no_solution_without_a_ridge():
     import numpy as np
 
