@@ -31,8 +31,8 @@ def solve_fairgrad(gramian: np.ndarray, alpha: float, ridge: float = 0.0) -> Opt
     """The positive ``w`` with ``(A + ridge·I) w = w^{-1/α}`` for a K × K Gramian ``A`` whose diagonal
     mean is 1, by Newton's method on the strictly convex ``f(w) = ½ wᵀ(A + ridge·I)w − Σ_k φ(w_k)``,
     ``φ' = w^{-1/α}``, with a fraction-to-the-boundary step that keeps ``w`` positive and an Armijo
-    backtracking line search. Without a ridge, returns None when the iterates grow past ``_CAP`` times their single-task weights or do not converge
-    in ``_MAX_ITERS`` iterations (no solution). Two tasks: the same iterations in Python floats
+    backtracking line search. Without a ridge, returns None when the iterates grow past ``_CAP`` times their
+    single-task weights or do not converge in ``_MAX_ITERS`` iterations (no solution). Two tasks: the same iterations in Python floats
     (:func:`_newton_pair`), unless a float operation there would overflow or divide by zero."""
     k = gramian.shape[0]
     A = gramian + ridge * np.eye(k) if ridge else gramian
@@ -71,6 +71,12 @@ def _barrier_slope(v: np.ndarray, power: float) -> float:
     return float(np.sum(v ** (1.0 + power)))
 
 
+def _weight_floor(power: float) -> float:
+    """The smallest weight a geometric step (α > 1, see :func:`_newton`) may reach: the Hessian's ``w^(power−1)``
+    stays below 1e250 above it."""
+    return 10.0 ** (-250.0 / (1.0 - power))
+
+
 def _barrier(w: np.ndarray, power: float) -> float:
     """``Σ_k φ(w_k)``: ``Σ log w_k`` for ``power = −1`` (α = 1), else ``Σ w_k^{1+power} / (1 + power)``."""
     if power == -1.0:
@@ -83,6 +89,13 @@ def _newton(A: np.ndarray, w: np.ndarray, power: float, ridge: float) -> Optiona
     overhead, not its arithmetic, is the cost)."""
     curvature = -power * np.eye(w.size)  # the barrier's Hessian is diag(−power · w^power / w)
     sizes = np.diag(A) ** (1.0 / (1.0 - power))  # 1 / each task's single-task weight (see _CAP)
+    # For α > 1 the barrier φ(w) = w^{1−1/α} / (1 − 1/α) is finite at w = 0 and a solution can have weights of
+    # 1e-200 (nearly opposed tasks at α ~ 100). A linear step kept positive by the fraction-to-the-boundary rule
+    # shrinks a weight at most 100-fold per iteration: Newton ran out of iterations, and the ridge's unconverged
+    # iterate came back (directions up to 96 % off). There a weight the full linear step would take below 0 moves
+    # along w · exp(t · step / w) instead: the same first-order step, always positive, any shrink at once, down to
+    # _weight_floor. For α ≤ 1, f → ∞ at the boundary and the fraction-to-the-boundary rule is kept.
+    geometric, floor = power > -1.0, _weight_floor(power)
     Aw = A @ w
     value = 0.5 * float(w @ Aw) - _barrier(w, power)
     previous = decrement = math.inf
@@ -98,16 +111,9 @@ def _newton(A: np.ndarray, w: np.ndarray, power: float, ridge: float) -> Optiona
             step = np.linalg.solve(A + curvature * (rhs / w), -residual)
         except np.linalg.LinAlgError:  # singular to rounding: weights so large that their barrier term vanishes
             return _unconverged(w, power) if ridge else None
-        # For α > 1 the barrier φ(w) = w^{1−1/α} / (1 − 1/α) is finite at w = 0 and a solution can have weights of
-        # 1e-200 (nearly opposed tasks at α ~ 100). A linear step kept positive by the fraction-to-the-boundary rule
-        # shrinks a weight at most 100-fold per iteration: Newton ran out of iterations, and the ridge's unconverged
-        # iterate came back (directions up to 96 % off). There a shrinking weight moves along w · exp(t · step / w):
-        # the same first-order step, always positive, any shrink at once. For α ≤ 1, f → ∞ at the boundary.
-        # Weights are kept above 10^(−250/(1−power)), where the Hessian's w^(power−1) stays below 1e250.
-        if power > -1.0:
+        if geometric:
             rate = step / w
-            shrinking = rate < -1.0  # only where the full linear step would leave w > 0
-            floor = 10.0 ** (-250.0 / (1.0 - power))
+            shrinking = rate < -1.0
             t = 1.0
         else:
             bounds = [-x / d for x, d in zip(w.tolist(), step.tolist()) if d < 0.0]
@@ -115,7 +121,7 @@ def _newton(A: np.ndarray, w: np.ndarray, power: float, ridge: float) -> Optiona
         slope = float(residual @ step)  # minus the squared Newton decrement
         decrement = -slope
         while True:
-            if power > -1.0:
+            if geometric:
                 candidate = np.where(shrinking, np.maximum(w * np.exp(t * rate), floor), w + t * step)
             else:
                 candidate = w + t * step
@@ -156,6 +162,7 @@ def _newton_pair(A: np.ndarray, alpha: float, power: float, ridge: float) -> Opt
             candidate = objective(scale * v1, scale * v2)
             if candidate < value:
                 w1, w2, value = scale * v1, scale * v2, candidate
+    geometric, floor = power > -1.0, _weight_floor(power)  # as in _newton
     previous = decrement = math.inf
     for _ in range(_MAX_ITERS):
         rhs1, rhs2 = w1**power, w2**power
@@ -172,7 +179,6 @@ def _newton_pair(A: np.ndarray, alpha: float, power: float, ridge: float) -> Opt
         if det == 0.0:
             return np.array([w1, w2]) if ridge else None
         s1, s2 = (b * r2 - h2 * r1) / det, (b * r1 - h1 * r2) / det
-        geometric = power > -1.0
         if geometric:
             t = 1.0
         else:
@@ -181,7 +187,6 @@ def _newton_pair(A: np.ndarray, alpha: float, power: float, ridge: float) -> Opt
         slope = r1 * s1 + r2 * s2
         decrement = -slope
         while True:
-            floor = 10.0 ** (-250.0 / (1.0 - power))  # as in _newton
             c1 = max(w1 * math.exp(t * s1 / w1), floor) if geometric and s1 < -w1 else w1 + t * s1
             c2 = max(w2 * math.exp(t * s2 / w2), floor) if geometric and s2 < -w2 else w2 + t * s2
             new_value = objective(c1, c2)
@@ -200,8 +205,9 @@ def _newton_pair(A: np.ndarray, alpha: float, power: float, ridge: float) -> Opt
 def _unconverged(w: np.ndarray, power: float) -> np.ndarray:
     """The last iterate of a ridged solve that stopped short of convergence, with a warning: it is approximate."""
     warnings.warn(
-        f"FairGrad(alpha={-1.0 / power:g}): Newton's method did not converge on this step's Gramian (weights many orders of magnitude apart: tasks that cancel, or nearly opposed tasks at a large "
-        "alpha); its weights are approximate.",
+        f"FairGrad(alpha={-1.0 / power:g}): Newton's method did not converge on this step's Gramian (weights "
+        "many orders of magnitude apart: tasks that cancel, or nearly opposed tasks at a large alpha); its weights "
+        "are approximate.",
         RuntimeWarning,
         stacklevel=6,  # the caller of FairGrad.weights
     )
@@ -235,7 +241,8 @@ class FairGrad(GramianBalancer):
     unique solution and needs nothing special. If a convex combination of the task gradients is 0 (a
     Pareto-stationary step: some tasks cancel each other exactly), the equation has no solution:
     ``f`` is unbounded below along that combination and its weights grow without bound. When the
-    Newton iterates pass 10⁶ times their task's single-task weight ``A_kk^{−α/(1+α)}``, or do not converge, the solve restarts on ``G Gᵀ + ρ I`` with
+    Newton iterates pass 10⁶ times their task's single-task weight ``A_kk^{−α/(1+α)}``, or do not converge,
+    the solve restarts on ``G Gᵀ + ρ I`` with
     ``ρ = (10⁻⁶)^{1+1/α}`` (relative to ``s``), but at least 10⁻¹² and the rounding level of the Gramian's
     dtype (a smaller ρ underflows or is lost in rounding at small α), whose solution exists and whose weights
     stay near or below 10⁶: the cancelling combination contributes (almost) nothing to ``d``, the other tasks keep

@@ -62,8 +62,8 @@ def _newton(gramian: np.ndarray, alpha: np.ndarray, iterations: int) -> tuple[np
     Nemirovskii's analysis of self-concordant functions); else a backtracking (Armijo) line search from
     the largest step that keeps every ``α_i`` positive (99 % of the way to the boundary). Stops after a
     full step with ``λ² < 1e-16`` (the next one would be below ``1e-32``: the residual is at rounding), or
-    early if an entry exceeds :data:`ALPHA_LIMIT` times its single-task value; after ``iterations`` steps, converged means a relative
-    residual within :data:`TOLERANCE`.
+    early if an entry exceeds :data:`ALPHA_LIMIT` times its single-task value; after ``iterations`` steps, converged
+    means a relative residual within :data:`TOLERANCE`.
     """
     sizes = np.sqrt(gramian.diagonal())  # 1 / each task's single-task weight (see ALPHA_LIMIT)
     for _ in range(iterations):
@@ -145,7 +145,8 @@ class NashMTL(GramianBalancer):
     unless ``0`` lies in the convex hull of the gradients (e.g. two exactly opposite gradients: a
     Pareto-stationary point, where no direction improves every task): then the objective is unbounded
     below and the equation has no solution. Newton detects it when an entry of ``α̂`` exceeds
-    ``1e4`` (:data:`ALPHA_LIMIT`) times its single-task value ``1/√M_kk`` and returns instead the solution for ``M + 1e-8 I``
+    ``1e4`` (:data:`ALPHA_LIMIT`) times its single-task value ``1/√M_kk`` and returns instead the solution for
+    ``M + 1e-8 I``
     (:data:`FALLBACK_EPS`): finite weights, large (up to about ``1e4 / √N``) on the tasks whose
     gradients cancel, so that their combination nearly vanishes, and a direction close to the limit
     ``ε → 0`` (which improves the other tasks and leaves those to first order unchanged).

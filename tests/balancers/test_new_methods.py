@@ -356,7 +356,7 @@ def test_fairgrad_gives_a_small_task_its_large_weight(alpha):
 def test_fairgrad_cancelling_tasks_converge_on_the_ridge_without_a_warning():
     """Two exactly cancelling tasks among eight (no solution: the ridge), α = 5: the geometric step, used for every
     shrinking weight, ran the ridged solve its 100 iterations with a warning (16 ms); it is now used only where the
-    linear step would leave w > 0."""
+    linear step would take w below 0."""
     rng = np.random.default_rng(3)
     for _ in range(17):  # the review's 17th draw: K = 8, α = 5
         k, alpha = int(rng.integers(3, 11)), float(rng.choice([2.0, 5.0, 10.0, 50.0, 100.0]))
