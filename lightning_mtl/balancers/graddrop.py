@@ -9,28 +9,26 @@ from torch import Tensor
 from lightning_mtl.balancers._utils import Seeded, check_range, global_rng
 from lightning_mtl.balancers.base import GradientBalancer, check_gradient_matrix
 
-#: Bits of each uniform draw ``U``: it lies on a grid of ``2**-DRAW_BITS``, exact in float32 and float64.
-DRAW_BITS = 24
+#: Bits of each draw: ``U`` lies on the ``2**16`` odd multiples of ``2**-(DRAW_BITS + 1)`` in (0, 1), exact in float32.
+DRAW_BITS = 16
 
 
 def draw_integers(seed: int, count: int, device: torch.device) -> Tensor:
-    """``count`` odd int32 integers ``q``, uniform on the odd integers of ``(−2**24, 2**24)``: ``V = q · 2**-24`` is a
-    draw of ``1 − 2U`` for ``U`` uniform on ``(0, 1)`` (on a grid of ``2**-24``), strictly inside ``(−1, 1)``, never 0,
-    and exact in float32 and float64.
+    """``count`` int16 integers ``q``, uniform on ``[−2**15, 2**15)``: ``V = (q + ½) · 2**-15`` is a draw of ``1 − 2U``
+    for ``U`` uniform on the ``2**16`` odd multiples of ``2**-17`` in ``(0, 1)``. ``V`` lies strictly inside
+    ``(−1, 1)``, is never 0, and is exact in float32 and float64.
 
-    On the CPU the integers are the top 24 bits of 32-bit words of NumPy's ``SFC64`` generator seeded with
-    ``seed`` (its raw stream, which NumPy keeps stable across versions), with the lowest bit set: 0.4 ms for 525k
-    draws, where ``torch.rand``'s Mersenne Twister takes 1.2 ms, a fifth of a W-MLP step
-    (``benchmarks/RESULTS.md``). On CUDA the words come from ``torch.randint`` on the device's generator seeded
-    with ``seed`` (the global one, restored after). On the CPU draw ``j`` depends on ``seed`` and ``j`` only; on CUDA
-    it may also depend on ``count`` (how torch splits Philox's stream), which is the same on every DDP rank.
+    On the CPU the integers are the 16-bit quarters of NumPy's ``SFC64`` generator seeded with ``seed`` (its raw
+    stream, which NumPy keeps stable across versions; the lowest quarter of each 64-bit word first): 0.2 ms for
+    525k draws, where ``torch.rand``'s Mersenne Twister takes 1.2 ms, a fifth of a W-MLP step
+    (``benchmarks/RESULTS.md``). On CUDA they come from ``torch.randint`` on the device's generator seeded with
+    ``seed`` (the global one, restored after). On the CPU draw ``j`` depends on ``seed`` and ``j`` only; on CUDA it
+    may also depend on ``count`` (how torch splits Philox's stream), which is the same on every DDP rank.
     """
     if device.type == "cpu":
-        words = torch.from_numpy(np.random.SFC64(seed).random_raw((count + 1) // 2).view(np.int32)[:count])
-    else:
-        with global_rng(seed, device):
-            words = torch.randint(-(2**31), 2**31, (count,), dtype=torch.int32, device=device)
-    return torch.bitwise_right_shift(words, 32 - DRAW_BITS - 1).bitwise_or_(1)
+        return torch.from_numpy(np.random.SFC64(seed).random_raw((count + 3) // 4).view(np.int16)[:count])
+    with global_rng(seed, device):
+        return torch.randint(-(2**15), 2**15, (count,), dtype=torch.int16, device=device)
 
 
 class GradDrop(Seeded, GradientBalancer):
@@ -51,15 +49,17 @@ class GradDrop(Seeded, GradientBalancer):
     the result is ``(S + A · s) / 2`` where ``s ≠ 0`` (in float32 for float16 ``G``, float64 for bfloat16, whose sums can overflow
     float32). A coordinate where every gradient is 0 gives 0, and so does a tie ``S + A · V = 0`` (``P = U``: the
     paper's and torchjd's masks keep neither sign there). ``V`` is never ±1, so a one-signed coordinate keeps its
-    sum whole, as long as ``A · V`` is a normal number: for ``A`` above ``2⁻¹⁰¹`` ≈ 4e-31 in float32 (8e-301 in
+    sum whole, as long as ``A · V`` is a normal number: for ``A`` above ``2⁻¹⁰⁹`` ≈ 1.5e-33 in float32 (3e-303 in
     float64); below that the product loses bits and the choice drifts from ``P`` (coordinates whose update is that
     small). ``torchjd.aggregation.GradDrop``, which loops over the K rows
     with a dozen operations each, is the test oracle under the same uniforms.
 
-    The uniforms (:func:`draw_integers`, 24 bits each) come from a seed drawn from the balancer's own generator
-    at every call, so every DDP rank draws the same ones and a resumed run continues the stream. Until
-    2026-12-02 they were ``torch.rand``'s, the same as torchjd's under that seed; on the CPU NumPy's ``SFC64``
-    now draws them three times faster (a run's masks differ from an older release's).
+    The uniforms (:func:`draw_integers`, 16 bits each) come from a seed drawn from the balancer's own generator
+    at every call, so every DDP rank draws the same ones and a resumed run continues the stream. ``U`` takes
+    ``2**16`` values, so a coordinate keeps its positive part with probability ``P`` rounded to the nearest
+    multiple of ``2**-16``: within ``2**-17`` ≈ 7.6e-6 of ``P``. Until 2026-12-02 the uniforms were ``torch.rand``'s
+    (24 bits, the same as torchjd's under that seed); on the CPU NumPy's ``SFC64`` now draws them five times
+    faster (a run's masks differ from an older release's).
 
     Args:
         leak: fraction ``ℓ ∈ [0, 1]`` of every task gradient that passes unmasked (0 in the paper's
@@ -89,8 +89,10 @@ class GradDrop(Seeded, GradientBalancer):
             halves = G.new_full((G.shape[0],), 0.5)
             total = halves @ G  # S / 2, as a product: 10x faster than G.sum(dim=0) on a CPU (one thread)
             magnitude = halves @ G.abs()  # A / 2
-        draws = draw_integers(seed, G.shape[1], G.device).to(total.dtype)  # V = draws · 2**-24
-        side = torch.addcmul(total, magnitude, draws, value=2.0 ** -(DRAW_BITS)).sign_()  # sign(S + A·V): +1 keeps
+        halfway = draw_integers(seed, G.shape[1], G.device).add(0.5)  # q + ½ (float32, exact): V = (q + ½) · 2**-15
+        if halfway.dtype != total.dtype:
+            halfway = halfway.to(total.dtype)
+        side = torch.addcmul(total, magnitude, halfway, value=2.0 ** (1 - DRAW_BITS)).sign_()  # sign(S + A·V): +1 keeps
         # side · (A/2 + side · S/2): (S + A)/2 or (S − A)/2, and 0 at a tie (side 0) and where A = 0
         kept = torch.addcmul(magnitude, total, side).mul_(side)
         return (kept if not self.leak else (2.0 * self.leak) * total + (1.0 - self.leak) * kept).to(G.dtype)

@@ -107,11 +107,12 @@ def _seeds(seed: int, count: int) -> list[int]:
 
 def _graddrop_uniforms(seed: int, count: int, dtype: torch.dtype) -> Tensor:
     """The uniforms ``U = (1 − V) / 2`` GradDrop draws under ``seed``, from an independent reading of NumPy's
-    SFC64 raw stream: each 64-bit word holds two 32-bit draws (low half first), each keeps its top 24 bits."""
-    words = np.random.SFC64(seed).random_raw((count + 1) // 2)
-    halves = np.stack([words & 0xFFFFFFFF, words >> np.uint64(32)], axis=1).reshape(-1)[:count].astype(np.int64)
-    signed = np.where(halves >= 2**31, halves - 2**32, halves)  # the 32-bit words as two's complement
-    v = (np.floor_divide(signed, 2**8) * 2 + 1) / 2.0**24  # the top 24 bits q: (q + ½) · 2**-23, in (−1, 1)
+    SFC64 raw stream: each 64-bit word holds four 16-bit draws q (lowest quarter first), V = (q + ½) · 2**-15."""
+    words = np.random.SFC64(seed).random_raw((count + 3) // 4)
+    shifts = np.arange(4, dtype=np.uint64) * np.uint64(16)
+    quarters = ((words[:, None] >> shifts) & np.uint64(0xFFFF)).reshape(-1)[:count].astype(np.int64)
+    signed = np.where(quarters >= 2**15, quarters - 2**16, quarters)  # the 16-bit words as two's complement
+    v = (signed + 0.5) / 2.0**15  # in (−1, 1), never 0
     return torch.from_numpy((1.0 - v) / 2.0).to(dtype)
 
 
@@ -294,16 +295,16 @@ def test_graddrop_keeps_neither_part_at_a_tie_as_torchjd():
     """A coordinate whose purity P equals its draw U exactly (constructed from the draw): the paper's and torchjd's
     masks keep neither sign there, so the coordinate gives 0 (it gave S/2)."""
     seed = _seeds(0, 1)[0]
-    v = draw_integers(seed, 1, torch.device("cpu")).double() * 2.0**-24
+    v = (draw_integers(seed, 1, torch.device("cpu")).double() + 0.5) * 2.0**-15
     G = torch.stack([1 - v, -(1 + v)])  # S / A = −V: P = U
     ours = GradDrop(seed=0)(G)
     assert ours.item() == 0.0
     torch.testing.assert_close(ours, _torchjd_graddrop(jd.GradDrop(), G, seed))
 
 
-@pytest.mark.parametrize("scale", [1e-29, 1.0, 1e29])
+@pytest.mark.parametrize("scale", [1e-32, 1e-29, 1.0, 1e29])
 def test_graddrop_keeps_one_signed_coordinates_whole_at_extreme_scales(scale):
-    """Down to the documented bound (A · V a normal float32 number, A ≳ 2e-31) and up to 1e29."""
+    """Down to the documented bound (A · V a normal float32 number, A ≳ 1.5e-33) and up to 1e29."""
     G = torch.rand(4, 200_000, generator=torch.Generator().manual_seed(1)) * scale
     torch.testing.assert_close(GradDrop(seed=0)(G), G.sum(dim=0), rtol=1e-6, atol=0.0)
 
@@ -318,11 +319,13 @@ def test_graddrop_bfloat16_sums_past_float32_range_stay_finite():
 
 def test_graddrop_draws_depend_on_the_position_only():
     """Draw j is the same for every width (DDP's representation mode pads the global batch to the widest process),
-    the integers are odd and inside (−2**24, 2**24), and their mean is near 0."""
+    the integers take all 2**16 values of [−2**15, 2**15), each about equally often, with mean −½ (V's mean 0)."""
     narrow, wide = draw_integers(7, 1001, torch.device("cpu")), draw_integers(7, 300_001, torch.device("cpu"))
-    assert narrow.dtype == torch.int32 and torch.equal(narrow, wide[:1001])
-    assert (wide % 2 != 0).all() and wide.abs().max() < 2**24
-    assert abs(wide.double().mean().item()) < 5 * 2**24 / (3 * 300_001) ** 0.5
+    assert narrow.dtype == torch.int16 and torch.equal(narrow, wide[:1001])
+    many = draw_integers(9, 2**16 * 40, torch.device("cpu")).long() + 2**15
+    counts = torch.bincount(many, minlength=2**16)
+    assert counts.numel() == 2**16 and counts.min() > 0 and counts.max() < 40 + 8 * 40**0.5
+    assert abs(wide.double().mean().item() + 0.5) < 5 * 2**15 / (3 * 300_001) ** 0.5
     assert not torch.equal(draw_integers(8, 1001, torch.device("cpu")), narrow)
 
 
