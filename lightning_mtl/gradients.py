@@ -257,8 +257,17 @@ class _Surrogate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
-        # grad_output is 1, or the GradScaler's scale under 16-mixed: the direction is scaled like any gradient
-        return (None, *((d * grad_output).to(dtype) for d, dtype in zip(ctx.directions, ctx.dtypes)))
+        directions, ctx.directions = ctx.directions, None  # released: AccumulateGrad may adopt them without a copy
+        if directions is None:
+            raise RuntimeError(
+                "the balanced step's surrogate was back-propagated twice; lightning-mtl's training step supports one "
+                "backward per training_step loss (do not call backward(retain_graph=True) on it more than once)"
+            )
+        if grad_output.device.type == "cpu" and grad_output.item() == 1.0:  # no loss scale, no accumulation: as is
+            return (None, *(d.to(dtype) for d, dtype in zip(directions, ctx.dtypes)))
+        # otherwise grad_output is 1 / accumulate_grad_batches and/or the GradScaler's scale under 16-mixed: the
+        # direction is scaled like any gradient (on an accelerator without reading it back: no host sync)
+        return (None, *((d * grad_output).to(dtype) for d, dtype in zip(directions, ctx.dtypes)))
 
 
 def surrogate(directions: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
@@ -267,7 +276,9 @@ def surrogate(directions: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
     Through it the balanced direction (and the heads' plain gradients) reach Lightning's own
     backward, so DDP gradient sync, AMP loss scaling, clipping and accumulation apply to them like to
     any gradient. An input listed twice receives the sum of its directions. (One autograd node: its
-    forward computes nothing, its backward one product per input — cheaper than ``Σ <d, input>``.)
+    forward computes nothing; its backward hands each input its direction, as is when the incoming gradient is 1 on
+    the CPU (the gradient then adopts it without a copy) and times that gradient otherwise. The directions are
+    released by the backward: the graph supports one backward.)
     """
     pieces = [d.detach().reshape(x.shape) for d, x in zip(directions, inputs)]
     return _Surrogate.apply(pieces, *inputs)

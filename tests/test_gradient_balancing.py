@@ -378,6 +378,30 @@ def test_task_jacobian_blocks_give_the_gramian_and_direction_of_the_whole_matrix
     torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), weights @ whole)
 
 
+def test_surrogate_hands_its_directions_over_without_a_copy_and_scales_them_under_a_loss_factor():
+    """Unscaled (the usual step), the parameters' gradients are the directions themselves (no copy pass); scaled
+    (accumulation, a loss scale) they are the scaled directions, accumulate across micro-batches, and leave the
+    directions untouched; a second backward through one surrogate raises."""
+    from lightning_mtl.gradients import surrogate
+
+    params = [torch.zeros(3, 4, requires_grad=True), torch.zeros(5, requires_grad=True)]
+    flat = torch.arange(17.0)
+    surrogate(list(torch.split(flat, [12, 5])), params).backward()
+    assert params[0].grad.data_ptr() == flat.data_ptr()
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), flat)
+    for p in params:
+        p.grad = None
+    first, second = torch.arange(17.0), torch.full((17,), 2.0)
+    for direction in (first, second):  # two micro-batches, each loss divided by 2 (accumulate_grad_batches=2)
+        (surrogate(list(torch.split(direction, [12, 5])), params) * 0.5).backward()
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), (first + second) / 2)
+    torch.testing.assert_close(first, torch.arange(17.0))
+    value = surrogate(list(torch.split(flat, [12, 5])), params)
+    value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="back-propagated twice"):
+        value.backward()
+
+
 # (a balancer that needs meta batches, AutoLambda, is run with clipping and accumulation in test_autolambda.py)
 @pytest.mark.parametrize("name", sorted(name for name, cls in BALANCERS.items() if not cls.needs_meta_batches))
 def test_every_balancer_works_with_clipping_and_accumulation(name):
