@@ -63,13 +63,15 @@ def row_products(a: Tensor, b: Optional[Tensor] = None) -> Tensor:
     float32 Jacobian it took 4.05 ms with a relative error of 2.6e-5 (one long accumulation); the sum of the
     products of :data:`PRODUCT_CHUNK`-column chunks, one ``bmm``, took 2.35 ms with 1.3e-7
     (``benchmarks/wide_products.py``; ``benchmarks/RESULTS.md``, "Gramians of wide matrices"). Chunked for float32
-    and float64 from four chunks on; a half-precision product is one ``mm`` (chunk products rounded to half
-    precision before their sum would be less accurate than it).
+    and float64 above four chunks; up to 32 768 columns (W-MLP's representation) one ``mm`` is one operation
+    instead of six, with a relative error of 7e-7 against 2e-7 chunked (K = 2, measured 2026-12-02). A
+    half-precision product is one ``mm`` (chunk products rounded to half precision before their sum would be less
+    accurate than it).
     """
     b = a if b is None else b
     k, width = a.shape
     # half precision: each chunk's product would be rounded to it before the sum (one mm rounds once); no rows: mm
-    if width < 4 * PRODUCT_CHUNK or a.dtype not in (torch.float32, torch.float64) or k == 0 or b.shape[0] == 0:
+    if width <= 4 * PRODUCT_CHUNK or a.dtype not in (torch.float32, torch.float64) or k == 0 or b.shape[0] == 0:
         return a @ b.T
     chunks = width // PRODUCT_CHUNK
     whole = chunks * PRODUCT_CHUNK
