@@ -29,7 +29,8 @@ Lightning's top-level ``--optimizer``/``--lr_scheduler`` (the model's own ``--mo
 ``predict`` writes each task's predictions into the run's folder (:class:`TaskPredictionWriter`,
 ``<run folder>/predictions/<task>.pt``) unless the trainer already has a prediction writer.
 :func:`lightning_mtl.load_run` rebuilds a run's model from its ``config.yaml`` and a checkpoint.
-The help text is :mod:`lightning_mtl.cli_help`, the checkpoint checks :mod:`lightning_mtl.checkpoints`. See ``docs/cli.md``.
+The help text is :mod:`lightning_mtl.cli_help`, the checkpoint checks :mod:`lightning_mtl.checkpoints`, the run
+folder's config :mod:`lightning_mtl.run_folder`. See ``docs/cli.md``.
 """
 
 from __future__ import annotations
@@ -41,19 +42,16 @@ import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import yaml
-from fsspec.implementations.local import LocalFileSystem
 from jsonargparse import ArgumentError, ArgumentParser
 from jsonargparse.typing import import_object
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelSummary
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -65,61 +63,9 @@ from lightning_mtl.callbacks.task_table import TaskTable
 from lightning_mtl.checkpoints import checkpoint_damage, damaged_message  # noqa: F401 - checkpoint_damage: its old home
 from lightning_mtl.cli_help import DESCRIPTIONS, SUMMARIES, HelpFormatter, parser_kwargs  # noqa: F401 - HelpFormatter: its old home
 from lightning_mtl.module import MultiTaskModule
-from lightning_mtl.run_config import log_config_to_wandb, require_wandb
+from lightning_mtl.run_config import require_wandb
+from lightning_mtl.run_folder import SaveRunConfig, is_inside, refusal
 from lightning_mtl.runs import run_dir as _run_dir
-
-
-class SaveRunConfig(SaveConfigCallback):
-    """Saves the config in the run's own folder, beside its ``checkpoints/``; never over an existing file.
-
-    The folder is the one Lightning's ``ModelCheckpoint`` derives for the run: ``<save_dir>/<name>/<version>``
-    of the first logger, or ``default_root_dir`` without a logger. ``config.yaml`` is created exclusively, so
-    two runs that share the folder (one after the other, or at once) cannot both write it: the second stops
-    with a ``FileExistsError`` saying what to change. A run that continues from one of the folder's own
-    checkpoints (``ckpt_path`` inside it) writes ``config-<subcommand>-<n>.yaml`` beside the first instead.
-
-    A ``WandbLogger`` also gets the config (:meth:`save_config`): as its run config, and the file as one of the run's
-    files, ``lightning-mtl/config.yaml``. Other loggers have the file beside their checkpoints.
-    """
-
-    ckpt_path: Optional[str] = None
-    """The resolved checkpoint this run starts from; :class:`MultiTaskCLI` sets it before the run."""
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.already_saved:
-            return
-        run_dir = trainer.strategy.broadcast(_run_dir(trainer))
-        written = self._write(run_dir, TrainerFn(stage).value) if trainer.is_global_zero else None
-        if trainer.strategy.broadcast(written) is None:
-            raise FileExistsError(_refusal(os.path.join(run_dir, self.config_filename), run_dir))
-        if trainer.is_global_zero:
-            self.save_config(trainer, pl_module, stage)
-        self.already_saved = True
-
-    def _write(self, run_dir: str, command: str) -> Optional[str]:
-        """Save the config under the first free name allowed in ``run_dir``; the path, or None if none is."""
-        fs = get_filesystem(run_dir)
-        fs.makedirs(run_dir, exist_ok=True)
-        names = iter([self.config_filename])
-        if self.ckpt_path is not None and _is_inside(self.ckpt_path, run_dir):
-            stem, suffix = os.path.splitext(self.config_filename)
-            names = itertools.chain(names, (f"{stem}-{command}-{n}{suffix}" for n in itertools.count(1)))
-        for name in names:
-            path = os.path.join(run_dir, name)
-            if _claim(fs, path):
-                self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=self.multifile)
-                self.saved_path = path
-                return path
-        return None
-
-    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Rank zero, after the file is written: every ``WandbLogger`` gets the resolved config as its run config and
-        the file as one of its run's files (:func:`~lightning_mtl.run_config.log_config_to_wandb`)."""
-        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-        if loggers:
-            config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
-            for logger in loggers:
-                log_config_to_wandb(logger, config, getattr(self, "saved_path", None))
 
 
 class ConfigError(ValueError):
@@ -263,10 +209,10 @@ class MultiTaskCLI(LightningCLI):
         folder = _run_dir(self.trainer)
         config_path = os.path.join(folder, "config.yaml")
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        continuing = ckpt_path is not None and _is_inside(str(ckpt_path), folder)
+        continuing = ckpt_path is not None and is_inside(str(ckpt_path), folder)
         fs = get_filesystem(folder)
         if fs.isfile(config_path) and not continuing:
-            raise FileExistsError(_refusal(config_path, folder))
+            raise FileExistsError(refusal(config_path, folder))
         if not (continuing and self.trainer.is_global_zero):
             return
         for logger in self.trainer.loggers:
@@ -395,31 +341,6 @@ def _optimizer_rule(key: str) -> str:
         f"Lightning's top-level one would replace the model's without a word. Use --model.{key} "
         f"(e.g. {example}{monitor}), or put {key}: under model: in the YAML config."
     )
-
-
-def _refusal(config_path: str, run_dir: str) -> str:
-    return (
-        f"{config_path} already exists: another run saved its config in {run_dir}, and this run's config and "
-        "checkpoints would go beside it. Nothing is overwritten. Give this run its own folder: a new "
-        "--trainer.default_root_dir, or a versioned logger (the default logger writes lightning_logs/version_N; "
-        "with an explicit TensorBoard/CSV logger, change --trainer.logger.init_args.version or leave it unset). "
-        f"To continue that run instead, pass --ckpt_path with one of its checkpoints in {run_dir}."
-    )
-
-
-def _claim(fs, path: str) -> bool:
-    """Create ``path`` empty unless it exists (atomically on a local disk); True if this call created it."""
-    if isinstance(fs, LocalFileSystem):
-        try:
-            open(path, "x").close()
-        except FileExistsError:
-            return False
-        return True
-    return not fs.isfile(path)
-
-
-def _is_inside(path: str, folder: str) -> bool:
-    return Path(path).resolve().is_relative_to(Path(folder).resolve())
 
 
 def run(args: Optional[Sequence[str]] = None) -> MultiTaskCLI:

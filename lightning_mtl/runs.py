@@ -1,6 +1,6 @@
 """Runs of the ``lightning-mtl`` command: where a run's files are, and rebuilding its model.
 
-A run's folder holds its ``config.yaml`` (saved by :class:`~lightning_mtl.cli.SaveRunConfig`), its
+A run's folder holds its ``config.yaml`` (saved by :class:`~lightning_mtl.run_folder.SaveRunConfig`), its
 ``checkpoints/`` and, for ``predict``, its ``predictions/``. :func:`load_run` rebuilds the model (and
 optionally the data module) from that config and one of the checkpoints, with the command's own argument
 definitions, so every ``class_path`` resolves as it did in the run.

@@ -305,3 +305,12 @@ def test_checkpoint_checks_keep_their_old_import_path():
     from lightning_mtl import checkpoints, cli
 
     assert cli.checkpoint_damage is checkpoints.checkpoint_damage
+
+
+def test_save_run_config_keeps_its_old_import_path():
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    from lightning_mtl import cli, run_folder
+
+    assert cli.SaveRunConfig is run_folder.SaveRunConfig
+    assert issubclass(run_folder.SaveRunConfig, SaveConfigCallback)
