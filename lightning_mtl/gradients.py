@@ -252,8 +252,8 @@ class _Surrogate(torch.autograd.Function):
     """A zero scalar whose backward hands each input its given direction (times the incoming gradient)."""
 
     @staticmethod
-    def forward(ctx: Any, directions: Sequence[Tensor], *inputs: Tensor) -> Tensor:
-        ctx.directions = directions
+    def forward(ctx: Any, directions: Sequence[Tensor], adopt: int, *inputs: Tensor) -> Tensor:
+        ctx.directions, ctx.adopt = directions, adopt
         ctx.dtypes = [x.dtype for x in inputs]
         return torch.zeros((), device=inputs[0].device)
 
@@ -265,25 +265,33 @@ class _Surrogate(torch.autograd.Function):
                 "the balanced step's surrogate was back-propagated twice; lightning-mtl's training step supports one "
                 "backward per training_step loss (do not call backward(retain_graph=True) on it more than once)"
             )
-        if grad_output.device.type == "cpu" and grad_output.item() == 1.0:  # no loss scale, no accumulation: as is
-            return (None, *(d.to(dtype) for d, dtype in zip(directions, ctx.dtypes)))
-        # otherwise grad_output is 1 / accumulate_grad_batches and/or the GradScaler's scale under 16-mixed: the
-        # direction is scaled like any gradient (on an accelerator without reading it back: no host sync)
-        return (None, *((d * grad_output).to(dtype) for d, dtype in zip(directions, ctx.dtypes)))
+        # grad_output is 1, or 1 / accumulate_grad_batches and/or the GradScaler's scale under 16-mixed: the direction
+        # is scaled like any gradient (on an accelerator without reading it back: no host sync)
+        adopt = ctx.adopt if grad_output.device.type == "cpu" and grad_output.item() == 1.0 else 0
+        return (
+            None,
+            None,
+            *(d.to(dtype) if i < adopt else (d * grad_output).to(dtype) for i, (d, dtype) in enumerate(zip(directions, ctx.dtypes))),
+        )
 
 
-def surrogate(directions: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
+def surrogate(directions: Sequence[Tensor], inputs: Sequence[Tensor], adopt: int = 0) -> Tensor:
     """A zero-valued scalar whose gradient w.r.t. ``inputs[i]`` is exactly ``directions[i]`` (detached).
 
     Through it the balanced direction (and the heads' plain gradients) reach Lightning's own
     backward, so DDP gradient sync, AMP loss scaling, clipping and accumulation apply to them like to
     any gradient. An input listed twice receives the sum of its directions. (One autograd node: its
-    forward computes nothing; its backward hands each input its direction, as is when the incoming gradient is 1 on
-    the CPU (the gradient then adopts it without a copy) and times that gradient otherwise. The directions are
-    released by the backward: the graph supports one backward.)
+    forward computes nothing; its backward hands each input its direction times the incoming gradient.)
+
+    The first ``adopt`` directions are handed over as they are when the incoming gradient is 1 on the CPU: the
+    parameters' ``.grad`` then *is* that memory, with no copy. Only for directions that share memory with nothing
+    else (not with each other, an input, or any state kept after the step), such as the pieces of a
+    ``TaskJacobian.combine``: clipping and accumulation modify ``.grad`` in place. The others are always copied
+    (autograd can hand several heads' plain gradients over as views of one element). The directions are released
+    by the backward: the graph supports one backward.
     """
     pieces = [d.detach().reshape(x.shape) for d, x in zip(directions, inputs)]
-    return _Surrogate.apply(pieces, *inputs)
+    return _Surrogate.apply(pieces, adopt, *inputs)
 
 
 class _TaskViews(torch.autograd.Function):

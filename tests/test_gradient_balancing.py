@@ -378,28 +378,66 @@ def test_task_jacobian_blocks_give_the_gramian_and_direction_of_the_whole_matrix
     torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), weights @ whole)
 
 
-def test_surrogate_hands_its_directions_over_without_a_copy_and_scales_them_under_a_loss_factor():
-    """Unscaled (the usual step), the parameters' gradients are the directions themselves (no copy pass); scaled
-    (accumulation, a loss scale) they are the scaled directions, accumulate across micro-batches, and leave the
-    directions untouched; a second backward through one surrogate raises."""
+def test_surrogate_hands_its_adoptable_directions_over_without_a_copy_and_scales_them_under_a_loss_factor():
+    """Unscaled (the usual step), the parameters' gradients are the adoptable directions themselves (no copy pass)
+    and copies of the others; scaled (accumulation, a loss scale) they are the scaled directions, accumulate across
+    micro-batches, and leave the directions untouched; a second backward through one surrogate raises."""
     from lightning_mtl.gradients import surrogate
 
     params = [torch.zeros(3, 4, requires_grad=True), torch.zeros(5, requires_grad=True)]
     flat = torch.arange(17.0)
-    surrogate(list(torch.split(flat, [12, 5])), params).backward()
-    assert params[0].grad.data_ptr() == flat.data_ptr()
+    surrogate(list(torch.split(flat, [12, 5])), params, adopt=1).backward()
+    assert params[0].grad.data_ptr() == flat.data_ptr()  # adopted
+    assert params[1].grad.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()  # copied
     torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), flat)
     for p in params:
         p.grad = None
     first, second = torch.arange(17.0), torch.full((17,), 2.0)
     for direction in (first, second):  # two micro-batches, each loss divided by 2 (accumulate_grad_batches=2)
-        (surrogate(list(torch.split(direction, [12, 5])), params) * 0.5).backward()
+        (surrogate(list(torch.split(direction, [12, 5])), params, adopt=2) * 0.5).backward()
     torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), (first + second) / 2)
     torch.testing.assert_close(first, torch.arange(17.0))
     value = surrogate(list(torch.split(flat, [12, 5])), params)
     value.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="back-propagated twice"):
         value.backward()
+
+
+class _OffsetLoss(nn.Module):
+    """A loss plus a learned scalar: autograd hands every task's scalar its gradient as a view of one element."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.offset = base, nn.Parameter(torch.zeros(()))
+
+    def forward(self, prediction, target):
+        return self.base(prediction, target) + self.offset
+
+
+@pytest.mark.parametrize("balancer", ["mgda", "graddrop"])
+def test_parameter_mode_heads_gradients_that_autograd_aliases_are_clipped_and_accumulated_once(balancer):
+    """Review 2026-12-02: gradients adopted without a copy made two loss modules' ``.grad`` one element, so
+    ``clip_grad_norm_`` scaled it twice (norm 0.09 instead of 0.1) and two backwards gave 3 instead of 2."""
+    torch.manual_seed(0)
+    tasks = [
+        Task("cls", nn.Linear(8, 2), _OffsetLoss(nn.CrossEntropyLoss())),
+        Task("reg", nn.Sequential(nn.Linear(8, 1), nn.Flatten(0)), _OffsetLoss(nn.MSELoss())),
+    ]
+    module = MultiTaskModule(nn.Sequential(nn.Linear(6, 8), nn.Tanh()), tasks, balancer=balancer, gradients="parameters")
+    data = SharedInput(16)
+    step = (data.x, {"cls": data.cls, "reg": data.reg})
+    module.training_step(step, 0).backward()
+    offsets = [module.losses[name].offset for name in ("cls", "reg")]
+    assert offsets[0].grad.data_ptr() != offsets[1].grad.data_ptr()
+    params = [p for p in module.parameters() if p.grad is not None]
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params)).item()
+    torch.nn.utils.clip_grad_norm_(params, 0.1)
+    assert torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params)).item() == pytest.approx(0.1, rel=1e-5)
+    assert [o.grad.item() for o in offsets] == pytest.approx([0.1 / norm] * 2, rel=1e-5)
+    module.zero_grad()
+    module.training_step(step, 0).backward()
+    module.training_step(step, 0).backward()
+    assert [o.grad.item() for o in offsets] == [2.0, 2.0]
 
 
 # (a balancer that needs meta batches, AutoLambda, is run with clipping and accumulation in test_autolambda.py)

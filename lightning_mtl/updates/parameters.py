@@ -87,7 +87,10 @@ class ParameterJacobianPath(GradientPath):
         balanced = self.balance(jacobian, losses, present, context, total if single else None)
         if balanced is None:
             return None
-        directions, _ = balanced
+        directions, weights = balanced
         if scale != 1.0:  # the surrogate's gradient is scaled by Lightning's backward
             directions = [d / scale for d in directions]
-        return total.detach() + surrogate([*directions, *head_grads], [*jacobian.inputs, *head_params])
+        # Jᵀw from TaskJacobian.combine: fresh pieces of one new tensor, which the gradients may adopt without a copy;
+        # a direction method's own output (GradDrop's, a user's balancer's) and the heads' gradients are copied
+        adopt = len(directions) if weights is not None else 0
+        return total.detach() + surrogate([*directions, *head_grads], [*jacobian.inputs, *head_params], adopt)
