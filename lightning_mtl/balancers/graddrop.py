@@ -31,6 +31,28 @@ def draw_integers(seed: int, count: int, device: torch.device) -> Tensor:
         return torch.randint(-(2**15), 2**15, (count,), dtype=torch.int16, device=device)
 
 
+#: From this many columns on, :func:`half_row_sum` adds the rows one by one (both threads; a matrix–vector product
+#: runs on one): 1.6–2.5× faster for K = 2…16 at 525k columns, 1.8× slower at K = 10 and 65k (measured 2026-12-02).
+ROW_BY_ROW_MIN_COLUMNS = 1 << 18
+
+
+def half_row_sum(rows: Tensor) -> Tensor:
+    """``½ Σ_k rows[k]`` of a K × P float32/float64 matrix, with a rounding error of about ``eps · Σ_k |rows[k]|``.
+
+    Two rows (any width) or wide matrices: ``lerp`` of the first two rows at ½, then ``add_`` of each further row
+    times ½, each pass on both CPU threads; the same operations on ``|rows|`` round a one-signed column exactly like
+    its sum, so ``S = ±A`` holds exactly there. Otherwise one product with a vector of halves.
+    """
+    if rows.shape[0] == 1:
+        return rows[0] * 0.5
+    if rows.shape[0] > 2 and rows.shape[1] < ROW_BY_ROW_MIN_COLUMNS:
+        return rows.new_full((rows.shape[0],), 0.5) @ rows
+    half = torch.lerp(rows[0], rows[1], 0.5)
+    for row in rows[2:]:
+        half.add_(row, alpha=0.5)
+    return half
+
+
 class GradDrop(Seeded, GradientBalancer):
     """Gradient sign dropout, from `Just Pick a Sign: Optimizing Deep Multitask Models with Gradient
     Sign Dropout <https://arxiv.org/abs/2010.06808>`_ (Chen et al., NeurIPS 2020), Algorithm 1.
@@ -86,9 +108,7 @@ class GradDrop(Seeded, GradientBalancer):
             wide = torch.float32 if G.dtype == torch.float16 else torch.float64  # bfloat16's range is float32's
             total, magnitude = G.sum(dim=0, dtype=wide).mul_(0.5), G.abs().sum(dim=0, dtype=wide).mul_(0.5)
         else:
-            halves = G.new_full((G.shape[0],), 0.5)
-            total = halves @ G  # S / 2, as a product: 10x faster than G.sum(dim=0) on a CPU (one thread)
-            magnitude = halves @ G.abs()  # A / 2
+            total, magnitude = half_row_sum(G), half_row_sum(G.abs())  # S / 2, A / 2
         halfway = draw_integers(seed, G.shape[1], G.device).add(0.5)  # q + ½ (float32, exact): V = (q + ½) · 2**-15
         if halfway.dtype != total.dtype:
             halfway = halfway.to(total.dtype)

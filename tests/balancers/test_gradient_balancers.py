@@ -11,7 +11,7 @@ from lightning_mtl.balancers import (
     DBMTL, MGDA, AlignedMTL, CAGrad, ConFIG, DualProj, GradDrop, GradNorm, GradVac, IMTLG, MoCo, PCGrad, UPGrad,
 )  # fmt: skip
 
-from lightning_mtl.balancers.graddrop import draw_integers
+from lightning_mtl.balancers.graddrop import ROW_BY_ROW_MIN_COLUMNS, draw_integers, half_row_sum
 
 from balancer_helpers import GRADIENT_METHODS, HAS_SOLVERS, direction
 
@@ -166,6 +166,35 @@ def test_native_graddrop_equals_torchjds_under_the_same_draws(k, leak, dtype):
         tolerance = 10 * k * torch.finfo(dtype).eps * G.abs().sum(dim=0)
         assert ((got - expected).abs() <= tolerance).all()
         assert (got[:7] == 0).all()
+
+
+@pytest.mark.parametrize("k", [3, 6])
+def test_native_graddrop_equals_torchjds_on_a_matrix_summed_row_by_row(k):
+    """From ROW_BY_ROW_MIN_COLUMNS columns on, S / 2 and A / 2 are summed row by row (lerp, then add_): the same
+    answer as torchjd's loop under the same draws, to the rounding of S."""
+    generator = torch.Generator().manual_seed(k)
+    G = torch.randn(k, ROW_BY_ROW_MIN_COLUMNS + 7, generator=generator) * 10 ** torch.randint(-3, 3, (k, 1), generator=generator)
+    G[:, :50] = G[:, :50].abs()
+    seed = _seeds(4, 1)[0]
+    got = GradDrop(seed=4)(G)
+    expected = _torchjd_graddrop(jd.GradDrop(), G, seed)
+    assert ((got - expected).abs() <= 10 * k * torch.finfo(G.dtype).eps * G.abs().sum(dim=0)).all()
+    torch.testing.assert_close(got[:50], G[:, :50].sum(dim=0), rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 2, 3, 7])
+@pytest.mark.parametrize("width", [1000, ROW_BY_ROW_MIN_COLUMNS])
+def test_half_row_sum_is_half_the_sum_and_exact_on_one_signed_columns(k, width, dtype):
+    """½ Σ_k g_k to about eps · Σ_k |g_k| on both paths (one product, or row by row), and on one-signed columns the
+    half sum of the gradients is exactly ± the half sum of their magnitudes (so S = ±A exactly there)."""
+    G = torch.randn(k, width, generator=torch.Generator().manual_seed(k), dtype=dtype)
+    exact = G.double().sum(dim=0) / 2
+    bound = 4 * k * torch.finfo(dtype).eps * G.double().abs().sum(dim=0)
+    assert ((half_row_sum(G).double() - exact).abs() <= bound).all()
+    for sign in (1.0, -1.0):
+        one_signed = sign * G.abs()
+        assert torch.equal(half_row_sum(one_signed), sign * half_row_sum(one_signed.abs()))
 
 
 @pytest.mark.parametrize("cls", [cls for cls in GRADIENT_METHODS if cls.needs == "gramian"])
