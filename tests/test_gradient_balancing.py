@@ -434,6 +434,9 @@ def test_parameter_mode_heads_gradients_that_autograd_aliases_are_clipped_and_ac
     torch.nn.utils.clip_grad_norm_(params, 0.1)
     assert torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params)).item() == pytest.approx(0.1, rel=1e-5)
     assert [o.grad.item() for o in offsets] == pytest.approx([0.1 / norm] * 2, rel=1e-5)
+    if balancer == "graddrop":  # its direction (new, fresh_direction) is adopted: the backbone's gradients share it
+        storages = {p.grad.untyped_storage().data_ptr() for p in module.backbone.parameters()}
+        assert len(storages) == 1
     module.zero_grad()
     module.training_step(step, 0).backward()
     module.training_step(step, 0).backward()

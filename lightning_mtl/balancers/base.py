@@ -275,6 +275,10 @@ class GradientBalancer(Balancer):
     """A gradient-level method that needs the task gradients themselves, not only their Gramian."""
 
     needs: ClassVar[str] = "gradients"
+    #: True when :meth:`forward` always returns a new tensor that shares memory with nothing else (not its input, not
+    #: the balancer's state): parameter mode then hands its pieces to the shared parameters' ``.grad`` without a copy,
+    #: and clipping and accumulation modify them in place. False (a copy each step) unless a subclass guarantees it.
+    fresh_direction: ClassVar[bool] = False
 
     def forward(self, G: Tensor) -> Tensor:  # type: ignore[override]  # pragma: no cover - interface
         """The combined direction (length P) for the K × P task-gradient matrix ``G``."""

@@ -32,6 +32,8 @@ class DBMTL(GradientBalancer):
     log_losses: ClassVar[bool] = True
     supports_representation: ClassVar[bool] = False
 
+    fresh_direction: ClassVar[bool] = True  # forward returns a new tensor in every branch
+
     def __init__(self, beta: float = 0.9) -> None:
         super().__init__()
         self.beta = check_range("beta", beta, 0.0, 1.0, open_high=True)

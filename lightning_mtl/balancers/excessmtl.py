@@ -53,6 +53,8 @@ class ExcessMTL(GradientBalancer):
 
     supports_representation: ClassVar[bool] = False
 
+    fresh_direction: ClassVar[bool] = True  # forward returns a new tensor in every branch
+
     def __init__(self, lr: float = 0.1, warmup_steps: int = 0, eps: float = 1e-8) -> None:
         super().__init__()
         self.lr = check_range("lr", lr, 0.0, open_low=True)

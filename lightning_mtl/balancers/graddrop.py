@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -88,6 +90,8 @@ class GradDrop(Seeded, GradientBalancer):
             default; 1 gives the plain sum).
         seed: seed of the balancer's generator.
     """
+
+    fresh_direction: ClassVar[bool] = True  # forward returns a new tensor in every branch
 
     def __init__(self, leak: float = 0.0, seed: int = 0) -> None:
         super().__init__()

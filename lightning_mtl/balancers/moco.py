@@ -50,6 +50,8 @@ class MoCo(GradientBalancer):
 
     supports_representation: ClassVar[bool] = False
 
+    fresh_direction: ClassVar[bool] = True  # forward returns a new tensor in every branch
+
     def __init__(
         self, beta: float = 0.5, gamma: float = 0.1, rho: float = 0.0, beta_decay: float = 0.0, gamma_decay: float = 0.0
     ) -> None:

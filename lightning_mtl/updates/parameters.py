@@ -90,7 +90,8 @@ class ParameterJacobianPath(GradientPath):
         directions, weights = balanced
         if scale != 1.0:  # the surrogate's gradient is scaled by Lightning's backward
             directions = [d / scale for d in directions]
-        # Jᵀw from TaskJacobian.combine: fresh pieces of one new tensor, which the gradients may adopt without a copy;
-        # a direction method's own output (GradDrop's, a user's balancer's) and the heads' gradients are copied
-        adopt = len(directions) if weights is not None else 0
+        # Jᵀw from TaskJacobian.combine, or a direction method's output that is new (fresh_direction): pieces of one
+        # new tensor, which the gradients may adopt without a copy; other directions and the heads' gradients (which
+        # autograd may hand over as views of one element) are copied
+        adopt = len(directions) if weights is not None or self.balancer.fresh_direction else 0
         return total.detach() + surrogate([*directions, *head_grads], [*jacobian.inputs, *head_params], adopt)
