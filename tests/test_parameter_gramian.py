@@ -400,7 +400,7 @@ def test_bf16_mixed_precision_step_is_close_to_float32(layerwise):
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=2e-2)
 
 
-@pytest.mark.parametrize("width", [5, 4 * PRODUCT_CHUNK - 1, 4 * PRODUCT_CHUNK, 6 * PRODUCT_CHUNK + 37])
+@pytest.mark.parametrize("width", [5, 4 * PRODUCT_CHUNK - 1, 4 * PRODUCT_CHUNK, 4 * PRODUCT_CHUNK + 1, 6 * PRODUCT_CHUNK + 37])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_row_products_equal_the_plain_product_in_chunks_and_tail(width, dtype):
     generator = torch.Generator().manual_seed(width)

@@ -183,6 +183,16 @@ def test_native_graddrop_equals_torchjds_on_a_matrix_summed_row_by_row(k):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_graddrop_stays_finite_where_opposite_components_sum_past_the_range(dtype):
+    """Review 2026-12-02: ``lerp`` formed ``b − a`` = ±4e38 for ±2e38 and gave inf where ½ Σ g = 0 (torchjd: ±2e38)."""
+    big = torch.finfo(dtype).max / 1.5
+    G = torch.tensor([[big, 1.0], [-big, 1.0]], dtype=dtype)
+    assert half_row_sum(G).tolist() == [0.0, 1.0]
+    out = GradDrop(seed=0)(G)
+    assert torch.isfinite(out).all() and abs(out[0].item()) == big and out[1].item() == 2.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k", [1, 2, 3, 7])
 @pytest.mark.parametrize("width", [1000, ROW_BY_ROW_MIN_COLUMNS])
 def test_half_row_sum_is_half_the_sum_and_exact_on_one_signed_columns(k, width, dtype):
