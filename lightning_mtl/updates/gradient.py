@@ -49,11 +49,10 @@ class GradientPath(BalancingPath):
         context.record.gramian = gramian
         # One host read of the K x K Gramian (and, in one process, the loss) gives the finiteness verdict
         # (the same on every rank: the Gramian is global) and the tasks with a nonzero gradient.
-        values = gramian.reshape(-1).tolist()
-        if total is not None:  # on an accelerator one read with the Gramian (one sync); on the CPU two cost less
-            values = values + [total.item()] if gramian.is_cpu else torch.cat(
-                [gramian.reshape(-1), total.detach().reshape(1).to(gramian.dtype)]
-            ).tolist()
+        if total is None or gramian.is_cpu:  # on the CPU two reads cost less than joining them
+            values = gramian.reshape(-1).tolist() + ([] if total is None else [total.item()])
+        else:  # on an accelerator one read (one sync) of the Gramian and the loss together
+            values = torch.cat([gramian.reshape(-1), total.detach().reshape(1).to(gramian.dtype)]).tolist()
         num_tasks = gramian.shape[0]
         diagonal = values[: num_tasks * num_tasks : num_tasks + 1]
         if not all(map(math.isfinite, values)):
