@@ -38,7 +38,7 @@ class SaveRunConfig(SaveConfigCallback):
     """
 
     ckpt_path: Optional[str] = None
-    """The resolved checkpoint this run starts from; :class:`MultiTaskCLI` sets it before the run."""
+    """The resolved checkpoint this run starts from; :class:`~lightning_mtl.cli.MultiTaskCLI` sets it before the run."""
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:
