@@ -154,6 +154,7 @@ def _newton_pair(A: np.ndarray, alpha: float, power: float, ridge: float) -> Opt
 
     exponent = alpha / (alpha + 1.0)
     w1, w2 = a**-exponent, c**-exponent
+    size1, size2 = a**exponent, c**exponent  # 1 / each task's single-task weight (see _CAP)
     value = objective(w1, w2)
     for v1, v2 in ((1.0, 1.0), (w1, w2)):  # the rays of _start
         curvature = v1 * (a * v1 + b * v2) + v2 * (b * v1 + c * v2)
@@ -197,7 +198,7 @@ def _newton_pair(A: np.ndarray, alpha: float, power: float, ridge: float) -> Opt
                 raise ValueError("no positive point along the Newton step")  # solve_fairgrad runs the arrays instead
             t *= 0.5
         w1, w2, value = c1, c2, new_value
-        if not ridge and not (w1 * a**exponent <= _CAP and w2 * c**exponent <= _CAP):  # NaN too; as in _newton
+        if not ridge and not (w1 * size1 <= _CAP and w2 * size2 <= _CAP):  # NaN too; as in _newton
             return None
     return _unconverged(np.array([w1, w2]), power) if ridge else None
 

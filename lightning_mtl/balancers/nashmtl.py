@@ -104,7 +104,8 @@ def nash_solution(gramian: np.ndarray, start: Optional[np.ndarray], iterations: 
         (a, b), (_, c) = gramian.tolist()
         solution = _two_tasks(a, b, c, FALLBACK_EPS)
         return solution if solution is not None else _two_tasks(a + FALLBACK_EPS, b, c + FALLBACK_EPS, 0.0)  # type: ignore[return-value]
-    alpha, best = 1.0 / np.sqrt(gramian.diagonal()), math.inf
+    sizes = np.sqrt(gramian.diagonal())  # 1 / each task's single-task weight (see ALPHA_LIMIT)
+    alpha, best = 1.0 / sizes, math.inf
     for candidate in (alpha,) if start is None else (alpha, start):
         curvature = float(candidate @ gramian @ candidate)
         if curvature > 0:  # f at the minimiser on the ray: ½K − ½K log(K / curvature) − Σ log candidate
@@ -113,7 +114,6 @@ def nash_solution(gramian: np.ndarray, start: Optional[np.ndarray], iterations: 
             if value < best:
                 alpha, best = candidate * scale, value
     solution, converged = _newton(gramian, alpha, iterations)
-    sizes = np.sqrt(gramian.diagonal())  # 1 / each task's single-task weight
     if converged or (solution * sizes).max() <= ALPHA_LIMIT:
         return solution
     regularised = gramian + FALLBACK_EPS * np.eye(k)
