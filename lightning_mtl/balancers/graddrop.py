@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
@@ -15,20 +16,22 @@ from lightning_mtl.balancers.base import GradientBalancer, check_gradient_matrix
 DRAW_BITS = 16
 
 
-def draw_integers(seed: int, count: int, device: torch.device) -> Tensor:
-    """``count`` int16 integers ``q``, uniform on ``[−2**15, 2**15)``: ``V = (q + ½) · 2**-15`` is a draw of ``1 − 2U``
-    for ``U`` uniform on the ``2**16`` odd multiples of ``2**-17`` in ``(0, 1)``. ``V`` lies strictly inside
-    ``(−1, 1)``, is never 0, and is exact in float32 and float64.
+def stream_integers(stream: np.random.SFC64, count: int) -> Tensor:
+    """The next ``count`` int16 integers ``q`` of ``stream``, uniform on ``[−2**15, 2**15)``: ``V = (q + ½) · 2**-15``
+    is a draw of ``1 − 2U`` for ``U`` uniform on the ``2**16`` odd multiples of ``2**-17`` in ``(0, 1)``. ``V`` lies
+    strictly inside ``(−1, 1)``, is never 0, and is exact in float32 and float64.
 
-    On the CPU the integers are the 16-bit quarters of NumPy's ``SFC64`` generator seeded with ``seed`` (its raw
-    stream, which NumPy keeps stable across versions; the lowest quarter of each 64-bit word first): 0.2 ms for
-    525k draws, where ``torch.rand``'s Mersenne Twister takes 1.2 ms, a fifth of a W-MLP step
-    (``benchmarks/RESULTS.md``). On CUDA they come from ``torch.randint`` on the device's generator seeded with
-    ``seed`` (the global one, restored after). On the CPU draw ``j`` depends on ``seed`` and ``j`` only; on CUDA it
-    may also depend on ``count`` (how torch splits Philox's stream), which is the same on every DDP rank.
+    The integers are the 16-bit quarters of NumPy's ``SFC64`` raw stream (which NumPy keeps stable across versions;
+    the lowest quarter of each 64-bit word first); a call reads ``⌈count / 4⌉`` words. 0.2 ms for 525k draws, where
+    ``torch.rand``'s Mersenne Twister takes 1.2 ms, a fifth of a W-MLP step (``benchmarks/RESULTS.md``).
     """
-    if device.type == "cpu":
-        return torch.from_numpy(np.random.SFC64(seed).random_raw((count + 3) // 4).view(np.int16)[:count])
+    return torch.from_numpy(stream.random_raw((count + 3) // 4).view(np.int16)[:count])
+
+
+def device_integers(seed: int, count: int, device: torch.device) -> Tensor:
+    """CUDA: ``count`` such integers from ``torch.randint`` on the device's generator seeded with ``seed`` (the
+    global one, restored after). Draw ``j`` may depend on ``count`` (how torch splits Philox's stream), which is the
+    same on every DDP rank."""
     with global_rng(seed, device):
         return torch.randint(-(2**15), 2**15, (count,), dtype=torch.int16, device=device)
 
@@ -78,12 +81,14 @@ class GradDrop(Seeded, GradientBalancer):
     small). ``torchjd.aggregation.GradDrop``, which loops over the K rows
     with a dozen operations each, is the test oracle under the same uniforms.
 
-    The uniforms (:func:`draw_integers`, 16 bits each) come from a seed drawn from the balancer's own generator
-    at every call, so every DDP rank draws the same ones and a resumed run continues the stream. ``U`` takes
-    ``2**16`` values, so a coordinate keeps its positive part with probability ``P`` rounded to the nearest
-    multiple of ``2**-16``: within ``2**-17`` ≈ 7.6e-6 of ``P``. Until 2026-12-02 the uniforms were ``torch.rand``'s
-    (24 bits, the same as torchjd's under that seed); on the CPU NumPy's ``SFC64`` now draws them five times
-    faster (a run's masks differ from an older release's).
+    The uniforms (16 bits each) come, on the CPU, from the balancer's own ``SFC64`` stream (:func:`stream_integers`),
+    seeded at the first call with a seed drawn from its ``torch`` generator and read on from there by every call
+    (its position is saved in the checkpoint with the generator); on CUDA, from a seed drawn from the generator at
+    every call (:func:`device_integers`). Every DDP rank draws the same ones and a resumed run continues the stream.
+    ``U`` takes ``2**16`` values, so a coordinate keeps its positive part with probability ``P`` rounded to the
+    nearest multiple of ``2**-16``: within ``2**-17`` ≈ 7.6e-6 of ``P``. Until 2026-12-02 the uniforms were
+    ``torch.rand``'s (24 bits, the same as torchjd's under that seed), then a new ``SFC64`` per call; a run's masks
+    differ from an older release's.
 
     Args:
         leak: fraction ``ℓ ∈ [0, 1]`` of every task gradient that passes unmasked (0 in the paper's
@@ -97,10 +102,11 @@ class GradDrop(Seeded, GradientBalancer):
         super().__init__()
         self.leak = check_range("leak", leak, 0.0, 1.0)
         self._init_generator(seed)
+        #: The CPU draws' stream, seeded from the generator at its first use (a new one cost 0.15 ms of a W-MLP step).
+        self.stream: Optional[np.random.SFC64] = None
 
     def forward(self, G: Tensor) -> Tensor:  # type: ignore[override]
         check_gradient_matrix(G)
-        seed = self.draw_seed()
         if G.device.type not in ("cpu", "cuda"):
             raise NotImplementedError(
                 f"GradDrop draws its uniforms on the CPU and CUDA only, got a tensor on {G.device}; compute the task gradients "
@@ -113,10 +119,41 @@ class GradDrop(Seeded, GradientBalancer):
             total, magnitude = G.sum(dim=0, dtype=wide).mul_(0.5), G.abs().sum(dim=0, dtype=wide).mul_(0.5)
         else:
             total, magnitude = half_row_sum(G), half_row_sum(G.abs())  # S / 2, A / 2
-        halfway = draw_integers(seed, G.shape[1], G.device).add(0.5)  # q + ½ (float32, exact): V = (q + ½) · 2**-15
+        if G.device.type == "cpu":
+            if self.stream is None:
+                self.stream = np.random.SFC64(self.draw_seed())
+            integers = stream_integers(self.stream, G.shape[1])
+        else:
+            integers = device_integers(self.draw_seed(), G.shape[1], G.device)
+        halfway = integers.add(0.5)  # q + ½ (float32, exact): V = (q + ½) · 2**-15
         if halfway.dtype != total.dtype:
             halfway = halfway.to(total.dtype)
         side = torch.addcmul(total, magnitude, halfway, value=2.0 ** (1 - DRAW_BITS)).sign_()  # sign(S + A·V): +1 keeps
         # side · (A/2 + side · S/2): (S + A)/2 or (S − A)/2, and 0 at a tie (side 0) and where A = 0
         kept = torch.addcmul(magnitude, total, side).mul_(side)
         return (kept if not self.leak else (2.0 * self.leak) * total + (1.0 - self.leak) * kept).to(G.dtype)
+
+    def reset(self) -> None:
+        super().reset()
+        self.stream = None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        words = None if self.stream is None else self.stream.state["state"]["state"].tolist()  # four 64-bit ints
+        return {**super().get_extra_state(), "stream": words}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        words = state.get("stream")  # absent from a checkpoint of a release before 2026-12-02: seeded at the next call
+        self.stream = None if words is None else sfc64_at(words)
+
+
+def sfc64_at(words: Sequence[int]) -> np.random.SFC64:
+    """An ``SFC64`` bit generator whose state is the four 64-bit ``words`` (as ``state["state"]["state"]`` gives them)."""
+    stream = np.random.SFC64()
+    stream.state = {
+        "bit_generator": "SFC64",
+        "state": {"state": np.array(words, dtype=np.uint64)},
+        "has_uint32": 0,
+        "uinteger": 0,
+    }
+    return stream

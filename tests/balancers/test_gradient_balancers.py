@@ -11,7 +11,7 @@ from lightning_mtl.balancers import (
     DBMTL, MGDA, AlignedMTL, CAGrad, ConFIG, DualProj, GradDrop, GradNorm, GradVac, IMTLG, MoCo, PCGrad, UPGrad,
 )  # fmt: skip
 
-from lightning_mtl.balancers.graddrop import ROW_BY_ROW_MIN_COLUMNS, draw_integers, half_row_sum
+from lightning_mtl.balancers.graddrop import ROW_BY_ROW_MIN_COLUMNS, half_row_sum, stream_integers
 
 from balancer_helpers import GRADIENT_METHODS, HAS_SOLVERS, direction
 
@@ -105,15 +105,22 @@ def _seeds(seed: int, count: int) -> list[int]:
     return [int(torch.randint(0, 2**62, (1,), generator=generator)) for _ in range(count)]
 
 
-def _graddrop_uniforms(seed: int, count: int, dtype: torch.dtype) -> Tensor:
-    """The uniforms ``U = (1 − V) / 2`` GradDrop draws under ``seed``, from an independent reading of NumPy's
-    SFC64 raw stream: each 64-bit word holds four 16-bit draws q (lowest quarter first), V = (q + ½) · 2**-15."""
-    words = np.random.SFC64(seed).random_raw((count + 3) // 4)
-    shifts = np.arange(4, dtype=np.uint64) * np.uint64(16)
-    quarters = ((words[:, None] >> shifts) & np.uint64(0xFFFF)).reshape(-1)[:count].astype(np.int64)
-    signed = np.where(quarters >= 2**15, quarters - 2**16, quarters)  # the 16-bit words as two's complement
-    v = (signed + 0.5) / 2.0**15  # in (−1, 1), never 0
-    return torch.from_numpy((1.0 - v) / 2.0).to(dtype)
+class _GradDropDraws:
+    """The uniforms ``U = (1 − V) / 2`` that ``GradDrop(seed=seed)`` draws on the CPU, call after call, from an
+    independent reading of NumPy's SFC64 raw stream, seeded with the first seed the balancer's generator gives:
+    each 64-bit word holds four 16-bit draws q (lowest quarter first), V = (q + ½) · 2**-15, and a call of width
+    ``count`` reads the next ⌈count / 4⌉ words."""
+
+    def __init__(self, seed: int) -> None:
+        self.stream = np.random.SFC64(_seeds(seed, 1)[0])
+
+    def next(self, count: int, dtype: torch.dtype) -> Tensor:
+        words = self.stream.random_raw((count + 3) // 4)
+        shifts = np.arange(4, dtype=np.uint64) * np.uint64(16)
+        quarters = ((words[:, None] >> shifts) & np.uint64(0xFFFF)).reshape(-1)[:count].astype(np.int64)
+        signed = np.where(quarters >= 2**15, quarters - 2**16, quarters)  # the 16-bit words as two's complement
+        v = (signed + 0.5) / 2.0**15  # in (−1, 1), never 0
+        return torch.from_numpy((1.0 - v) / 2.0).to(dtype)
 
 
 @contextlib.contextmanager
@@ -133,9 +140,9 @@ def _torch_rand_returns(values: Tensor):
         torch.rand = original
 
 
-def _torchjd_graddrop(theirs, G: Tensor, seed: int) -> Tensor:
-    """torchjd's GradDrop on ``G`` under the uniforms ours draws with ``seed``."""
-    with _torch_rand_returns(_graddrop_uniforms(seed, G.shape[1], G.dtype)):
+def _torchjd_graddrop(theirs, G: Tensor, draws: _GradDropDraws) -> Tensor:
+    """torchjd's GradDrop on ``G`` under the next uniforms of ``draws`` (those ours draws at the same call)."""
+    with _torch_rand_returns(draws.next(G.shape[1], G.dtype)):
         return theirs(G)
 
 
@@ -143,9 +150,10 @@ def _torchjd_graddrop(theirs, G: Tensor, seed: int) -> Tensor:
 # checked against reference loops under the same orders in test_native_weightings.py.
 def test_graddrop_equals_torchjd_under_the_same_draws():
     ours, theirs = GradDrop(seed=5), jd.GradDrop()
-    for step, seed in enumerate(_seeds(5, 4)):
+    draws = _GradDropDraws(5)
+    for step in range(4):
         G = _random_gradients(step, k=4)
-        torch.testing.assert_close(ours(G), _torchjd_graddrop(theirs, G, seed))
+        torch.testing.assert_close(ours(G), _torchjd_graddrop(theirs, G, draws))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -160,9 +168,10 @@ def test_native_graddrop_equals_torchjds_under_the_same_draws(k, leak, dtype):
     G[:, 7:20] = G[:, 7:20].abs()  # one sign only: kept whole or dropped whole
     ours = GradDrop(leak=leak, seed=3)
     theirs = jd.GradDrop(leak=torch.full((k,), leak, dtype=dtype) if leak else None)
-    for seed in _seeds(3, 3):
+    draws = _GradDropDraws(3)
+    for _ in range(3):
         got = ours(G)
-        expected = _torchjd_graddrop(theirs, G, seed)
+        expected = _torchjd_graddrop(theirs, G, draws)
         tolerance = 10 * k * torch.finfo(dtype).eps * G.abs().sum(dim=0)
         assert ((got - expected).abs() <= tolerance).all()
         assert (got[:7] == 0).all()
@@ -175,9 +184,8 @@ def test_native_graddrop_equals_torchjds_on_a_matrix_summed_row_by_row(k):
     generator = torch.Generator().manual_seed(k)
     G = torch.randn(k, ROW_BY_ROW_MIN_COLUMNS + 7, generator=generator) * 10 ** torch.randint(-3, 3, (k, 1), generator=generator)
     G[:, :50] = G[:, :50].abs()
-    seed = _seeds(4, 1)[0]
     got = GradDrop(seed=4)(G)
-    expected = _torchjd_graddrop(jd.GradDrop(), G, seed)
+    expected = _torchjd_graddrop(jd.GradDrop(), G, _GradDropDraws(4))
     assert ((got - expected).abs() <= 10 * k * torch.finfo(G.dtype).eps * G.abs().sum(dim=0)).all()
     torch.testing.assert_close(got[:50], G[:, :50].sum(dim=0), rtol=1e-6, atol=0.0)
 
@@ -295,9 +303,10 @@ def test_native_graddrop_in_float16_is_finite_where_torchjds_is(leak):
     G = torch.tensor([[4e4, 1.0, 3.0], [-4e4, -1.0, 2.0]], dtype=dtype)
     ours = GradDrop(leak=leak, seed=3)
     theirs = jd.GradDrop(leak=torch.full((2,), leak, dtype=dtype) if leak else None)
-    for seed in _seeds(3, 5):
+    draws = _GradDropDraws(3)
+    for _ in range(5):
         got = ours(G)
-        expected = _torchjd_graddrop(theirs, G, seed)
+        expected = _torchjd_graddrop(theirs, G, draws)
         assert got.dtype == dtype and torch.isfinite(got).all()
         torch.testing.assert_close(got, expected)
 
@@ -333,12 +342,11 @@ def test_graddrop_keeps_one_signed_coordinates_whole(sign):
 def test_graddrop_keeps_neither_part_at_a_tie_as_torchjd():
     """A coordinate whose purity P equals its draw U exactly (constructed from the draw): the paper's and torchjd's
     masks keep neither sign there, so the coordinate gives 0 (it gave S/2)."""
-    seed = _seeds(0, 1)[0]
-    v = (draw_integers(seed, 1, torch.device("cpu")).double() + 0.5) * 2.0**-15
+    v = (stream_integers(np.random.SFC64(_seeds(0, 1)[0]), 1).double() + 0.5) * 2.0**-15
     G = torch.stack([1 - v, -(1 + v)])  # S / A = −V: P = U
     ours = GradDrop(seed=0)(G)
     assert ours.item() == 0.0
-    torch.testing.assert_close(ours, _torchjd_graddrop(jd.GradDrop(), G, seed))
+    torch.testing.assert_close(ours, _torchjd_graddrop(jd.GradDrop(), G, _GradDropDraws(0)))
 
 
 @pytest.mark.parametrize("scale", [1e-32, 1e-29, 1.0, 1e29])
@@ -356,16 +364,34 @@ def test_graddrop_bfloat16_sums_past_float32_range_stay_finite():
     assert ours[0].abs().item() == pytest.approx(3e38, rel=1e-2) and ours[1].item() == 3.0
 
 
-def test_graddrop_draws_depend_on_the_position_only():
-    """Draw j is the same for every width (DDP's representation mode pads the global batch to the widest process),
-    the integers take all 2**16 values of [−2**15, 2**15), each about equally often, with mean −½ (V's mean 0)."""
-    narrow, wide = draw_integers(7, 1001, torch.device("cpu")), draw_integers(7, 300_001, torch.device("cpu"))
-    assert narrow.dtype == torch.int16 and torch.equal(narrow, wide[:1001])
-    many = draw_integers(9, 2**16 * 40, torch.device("cpu")).long() + 2**15
+def test_graddrop_draws_read_one_stream_on_and_cover_every_integer():
+    """A call of width ``count`` reads the next ⌈count / 4⌉ words of the stream (its unused quarters are skipped), so
+    draws depend on the widths of the earlier calls, which are the same on every DDP rank; the integers take all
+    2**16 values of [−2**15, 2**15), each about equally often, with mean −½ (V's mean 0)."""
+    stream, reference = np.random.SFC64(7), np.random.SFC64(7).random_raw(1 + 75_001).view(np.int16)
+    narrow, wide = stream_integers(stream, 3), stream_integers(stream, 300_001)
+    assert narrow.dtype == torch.int16 and narrow.tolist() == reference[:3].tolist()
+    assert wide.tolist() == reference[4 : 4 + 300_001].tolist()
+    many = stream_integers(np.random.SFC64(9), 2**16 * 40).long() + 2**15
     counts = torch.bincount(many, minlength=2**16)
     assert counts.numel() == 2**16 and counts.min() > 0 and counts.max() < 40 + 8 * 40**0.5
     assert abs(wide.double().mean().item() + 0.5) < 5 * 2**15 / (3 * 300_001) ** 0.5
-    assert not torch.equal(draw_integers(8, 1001, torch.device("cpu")), narrow)
+
+
+def test_graddrop_continues_its_stream_across_calls_and_a_checkpoint():
+    """Call n draws the stream's next words; a loaded state continues at the saved position, and a state saved
+    before the first call (or by a release without a stream) seeds it from the restored generator."""
+    G = _random_gradients(0, k=3)
+    ours, draws = GradDrop(seed=6), _GradDropDraws(6)
+    unseeded = GradDrop(seed=6).state_dict()
+    del unseeded["_extra_state"]["stream"]  # what a release before 2026-12-02 saved
+    for _ in range(3):
+        torch.testing.assert_close(ours(G), _torchjd_graddrop(jd.GradDrop(), G, draws))
+    resumed, restarted = GradDrop(seed=99), GradDrop(seed=99)
+    resumed.load_state_dict(ours.state_dict())
+    restarted.load_state_dict(unseeded)
+    assert torch.equal(resumed(G), ours(G))
+    assert torch.equal(restarted(G), GradDrop(seed=6)(G))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
