@@ -260,12 +260,31 @@ def min_norm_point(Q: np.ndarray, max_iters: int, precision: float = EPS) -> tup
     if K == 1:
         return np.ones(1), True
     if K == 2:
-        gap = Q[0, 0] + Q[1, 1] - 2.0 * Q[0, 1]  # ‖g_1 − g_2‖²
-        first = 0.5 if gap <= 0.0 else min(max((Q[1, 1] - Q[0, 1]) / gap, 0.0), 1.0)
-        return np.array([first, 1.0 - first]), True
+        (a, b), (_, c) = Q.tolist()
+        return np.array(min_norm_pair(a, b, c)), True
     M = Q + Q.diagonal().min()
     u, converged = _nnqp(M, -np.ones((1, K)), np.zeros(1), max_iters, precision)
     return u[0] / u[0].sum(), converged
+
+
+def min_norm_pair(a: float, b: float, c: float) -> tuple[float, float]:
+    """:func:`min_norm_point` for two tasks, the Gramian ``[[a, b], [b, c]]``, in Python floats: the closed form of
+    Sener & Koltun's Algorithm 1 (the point of the segment ``[g_2, g_1]`` nearest 0)."""
+    gap = a + c - 2.0 * b  # ‖g_1 − g_2‖²
+    first = 0.5 if gap <= 0.0 else min(max((c - b) / gap, 0.0), 1.0)
+    return first, 1.0 - first
+
+
+def project_pair(a: float, b: float, c: float, first: float, second: float) -> tuple[float, float]:
+    """:func:`project_dual_cone` for two tasks and one row ``(first, second) ≥ 0``, the Gramian ``[[a, b], [b, c]]``
+    (``a, c > 0``), in Python floats: at most one constraint is active, and the row gains ``−(g_k · Gᵀw) / ‖g_k‖²``
+    on the task ``k`` whose inner product with ``Gᵀw`` is negative (the lower one if both are)."""
+    inner_first, inner_second = first * a + second * b, first * b + second * c  # (w Q)_k
+    if inner_first < 0.0 and inner_first < inner_second:
+        return first - inner_first / a, second
+    if inner_second < 0.0:
+        return first, second - inner_second / c
+    return first, second
 
 
 def project_dual_cone(Q: np.ndarray, A: np.ndarray, precision: float = EPS, max_iters: int = 1000) -> np.ndarray:
@@ -279,15 +298,10 @@ def project_dual_cone(Q: np.ndarray, A: np.ndarray, precision: float = EPS, max_
     a_1 g_1·Gᵀa + a_2 g_2·Gᵀa`` would be negative), and projecting onto it satisfies the other (Cauchy–Schwarz).
     """
     K = Q.shape[0]
-    B = A @ Q
     if K == 2:
-        V = np.zeros_like(A)
-        for i in range(A.shape[0]):
-            if B[i, 0] < 0.0 and B[i, 0] < B[i, 1]:
-                V[i, 0] = -B[i, 0] / Q[0, 0]
-            elif B[i, 1] < 0.0:
-                V[i, 1] = -B[i, 1] / Q[1, 1]
-        return A + V
+        (a, b), (_, c) = Q.tolist()
+        return np.array([project_pair(a, b, c, first, second) for first, second in A.tolist()])
+    B = A @ Q
     norms = np.sqrt(Q.diagonal())
     V, _ = _nnqp(Q, B, np.abs(A) @ norms, max_iters, precision)
     return A + V
@@ -392,22 +406,30 @@ def _piece(Q: np.ndarray, q: np.ndarray, index: np.ndarray) -> tuple[np.ndarray,
 
 
 def _cagrad_pair(Q: np.ndarray, q: np.ndarray, phi: float) -> tuple[np.ndarray, float]:
-    """:func:`cagrad_dual` for two tasks: ``min_λ f(λ) = λ δ + φ ‖g_2 + λ (g_1 − g_2)‖`` on ``[0, 1]`` (convex).
+    """:func:`cagrad_dual` for two tasks (:func:`cagrad_pair` on the NumPy arrays)."""
+    (a, b), (_, c) = Q.tolist()
+    first, s = cagrad_pair(a, b, c, *q.tolist(), phi)
+    return np.array([first, 1.0 - first]), s
+
+
+def cagrad_pair(a: float, b: float, c: float, q_first: float, q_second: float, phi: float) -> tuple[float, float]:
+    """:func:`cagrad_dual` for two tasks, the Gramian ``[[a, b], [b, c]]`` and ``q = Q a``, ``φ > 0``, in Python floats:
+    ``(λ, s)`` with ``w = (λ, 1 − λ)``. ``min_λ f(λ) = λ δ + φ ‖g_2 + λ (g_1 − g_2)‖`` on ``[0, 1]`` (convex).
 
     With ``u = A λ + B`` (``A = ‖g_1 − g_2‖²``, ``B = (g_1 − g_2)·g_2``) the norm is ``√(u²/A + D)``, ``D`` the
     squared distance from 0 to the line; ``f′ = 0`` gives ``u = −δ √(D A / (φ² A − δ²))`` when ``φ² A > δ²``;
     otherwise ``f`` is monotone and the minimum is an end point.
     """
-    delta, A, B = q[0] - q[1], Q[0, 0] + Q[1, 1] - 2.0 * Q[0, 1], Q[0, 1] - Q[1, 1]
-    if A <= 0.0:  # the same gradient twice
+    delta, gap, cross = q_first - q_second, a + c - 2.0 * b, b - c
+    if gap <= 0.0:  # the same gradient twice
         lam = 0.5
-    elif phi * phi * A > delta * delta:
-        D = max(Q[1, 1] - B * B / A, 0.0)
-        lam = min(max((-delta * math.sqrt(D * A / (phi * phi * A - delta * delta)) - B) / A, 0.0), 1.0)
+    elif phi * phi * gap > delta * delta:
+        distance = max(c - cross * cross / gap, 0.0)
+        lam = min(max((-delta * math.sqrt(distance * gap / (phi * phi * gap - delta * delta)) - cross) / gap, 0.0), 1.0)
     else:
         lam = 0.0 if delta > 0 else 1.0
-    w = np.array([lam, 1.0 - lam])
-    return w, math.sqrt(max(w @ Q @ w, 0.0)) / phi
+    rest = 1.0 - lam
+    return lam, math.sqrt(max(lam * (lam * a + rest * b) + rest * (lam * b + rest * c), 0.0)) / phi
 
 
 def _last_root(quad: float, lin: float, const: float, low: float, high: float, rounding: float) -> float | None:

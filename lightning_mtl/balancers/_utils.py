@@ -68,13 +68,14 @@ class Seeded:
         """Random visiting orders for PCGrad and GradVac: a K × (K − 1) array whose row ``i`` is a uniformly
         random permutation of the other tasks (``None`` for K ≤ 2, where the order is fixed).
 
-        One seed is drawn from the balancer's generator whatever K (so the stream advances by one draw
-        per call), and the orders come from a private generator seeded with it: row ``i`` sorts K
-        uniform keys, task ``i``'s own key set above the others.
+        For K ≥ 3 one seed is drawn from the balancer's generator (so the stream advances by one draw per such
+        call), and the orders come from a private generator seeded with it: row ``i`` sorts K uniform keys, task
+        ``i``'s own key set above the others. For K ≤ 2 nothing is drawn (until 2026-12-02 a seed was drawn and
+        unused: a run that mixes steps of two and more present tasks now visits in other orders than before).
         """
-        seed = self.draw_seed()
         if k <= 2:
             return None
+        seed = self.draw_seed()
         if getattr(self, "_order_generator", None) is None:
             self._order_generator = torch.Generator()
         self._order_generator.manual_seed(seed)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._qp import cagrad_dual, host_gramian
+from lightning_mtl.balancers._qp import cagrad_dual, cagrad_pair, host_gramian
 from lightning_mtl.balancers._utils import check_range
 from lightning_mtl.balancers.base import GramianBalancer
 
@@ -48,6 +48,19 @@ class CAGrad(GramianBalancer):
         if phi == 0.0:  # the mean, unless the problem's solution G_w is (nearly) zero
             norm = math.sqrt(max(w @ Q @ w, 0.0))
             return torch.from_numpy(a if norm >= self.norm_eps else np.zeros(K))
-        if phi * s < self.norm_eps:  # ‖G_w‖ = φ s
+        if s == 0.0 or phi * s < self.norm_eps:  # ‖G_w‖ = φ s (0: G_w = 0 even with norm_eps = 0)
             return torch.zeros(K, dtype=torch.float64)
         return torch.from_numpy(a + w / s)
+
+    def _pair_weights(self, a: float, b: float, c: float) -> tuple[float, float]:
+        trace = a + c
+        a, b, c = a / trace, b / trace, c / trace
+        q_first, q_second = 0.5 * (a + b), 0.5 * (b + c)  # Q (½, ½)
+        phi = self.c * math.sqrt(max(0.5 * (q_first + q_second), 0.0))
+        if phi == 0.0:  # the vertex argmin q (the first at a tie), kept unless its gradient is (nearly) zero
+            norm = math.sqrt(a if q_first <= q_second else c)
+            return (0.5, 0.5) if norm >= self.norm_eps else (0.0, 0.0)
+        first, s = cagrad_pair(a, b, c, q_first, q_second, phi)
+        if s == 0.0 or phi * s < self.norm_eps:
+            return 0.0, 0.0
+        return 0.5 + first / s, 0.5 + (1.0 - first) / s

@@ -29,19 +29,10 @@ def gradvac_weights(
     k = gramian.shape[0]
     if k == 1:
         return np.ones(1)
-    gramian = gramian * (k / np.trace(gramian))
-    if k == 2:  # the same steps on Python floats (one NumPy call costs about as much as this branch)
+    if k == 2:
         (a, b), (_, c) = gramian.tolist()
-        norm = (math.sqrt(a), math.sqrt(c))
-        weights = [1.0, 1.0]
-        for i, j in ((0, 1), (1, 0)):
-            phi = b / (norm[0] * norm[1] + eps)
-            target = float(targets[i, j])
-            if phi < target:
-                root_phi, root_target = math.sqrt(max(1.0 - phi * phi, 0.0)), math.sqrt(max(1.0 - target * target, 0.0))
-                weights[j] += norm[i] * (target * root_phi - phi * root_target) / (norm[j] * root_target + eps)
-            targets[i, j] = (1.0 - beta) * target + beta * phi
-        return np.array(weights)
+        return np.array(gradvac_pair(a, b, c, targets, beta, eps))
+    gramian = gramian * (k / np.trace(gramian))
     visits = orders.T  # (K − 1) × K: step s visits task visits[s, i] from row i
     flat = np.arange(k) * k + visits  # the visited entries, as indices into a raveled K × K array
     target = targets.ravel()[flat]  # each entry of φ̂ is read and written once per call
@@ -72,6 +63,23 @@ def gradvac_weights(
     return 1.0 + np.bincount(visits.ravel(), weights=np.concatenate(added), minlength=k)
 
 
+def gradvac_pair(a: float, b: float, c: float, targets: np.ndarray, beta: float, eps: float) -> tuple[float, float]:
+    """:func:`gradvac_weights` for two tasks, the Gramian ``[[a, b], [b, c]]``, in Python floats (a NumPy call costs
+    about as much as this whole function); updates the 2 × 2 ``targets`` in place."""
+    scale = 2.0 / (a + c)  # the Gramian divided by its mean diagonal
+    a, b, c = a * scale, b * scale, c * scale
+    norm = (math.sqrt(a), math.sqrt(c))
+    weights = [1.0, 1.0]
+    for i, j in ((0, 1), (1, 0)):
+        phi = b / (norm[0] * norm[1] + eps)
+        target = float(targets[i, j])
+        if phi < target:
+            root_phi, root_target = math.sqrt(max(1.0 - phi * phi, 0.0)), math.sqrt(max(1.0 - target * target, 0.0))
+            weights[j] += norm[i] * (target * root_phi - phi * root_target) / (norm[j] * root_target + eps)
+        targets[i, j] = (1.0 - beta) * target + beta * phi
+    return weights[0], weights[1]
+
+
 class GradVac(Seeded, GramianBalancer):
     """Gradient vaccine, from `Gradient Vaccine: Investigating and Improving Multi-task Optimization in
     Massively Multilingual Models <https://arxiv.org/abs/2010.05874>`_ (Wang et al., ICLR 2021), Algorithm 1.
@@ -92,7 +100,7 @@ class GradVac(Seeded, GramianBalancer):
     0, and the correction stopped once ``‖g‖ ≲ 1e-4``.) ``eps`` keeps the divisions finite where a
     modified gradient vanishes (an exactly opposite pair) or a target reaches 1.
 
-    Each call draws one seed from the balancer's own generator, from which the visiting orders come
+    Each call with three or more tasks draws one seed from the balancer's own generator, from which the visiting orders come
     (:meth:`~lightning_mtl.balancers._utils.Seeded.draw_orders`): the same on every DDP rank,
     continued by a resumed run.
 
@@ -122,6 +130,11 @@ class GradVac(Seeded, GramianBalancer):
         weights = gradvac_weights(host_float64(gramian), sub, orders, self.beta, self.eps)
         targets[block] = sub
         return torch.from_numpy(weights)
+
+    def _pair_weights(self, a: float, b: float, c: float) -> tuple[float, float]:
+        if self.targets is None or self.targets.shape[0] != 2:
+            self.targets = torch.zeros(2, 2, dtype=torch.float64)
+        return gradvac_pair(a, b, c, self.targets.numpy(), self.beta, self.eps)  # two tasks: one order, no draw
 
     def reset(self) -> None:
         super().reset()

@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._qp import host_gramian, min_norm_point
+from lightning_mtl.balancers._qp import host_gramian, min_norm_pair, min_norm_point
 from lightning_mtl.balancers._utils import check_range
 from lightning_mtl.balancers.base import GramianBalancer
 
@@ -63,3 +63,7 @@ class MGDA(GramianBalancer):
                 stacklevel=2,
             )
         return torch.from_numpy(weights)
+
+    def _pair_weights(self, a: float, b: float, c: float) -> tuple[float, float]:
+        trace = a + c
+        return min_norm_pair(a / trace, b / trace, c / trace)

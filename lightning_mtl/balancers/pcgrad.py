@@ -26,8 +26,8 @@ def pcgrad_weights(gramian: np.ndarray, orders: Optional[np.ndarray]) -> np.ndar
     if k == 1:
         return np.ones(1)
     if k == 2:
-        conflict = min(gramian[0, 1], 0.0)
-        return np.array([1.0 - conflict / gramian[0, 0], 1.0 - conflict / gramian[1, 1]])
+        (a, b), (_, c) = gramian.tolist()
+        return np.array(pcgrad_pair(a, b, c))
     coefficients = np.eye(k)
     rows = np.arange(k)
     diagonal = gramian.diagonal()
@@ -36,6 +36,13 @@ def pcgrad_weights(gramian: np.ndarray, orders: Optional[np.ndarray]) -> np.ndar
         inner = np.einsum("ij,ij->i", coefficients, gramian[visited])
         coefficients[rows, visited] -= np.minimum(inner, 0.0) / diagonal[visited]
     return coefficients.sum(axis=0)
+
+
+def pcgrad_pair(a: float, b: float, c: float) -> tuple[float, float]:
+    """:func:`pcgrad_weights` for two tasks, the Gramian ``[[a, b], [b, c]]``, in Python floats: each gradient loses
+    its component along the other where they conflict (``b < 0``)."""
+    conflict = min(b, 0.0)
+    return 1.0 - conflict / a, 1.0 - conflict / c
 
 
 class PCGrad(Seeded, GramianBalancer):
@@ -50,7 +57,7 @@ class PCGrad(Seeded, GramianBalancer):
     float64 on the host, exact up to rounding. The weights do not depend on the gradients' scale
     (each projection coefficient is a ratio of Gramian entries).
 
-    Each call draws one seed from the balancer's own generator (see
+    Each call with three or more tasks draws one seed from the balancer's own generator (see
     :class:`~lightning_mtl.balancers._utils.Seeded`); the K visiting orders come from it
     (:meth:`~lightning_mtl.balancers._utils.Seeded.draw_orders`), so every DDP rank visits in the same
     order, a resumed run continues the same sequence of orders, and the global RNG is not touched.
@@ -66,3 +73,6 @@ class PCGrad(Seeded, GramianBalancer):
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
         orders = self.draw_orders(gramian.shape[0])
         return torch.from_numpy(pcgrad_weights(host_float64(gramian), orders))
+
+    def _pair_weights(self, a: float, b: float, c: float) -> tuple[float, float]:
+        return pcgrad_pair(a, b, c)  # two tasks have one visiting order: nothing is drawn

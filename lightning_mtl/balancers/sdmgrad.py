@@ -74,17 +74,23 @@ def _support_map(affine: np.ndarray, inside: np.ndarray) -> np.ndarray:
 
 
 def _pair_steps(A: np.ndarray, target: np.ndarray, w: np.ndarray, lr: float, num_iters: int) -> np.ndarray:
-    """:func:`inner_steps` for two tasks, in Python floats: the projection of ``v`` onto the simplex is
-    ``(x, 1 − x)`` with ``x = (1 + v_1 − v_2) / 2`` clipped to ``[0, 1]``."""
+    """:func:`inner_steps` for two tasks (:func:`pair_steps` on the NumPy arrays)."""
     (a11, a12), (a21, a22) = (lr * A).tolist()
     t1, t2 = (lr * target).tolist()
-    w1, w2 = w.tolist()
+    return np.array(pair_steps(a11, a12, a21, a22, t1, t2, *w.tolist(), num_iters))
+
+
+def pair_steps(
+    a11: float, a12: float, a21: float, a22: float, t1: float, t2: float, w1: float, w2: float, num_iters: int
+) -> tuple[float, float]:
+    """:func:`inner_steps` for two tasks in Python floats, with ``lr A`` and ``lr target`` given entry by entry: the
+    projection of ``v`` onto the simplex is ``(x, 1 − x)`` with ``x = (1 + v_1 − v_2) / 2`` clipped to ``[0, 1]``."""
     for _ in range(num_iters):
         v1 = w1 - (a11 * w1 + a12 * w2 + t1)
         v2 = w2 - (a21 * w1 + a22 * w2 + t2)
         w1 = min(max(0.5 * (1.0 + v1 - v2), 0.0), 1.0)
         w2 = 1.0 - w1
-    return np.array([w1, w2])
+    return w1, w2
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -144,12 +150,16 @@ class SDMGrad(Seeded, GramianBalancer):
         self._init_generator(seed)
         self.simplex_weights: Optional[Tensor] = None  # w, float64, on CPU
 
-    def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
-        k_all = present.numel()
+    def _simplex_state(self, k_all: int) -> Tensor:
+        """``w`` for ``k_all`` tasks, float64 on the CPU: uniform at first."""
         if self.simplex_weights is None or self.simplex_weights.numel() != k_all:
             self.simplex_weights = torch.full((k_all,), 1.0 / k_all, dtype=torch.float64)
         elif self.simplex_weights.device.type != "cpu" or self.simplex_weights.dtype != torch.float64:
             self.simplex_weights = self.simplex_weights.to("cpu", torch.float64)  # e.g. loaded onto a GPU
+        return self.simplex_weights
+
+    def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
+        self._simplex_state(present.numel())
         A = gramian.detach().numpy().astype(np.float64)
         A /= A.trace()
         k = A.shape[0]
@@ -169,6 +179,20 @@ class SDMGrad(Seeded, GramianBalancer):
         weights = np.full(k, self.lam / k)
         weights[chosen] += w
         return torch.from_numpy(weights / (1.0 + self.lam))
+
+    def _pair_weights(self, a: float, b: float, c: float) -> Optional[tuple[float, float]]:
+        if self.num_sampled is not None and self.num_sampled < 2:  # SDMGrad-OS draws: the general path
+            return None
+        trace, pull, lr = a + c, self.lam / 2, self.lr
+        a, b, c = a / trace, b / trace, c / trace
+        w1, w2 = self._simplex_state(2).tolist()
+        mass = w1 + w2
+        w1, w2 = (w1 / mass, w2 / mass) if mass > 0 else (0.5, 0.5)
+        t1, t2 = (a + b) * pull, (b + c) * pull
+        w1, w2 = pair_steps(lr * a, lr * b, lr * b, lr * c, lr * t1, lr * t2, w1, w2, self.num_iters)
+        if mass > 0:
+            self.simplex_weights = torch.tensor([w1 * mass, w2 * mass], dtype=torch.float64)
+        return (pull + w1) / (1.0 + self.lam), (pull + w2) / (1.0 + self.lam)
 
     def reset(self) -> None:
         super().reset()

@@ -9,6 +9,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
+from lightning_mtl.balancers.base import GramianBalancer
 from lightning_mtl.gradients import GradientMode, TaskJacobian, global_gramian
 from lightning_mtl.step import StepContext
 from lightning_mtl.updates.base import BalancingPath
@@ -58,7 +59,12 @@ class GradientPath(BalancingPath):
         if not all(map(math.isfinite, values)):
             return self._nonfinite(jacobian, losses, present, context, total, diagonal)
         if self.balancer.needs == "gramian":
-            weights = self.balancer.weights(gramian, losses.detach(), present, nonzero=[g > 0 for g in diagonal])
+            nonzero = [g > 0 for g in diagonal]
+            if type(self.balancer).weights is GramianBalancer.weights:  # the entries read above: none read again
+                entries = values[: num_tasks * num_tasks]
+                weights = self.balancer.weights(gramian, losses.detach(), present, nonzero=nonzero, entries=entries)
+            else:  # a method with its own weights() (GradNorm, a user's), called as before 2026-12-02
+                weights = self.balancer.weights(gramian, losses.detach(), present, nonzero=nonzero)
             context.record.weights = weights
             return jacobian.combine(weights), weights
         flat = jacobian.flat()

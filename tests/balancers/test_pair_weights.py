@@ -1,0 +1,115 @@
+"""Two-task closed forms in Python floats (``GramianBalancer._pair_weights``) against the general path (``_weights``).
+
+``weights()`` takes the closed form when both of two tasks have a nonzero gradient; it must give what the general
+(NumPy) path gives on the same Gramian, with the same state afterwards, on every kind of two-task Gramian: random,
+conflicting, exactly opposite, orthogonal, parallel and duplicate, norms 1e-5 apart, tiny (1e-6) and huge (1e6)
+gradients, in float64 and float32. Where the general path's own two-task branch calls the same float function (MGDA,
+PCGrad, UPGrad, DualProj, CAGrad, GradVac, SDMGrad's inner steps), these tests check what is around it (the trace
+normalisation, the state, the dtype, the routing); the math itself is checked through ``weights()`` against torchjd
+and exact solvers in ``test_native_qp.py``, ``test_native_weightings.py`` and ``test_new_methods.py`` (each of
+those functions, altered, fails them).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_mtl.balancers import BALANCERS, CAGrad, DualProj, GradVac, MGDA, PCGrad, SDMGrad, UPGrad
+from lightning_mtl.balancers.base import GramianBalancer
+
+#: The methods with a two-task closed form, with settings that take each of their branches.
+PAIRED = {
+    "mgda": MGDA,
+    "pcgrad": PCGrad,
+    "upgrad": UPGrad,
+    "dualproj": DualProj,
+    "cagrad": CAGrad,
+    "cagrad-c0": lambda: CAGrad(c=0.0),
+    "cagrad-c0.9": lambda: CAGrad(c=0.9),
+    "cagrad-c5-eps0": lambda: CAGrad(c=5.0, norm_eps=0.0),
+    "gradvac": GradVac,
+    "gradvac-beta0.01": lambda: GradVac(beta=0.01),
+    "sdmgrad": SDMGrad,
+    "sdmgrad-lam0": lambda: SDMGrad(lam=0.0, num_iters=3),
+    "sdmgrad-os2": lambda: SDMGrad(num_sampled=2),
+}
+
+
+def _pair(kind: str, seed: int) -> torch.Tensor:
+    """Two gradients (float64, 2 × 6) of ``kind``."""
+    generator = torch.Generator().manual_seed(seed)
+    g1, g2 = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+    if kind == "conflicting":
+        g2 = g2 / g2.norm() - 1.5 * g1 / g1.norm()
+    elif kind == "opposite":
+        g2 = -2.0 * g1
+    elif kind == "orthogonal":
+        g2 = g2 - (g2 @ g1) / (g1 @ g1) * g1
+    elif kind == "parallel":
+        g2 = 3.0 * g1
+    elif kind == "duplicate":
+        g2 = g1.clone()
+    elif kind == "far-apart":
+        g2 = 1e-5 * g2
+    elif kind == "opposed-common":  # nearly opposite, with a small shared component
+        common = g2 / g2.norm()
+        g2 = -g1 + 0.01 * g1.norm() * common
+        g1 = g1 + 0.01 * g1.norm() * common
+    G = torch.stack([g1, g2])
+    return G * {"tiny": 1e-6, "huge": 1e6}.get(kind, 1.0)
+
+
+KINDS = ["random", "conflicting", "opposite", "orthogonal", "parallel", "duplicate", "far-apart", "opposed-common", "tiny", "huge"]
+
+
+def test_the_paired_methods_are_those_that_override_the_closed_form():
+    overriding = {
+        cls for cls in BALANCERS.values()
+        if isinstance(cls, type) and issubclass(cls, GramianBalancer) and cls._pair_weights is not GramianBalancer._pair_weights
+    }
+    assert overriding == {MGDA, PCGrad, UPGrad, DualProj, CAGrad, GradVac, SDMGrad}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list(PAIRED))
+def test_closed_form_equals_the_general_path_call_after_call(name, dtype):
+    """One balancer through ``weights`` (the closed form) and a twin through ``_weights`` (the general path), over
+    every kind of Gramian twice in a row (stateful methods carry their state across): equal weights to 1e-12 of their
+    size, and equal state at the end."""
+    paired, general = PAIRED[name](), PAIRED[name]()
+    mask = torch.tensor([True, True])
+    for round_ in range(2):
+        for index, kind in enumerate(KINDS):
+            G = _pair(kind, 10 * round_ + index)
+            gramian = (G @ G.T).to(dtype)
+            got = paired.weights(gramian)
+            expected = general._weights(gramian, mask).to(got.dtype)
+            assert got.dtype == dtype and got.shape == (2,)
+            scale = max(expected.abs().max().item(), 1.0)
+            assert (got - expected).abs().max().item() <= 1e-12 * scale * (1 if dtype == torch.float64 else 1e5), (kind, got, expected)
+    assert str(paired.state_dict()) == str(general.state_dict())
+    if hasattr(paired, "generator"):  # two tasks draw nothing on either path
+        assert torch.equal(paired.generator.get_state(), type(paired)().generator.get_state())
+
+
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "cagrad", "gradvac", "sdmgrad"])
+def test_half_precision_gramians_give_float32_weights_from_the_closed_form(name):
+    G = _pair("conflicting", 3)
+    gramian = (G @ G.T).to(torch.bfloat16)
+    got, expected = PAIRED[name]().weights(gramian), PAIRED[name]()._weights(gramian.float(), torch.tensor([True, True]))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_entries_given_by_the_caller_are_used_without_reading_the_gramian():
+    """The module passes the entries it has read; the closed form takes them (here different from the tensor's, to
+    show which are used), and a zero diagonal entry or ``nonzero`` with a False goes to the general path."""
+    G = _pair("conflicting", 4)
+    gramian = G @ G.T
+    other = _pair("random", 5)
+    entries = (other @ other.T).reshape(-1).tolist()
+    assert MGDA().weights(gramian, entries=entries).tolist() == list(MGDA()._pair_weights(*entries[:2], entries[3]))
+    one_task = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    assert MGDA().weights(one_task).tolist() == [1.0, 0.0]
+    assert MGDA().weights(gramian, nonzero=[True, False]).tolist() == [1.0, 0.0]
