@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -18,12 +18,9 @@ def alignedmtl_weights(gramian: np.ndarray, scale_mode: str, rtol: float) -> np.
     k = gramian.shape[0]
     if k == 2:
         (a, b), (_, c) = gramian.tolist()
-        determinant, trace = a * c - b * b, a + c
-        if determinant > rtol * trace**2:  # full rank: B = √λ M^{-1/2} in closed form
-            root = math.sqrt(determinant)  # M^{-1/2} = [[c + root, −b], [−b, a + root]] / (root √(tr + 2 root))
-            scale = trace / 2 if scale_mode == "rmse" else determinant / (0.5 * (trace + math.sqrt(trace**2 - 4 * determinant)))
-            factor = math.sqrt(scale) / (2.0 * root * math.sqrt(trace + 2.0 * root))
-            return np.array([factor * (c + root - b), factor * (a + root - b)])
+        pair = alignedmtl_pair(a, b, c, scale_mode, rtol)
+        if pair is not None:
+            return np.array(pair)
     values, vectors = symmetric_eigh(gramian)
     keep = values > rtol * values[-1]
     if not keep.any():
@@ -36,6 +33,18 @@ def alignedmtl_weights(gramian: np.ndarray, scale_mode: str, rtol: float) -> np.
     else:
         scale = values.mean()
     return vectors @ (np.sqrt(scale / values) * vectors.sum(axis=0)) / k
+
+
+def alignedmtl_pair(a: float, b: float, c: float, scale_mode: str, rtol: float) -> Optional[tuple[float, float]]:
+    """:func:`alignedmtl_weights` for two tasks of full rank, the Gramian ``[[a, b], [b, c]]``, in Python floats, or None
+    where it is rank-deficient: ``B = √λ M^{-1/2}`` in closed form."""
+    determinant, trace = a * c - b * b, a + c
+    if not determinant > rtol * trace**2:
+        return None
+    root = math.sqrt(determinant)  # M^{-1/2} = [[c + root, −b], [−b, a + root]] / (root √(tr + 2 root))
+    scale = trace / 2 if scale_mode == "rmse" else determinant / (0.5 * (trace + math.sqrt(trace**2 - 4 * determinant)))
+    factor = math.sqrt(scale) / (2.0 * root * math.sqrt(trace + 2.0 * root))
+    return factor * (c + root - b), factor * (a + root - b)
 
 
 class AlignedMTL(GramianBalancer):
@@ -63,3 +72,6 @@ class AlignedMTL(GramianBalancer):
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
         rtol = gramian.shape[0] * torch.finfo(gramian.dtype).eps
         return torch.from_numpy(alignedmtl_weights(host_float64(gramian), self.scale_mode, rtol))
+
+    def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> Optional[tuple[float, float]]:
+        return alignedmtl_pair(a, b, c, self.scale_mode, 2 * torch.finfo(dtype).eps)

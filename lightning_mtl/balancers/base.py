@@ -244,12 +244,12 @@ class GramianBalancer(Balancer):
             raise ValueError(f"gramian must be a square matrix, got shape {tuple(gramian.shape)}")
         device = gramian.device
         if gramian.shape[0] == 2 and type(self)._pair_weights is not GramianBalancer._pair_weights:
-            a, b, _, c = gramian.reshape(-1).tolist() if entries is None else entries
+            a, b, b_transposed, c = gramian.reshape(-1).tolist() if entries is None else entries
             if a > 0 and c > 0 and (nonzero is None or all(nonzero)):
-                pair = self._pair_weights(a, b, c)
+                dtype = torch.float32 if gramian.dtype in (torch.float16, torch.bfloat16) else gramian.dtype
+                pair = self._pair_weights(a, 0.5 * (b + b_transposed), c, dtype)  # a float32 G Gᵀ is symmetric to 1e-7
                 if pair is not None:
-                    half = gramian.dtype in (torch.float16, torch.bfloat16)
-                    weights = torch.tensor(pair, dtype=torch.float32 if half else gramian.dtype)
+                    weights = torch.tensor(pair, dtype=dtype)
                     return weights if device.type == "cpu" else weights.to(device, non_blocking=True)
         gramian = at_least_float32(gramian)
         if not gramian.is_cpu:  # each torch call costs a microsecond or two: the common step makes few
@@ -281,9 +281,10 @@ class GramianBalancer(Balancer):
         """Weights for ``gramian``, the Gramian of the tasks ``present`` (a mask over all K tasks)."""
         raise NotImplementedError
 
-    def _pair_weights(self, a: float, b: float, c: float) -> Optional[tuple[float, float]]:
+    def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> Optional[tuple[float, float]]:
         """Two tasks, both with a nonzero gradient: the weights for the Gramian ``[[a, b], [b, c]]`` (``a, c > 0``) in
-        Python floats, or None to use :meth:`_weights`; a subclass with a closed form overrides it.
+        Python floats, or None to use :meth:`_weights`; a subclass with a closed form overrides it. ``dtype`` is the
+        Gramian's (float32 for a half-precision one), for a method whose rank decisions depend on its rounding.
 
         Its answer must be :meth:`_weights`' (tested to 1e-12 on the same Gramians, state included). The reason is
         cost: inside a training step every NumPy or torch call runs with cold caches after the backward's large

@@ -52,7 +52,7 @@ class CAGrad(GramianBalancer):
             return torch.zeros(K, dtype=torch.float64)
         return torch.from_numpy(a + w / s)
 
-    def _pair_weights(self, a: float, b: float, c: float) -> tuple[float, float]:
+    def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> tuple[float, float]:
         trace = a + c
         a, b, c = a / trace, b / trace, c / trace
         q_first, q_second = 0.5 * (a + b), 0.5 * (b + c)  # Q (½, ½)

@@ -22,7 +22,8 @@ def config_weights(gramian: np.ndarray, rtol: float) -> np.ndarray:
     """
     k = gramian.shape[0]
     if k == 2:
-        return _two_tasks(gramian, rtol)
+        (a, b), (_, c) = gramian.tolist()
+        return np.array(config_pair(a, b, c, rtol))
     inverse_norms = 1.0 / np.sqrt(gramian.diagonal())
     values, vectors = symmetric_eigh(gramian * inverse_norms[:, None] * inverse_norms[None, :])
     keep = values > rtol * values[-1]
@@ -38,18 +39,18 @@ def config_weights(gramian: np.ndarray, rtol: float) -> np.ndarray:
     return b * (gb.sum() / squared_norm)
 
 
-def _two_tasks(gramian: np.ndarray, rtol: float) -> np.ndarray:
-    """K = 2 in closed form: ``1`` is an eigenvector of the unit Gramian ``[[1, c], [c, 1]]`` (eigenvalue
-    ``1 + c``), so ``b ∝ D⁻¹ 1`` unless ``1 + c`` is dropped (opposite gradients: zero weights)."""
-    (a, b), (_, c) = gramian.tolist()
+def config_pair(a: float, b: float, c: float, rtol: float) -> tuple[float, float]:
+    """K = 2 in closed form, the Gramian ``[[a, b], [b, c]]``, in Python floats: ``1`` is an eigenvector of the unit
+    Gramian ``[[1, c], [c, 1]]`` (eigenvalue ``1 + c``), so ``b ∝ D⁻¹ 1`` unless ``1 + c`` is dropped (opposite
+    gradients: zero weights)."""
     root_a, root_c = math.sqrt(a), math.sqrt(c)
     cosine = b / (root_a * root_c)
     if not 1.0 + cosine > rtol * (1.0 + abs(cosine)):
-        return np.zeros(2)
+        return 0.0, 0.0
     # w = v (1ᵀ G Gᵀ v) / (vᵀ G Gᵀ v) with v = (1/‖g_1‖, 1/‖g_2‖): vᵀ G Gᵀ v = 2 (1 + c)
     total = root_a + root_c + b * (1.0 / root_a + 1.0 / root_c)
     factor = total / (2.0 * (1.0 + cosine))
-    return np.array([factor / root_a, factor / root_c])
+    return factor / root_a, factor / root_c
 
 
 class ConFIG(GramianBalancer):
@@ -83,3 +84,6 @@ class ConFIG(GramianBalancer):
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
         rtol = rank_tolerance(gramian.dtype, gramian.shape[0])
         return torch.from_numpy(config_weights(host_float64(gramian), rtol))
+
+    def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> tuple[float, float]:
+        return config_pair(a, b, c, rank_tolerance(dtype, 2))

@@ -31,6 +31,6 @@ class DualProj(GramianBalancer):
         K = Q.shape[0]
         return torch.from_numpy(project_dual_cone(Q, np.full((1, K), 1.0 / K), precision)[0])
 
-    def _pair_weights(self, a: float, b: float, c: float) -> tuple[float, float]:
+    def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> tuple[float, float]:
         trace = a + c
         return project_pair(a / trace, b / trace, c / trace, 0.5, 0.5)

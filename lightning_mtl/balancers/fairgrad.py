@@ -33,14 +33,16 @@ def solve_fairgrad(gramian: np.ndarray, alpha: float, ridge: float = 0.0) -> Opt
     ``φ' = w^{-1/α}``, with a fraction-to-the-boundary step that keeps ``w`` positive and an Armijo
     backtracking line search. Without a ridge, returns None when the iterates grow past ``_CAP`` times their
     single-task weights or do not converge in ``_MAX_ITERS`` iterations (no solution). Two tasks: the same iterations in Python floats
-    (:func:`_newton_pair`), unless a float operation there would overflow or divide by zero."""
+    (:func:`newton_pair`), unless a float operation there would overflow or divide by zero."""
     k = gramian.shape[0]
     A = gramian + ridge * np.eye(k) if ridge else gramian
     power = -1.0 / alpha
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # a rejected trial point may overflow
         if k == 2:
+            (a, b), (_, c) = A.tolist()
             try:
-                return _newton_pair(A, alpha, power, ridge)
+                pair = newton_pair(a, b, c, alpha, ridge)
+                return None if pair is None else np.array(pair)
             except (OverflowError, ValueError, ZeroDivisionError):  # Python floats raise where NumPy gives inf
                 pass
         return _newton(A, _start(A, alpha, power), power, ridge)
@@ -141,11 +143,11 @@ def _newton(A: np.ndarray, w: np.ndarray, power: float, ridge: float) -> Optiona
     return _unconverged(w, power) if ridge else None
 
 
-def _newton_pair(A: np.ndarray, alpha: float, power: float, ridge: float) -> Optional[np.ndarray]:
-    """:func:`_newton` for two tasks in Python floats (a 2 × 2 Newton system by Cramer's rule), from :func:`_start`'s
-    point. Raises ``OverflowError``, ``ValueError`` or ``ZeroDivisionError`` where a float operation leaves the
-    finite range."""
-    (a, b), (_, c) = A.tolist()
+def newton_pair(a: float, b: float, c: float, alpha: float, ridge: float) -> Optional[tuple[float, float]]:
+    """:func:`_newton` for two tasks in Python floats (a 2 × 2 Newton system by Cramer's rule) on ``A = [[a, b], [b, c]]``
+    (the ridge, if any, already added), from :func:`_start`'s point. Raises ``OverflowError``, ``ValueError`` or
+    ``ZeroDivisionError`` where a float operation leaves the finite range."""
+    power = -1.0 / alpha
     log = power == -1.0
 
     def objective(w1: float, w2: float) -> float:
@@ -173,12 +175,12 @@ def _newton_pair(A: np.ndarray, alpha: float, power: float, ridge: float) -> Opt
         largest = max(rhs1, rhs2)
         error = max(abs(r1), abs(r2)) / largest if largest > 0.0 else math.inf
         if error <= 1e-14 or (error > 0.5 * previous and (error <= 1e-10 or decrement < _DECREMENT)):
-            return np.array([w1, w2])
+            return w1, w2
         previous = error
         h1, h2 = a - power * rhs1 / w1, c - power * rhs2 / w2
         det = h1 * h2 - b * b
         if det == 0.0:
-            return np.array([w1, w2]) if ridge else None
+            return (w1, w2) if ridge else None
         s1, s2 = (b * r2 - h2 * r1) / det, (b * r1 - h1 * r2) / det
         if geometric:
             t = 1.0
@@ -200,7 +202,10 @@ def _newton_pair(A: np.ndarray, alpha: float, power: float, ridge: float) -> Opt
         w1, w2, value = c1, c2, new_value
         if not ridge and not (w1 * size1 <= _CAP and w2 * size2 <= _CAP):  # NaN too; as in _newton
             return None
-    return _unconverged(np.array([w1, w2]), power) if ridge else None
+    if not ridge:
+        return None
+    w1, w2 = _unconverged(np.array([w1, w2]), power)  # warns that they are approximate
+    return w1, w2
 
 
 def _unconverged(w: np.ndarray, power: float) -> np.ndarray:
@@ -271,3 +276,14 @@ class FairGrad(GramianBalancer):
             floor = max(_MIN_RIDGE, A.shape[0] * rank_tolerance(gramian.dtype, A.shape[0]))
             w = solve_fairgrad(A, self.alpha, ridge=max((1.0 / _CAP) ** (1.0 + 1.0 / self.alpha), floor))
         return torch.from_numpy(w * scale ** (-self.alpha / (1.0 + self.alpha)))
+
+    def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> Optional[tuple[float, float]]:
+        scale = 0.5 * (a + c)
+        try:  # without a ridge; where there is no solution, or a float leaves the range, the general path's fallback
+            pair = newton_pair(a / scale, b / scale, c / scale, self.alpha, 0.0)
+        except (OverflowError, ValueError, ZeroDivisionError):
+            return None
+        if pair is None:
+            return None
+        factor = scale ** (-self.alpha / (1.0 + self.alpha))
+        return pair[0] * factor, pair[1] * factor

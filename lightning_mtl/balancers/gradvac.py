@@ -131,7 +131,7 @@ class GradVac(Seeded, GramianBalancer):
         targets[block] = sub
         return torch.from_numpy(weights)
 
-    def _pair_weights(self, a: float, b: float, c: float) -> tuple[float, float]:
+    def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> tuple[float, float]:
         if self.targets is None or self.targets.shape[0] != 2:
             self.targets = torch.zeros(2, 2, dtype=torch.float64)
         return gradvac_pair(a, b, c, self.targets.numpy(), self.beta, self.eps)  # two tasks: one order, no draw

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -21,10 +22,9 @@ def imtlg_weights(gramian: np.ndarray, rtol: float) -> np.ndarray:
     """
     if gramian.shape[0] == 2:
         (a, b), (_, c) = gramian.tolist()
-        if a * c - b * b > rtol * (a + c) ** 2:  # full rank (λ_min ≥ det / tr > rtol tr ≥ rtol λ_max): M⁻¹ in closed form
-            root_a, root_c = math.sqrt(a), math.sqrt(c)
-            total = (root_a + root_c) * (root_a * root_c - b)
-            return np.array([(c * root_a - b * root_c) / total, (a * root_c - b * root_a) / total])
+        pair = imtlg_pair(a, b, c, rtol)
+        if pair is not None:
+            return np.array(pair)
     normalised = gramian / np.trace(gramian)
     norms = np.sqrt(normalised.diagonal())
     values, vectors = symmetric_eigh(normalised)
@@ -35,6 +35,16 @@ def imtlg_weights(gramian: np.ndarray, rtol: float) -> np.ndarray:
     if not total > 1e-9 * float(norms @ norms) / values[-1]:
         return np.zeros_like(v)
     return v / total
+
+
+def imtlg_pair(a: float, b: float, c: float, rtol: float) -> Optional[tuple[float, float]]:
+    """:func:`imtlg_weights` for two tasks of full rank, the Gramian ``[[a, b], [b, c]]``, in Python floats, or None where
+    it is rank-deficient (λ_min ≥ det / tr > rtol tr ≥ rtol λ_max is the test): ``M⁻¹`` in closed form."""
+    if not a * c - b * b > rtol * (a + c) ** 2:
+        return None
+    root_a, root_c = math.sqrt(a), math.sqrt(c)
+    total = (root_a + root_c) * (root_a * root_c - b)
+    return (c * root_a - b * root_c) / total, (a * root_c - b * root_a) / total
 
 
 class IMTLG(GramianBalancer):
@@ -54,3 +64,6 @@ class IMTLG(GramianBalancer):
     def _weights(self, gramian: Tensor, present: Tensor) -> Tensor:
         rtol = rank_tolerance(gramian.dtype, gramian.shape[0])
         return torch.from_numpy(imtlg_weights(host_float64(gramian), rtol))
+
+    def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> Optional[tuple[float, float]]:
+        return imtlg_pair(a, b, c, rank_tolerance(dtype, 2))

@@ -64,6 +64,6 @@ class MGDA(GramianBalancer):
             )
         return torch.from_numpy(weights)
 
-    def _pair_weights(self, a: float, b: float, c: float) -> tuple[float, float]:
+    def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> tuple[float, float]:
         trace = a + c
         return min_norm_pair(a / trace, b / trace, c / trace)

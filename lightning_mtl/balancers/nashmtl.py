@@ -34,7 +34,7 @@ def relative_residual(gramian: np.ndarray, alpha: np.ndarray) -> float:
     return float(np.linalg.norm(gramian @ alpha - inverse) / np.linalg.norm(inverse))
 
 
-def _two_tasks(a: float, b: float, c: float, floor: float) -> Optional[np.ndarray]:
+def _two_tasks(a: float, b: float, c: float, floor: float) -> Optional[tuple[float, float]]:
     """The solution for ``M = [[a, b], [b, c]]`` in closed form, or None where it does not exist or an entry
     would exceed ``1/√floor`` times its single-task value ``1/√M_kk``.
 
@@ -46,7 +46,14 @@ def _two_tasks(a: float, b: float, c: float, floor: float) -> Optional[np.ndarra
     first, second = a + b * math.sqrt(a / c), c + b * math.sqrt(c / a)
     if first <= floor * a or second <= floor * c:
         return None
-    return np.array([1.0 / math.sqrt(first), 1.0 / math.sqrt(second)])
+    return 1.0 / math.sqrt(first), 1.0 / math.sqrt(second)
+
+
+def nash_pair(a: float, b: float, c: float) -> tuple[float, float]:
+    """:func:`nash_solution` for two tasks, ``M = [[a, b], [b, c]]`` (Frobenius norm 1), in Python floats: the closed
+    form, or that of ``M + ε I`` where the equation has no solution."""
+    solution = _two_tasks(a, b, c, FALLBACK_EPS)
+    return solution if solution is not None else _two_tasks(a + FALLBACK_EPS, b, c + FALLBACK_EPS, 0.0)  # type: ignore[return-value]
 
 
 def _objective(gramian: np.ndarray, alpha: np.ndarray) -> float:
@@ -102,8 +109,7 @@ def nash_solution(gramian: np.ndarray, start: Optional[np.ndarray], iterations: 
         return np.array([1.0 / math.sqrt(gramian[0, 0])])
     if k == 2:
         (a, b), (_, c) = gramian.tolist()
-        solution = _two_tasks(a, b, c, FALLBACK_EPS)
-        return solution if solution is not None else _two_tasks(a + FALLBACK_EPS, b, c + FALLBACK_EPS, 0.0)  # type: ignore[return-value]
+        return np.array(nash_pair(a, b, c))
     sizes = np.sqrt(gramian.diagonal())  # 1 / each task's single-task weight (see ALPHA_LIMIT)
     alpha, best = 1.0 / sizes, math.inf
     for candidate in (alpha,) if start is None else (alpha, start):
@@ -197,6 +203,23 @@ class NashMTL(GramianBalancer):
             start = self._warm_start if self._warm_start is not None and self._warm_start.size == k else None
             self._alpha, self._warm_start = self._solve(matrix, start)
         return self._clip(matrix, self._alpha)
+
+    def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> tuple[float, float]:
+        due = self._solver_step % self.update_weights_every == 0
+        self._solver_step += 1.0
+        if due or self._alpha is None or self._alpha.size != 2:  # as _weights; K = 2 needs no warm start
+            scale = math.sqrt(a * a + 2.0 * b * b + c * c)  # ‖G Gᵀ‖_F
+            first, second = nash_pair(a / scale, b / scale, c / scale)
+            root = math.sqrt(scale)
+            self._warm_start = np.array([first, second])
+            self._alpha = np.array([first / root, second / root])
+        first, second = self._alpha.tolist()
+        factor = 1.0
+        if self.max_norm > 0:
+            norm = math.sqrt(max(first * (first * a + second * b) + second * (first * b + second * c), 0.0))
+            if norm > self.max_norm:
+                factor = self.max_norm / norm
+        return first * factor, second * factor
 
     def reset(self) -> None:
         self._warm_start: Optional[np.ndarray] = None  # α̂ of the last solve (normalised Gramian)

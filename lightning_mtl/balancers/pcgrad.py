@@ -74,5 +74,5 @@ class PCGrad(Seeded, GramianBalancer):
         orders = self.draw_orders(gramian.shape[0])
         return torch.from_numpy(pcgrad_weights(host_float64(gramian), orders))
 
-    def _pair_weights(self, a: float, b: float, c: float) -> tuple[float, float]:
+    def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> tuple[float, float]:
         return pcgrad_pair(a, b, c)  # two tasks have one visiting order: nothing is drawn

@@ -180,7 +180,7 @@ class SDMGrad(Seeded, GramianBalancer):
         weights[chosen] += w
         return torch.from_numpy(weights / (1.0 + self.lam))
 
-    def _pair_weights(self, a: float, b: float, c: float) -> Optional[tuple[float, float]]:
+    def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> Optional[tuple[float, float]]:
         if self.num_sampled is not None and self.num_sampled < 2:  # SDMGrad-OS draws: the general path
             return None
         trace, pull, lr = a + c, self.lam / 2, self.lr

@@ -34,7 +34,7 @@ class UPGrad(GramianBalancer):
         W = project_dual_cone(Q, np.eye(K), precision)
         return torch.from_numpy(W.sum(axis=0) / K)
 
-    def _pair_weights(self, a: float, b: float, c: float) -> tuple[float, float]:
+    def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> tuple[float, float]:
         trace = a + c
         a, b, c = a / trace, b / trace, c / trace
         (first, second), (third, fourth) = project_pair(a, b, c, 1.0, 0.0), project_pair(a, b, c, 0.0, 1.0)

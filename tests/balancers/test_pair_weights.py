@@ -2,9 +2,10 @@
 
 ``weights()`` takes the closed form when both of two tasks have a nonzero gradient; it must give what the general
 (NumPy) path gives on the same Gramian, with the same state afterwards, on every kind of two-task Gramian: random,
-conflicting, exactly opposite, orthogonal, parallel and duplicate, norms 1e-5 apart, tiny (1e-6) and huge (1e6)
+conflicting, exactly and almost opposite, orthogonal, parallel and duplicate, norms 1e-5 apart, tiny (1e-6) and huge (1e6)
 gradients, in float64 and float32. Where the general path's own two-task branch calls the same float function (MGDA,
-PCGrad, UPGrad, DualProj, CAGrad, GradVac, SDMGrad's inner steps), these tests check what is around it (the trace
+PCGrad, UPGrad, DualProj, CAGrad, GradVac, SDMGrad's inner steps, FairGrad's Newton iterations, Nash-MTL,
+IMTL-G, Aligned-MTL, ConFIG), these tests check what is around it (the trace
 normalisation, the state, the dtype, the routing); the math itself is checked through ``weights()`` against torchjd
 and exact solvers in ``test_native_qp.py``, ``test_native_weightings.py`` and ``test_new_methods.py`` (each of
 those functions, altered, fails them).
@@ -12,10 +13,25 @@ those functions, altered, fails them).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from lightning_mtl.balancers import BALANCERS, CAGrad, DualProj, GradVac, MGDA, PCGrad, SDMGrad, UPGrad
+from lightning_mtl.balancers import (
+    BALANCERS,
+    IMTLG,
+    MGDA,
+    AlignedMTL,
+    CAGrad,
+    ConFIG,
+    DualProj,
+    FairGrad,
+    GradVac,
+    NashMTL,
+    PCGrad,
+    SDMGrad,
+    UPGrad,
+)
 from lightning_mtl.balancers.base import GramianBalancer
 
 #: The methods with a two-task closed form, with settings that take each of their branches.
@@ -33,6 +49,15 @@ PAIRED = {
     "sdmgrad": SDMGrad,
     "sdmgrad-lam0": lambda: SDMGrad(lam=0.0, num_iters=3),
     "sdmgrad-os2": lambda: SDMGrad(num_sampled=2),
+    "fairgrad": FairGrad,
+    "fairgrad-alpha0.3": lambda: FairGrad(alpha=0.3),
+    "fairgrad-alpha4": lambda: FairGrad(alpha=4.0),
+    "nashmtl": NashMTL,
+    "nashmtl-every3-unclipped": lambda: NashMTL(update_weights_every=3, max_norm=0.0),
+    "imtlg": IMTLG,
+    "alignedmtl": AlignedMTL,
+    "alignedmtl-min": lambda: AlignedMTL(scale_mode="min"),
+    "config": ConFIG,
 }
 
 
@@ -52,6 +77,9 @@ def _pair(kind: str, seed: int) -> torch.Tensor:
         g2 = g1.clone()
     elif kind == "far-apart":
         g2 = 1e-5 * g2
+    elif kind == "almost-opposite":  # 1 + cos ≈ 1e-7: singular for a float32 Gramian's tolerance, not for float64's
+        across = g2 - (g2 @ g1) / (g1 @ g1) * g1
+        g2 = -g1 + 4.5e-4 * g1.norm() * across / across.norm()
     elif kind == "opposed-common":  # nearly opposite, with a small shared component
         common = g2 / g2.norm()
         g2 = -g1 + 0.01 * g1.norm() * common
@@ -60,7 +88,10 @@ def _pair(kind: str, seed: int) -> torch.Tensor:
     return G * {"tiny": 1e-6, "huge": 1e6}.get(kind, 1.0)
 
 
-KINDS = ["random", "conflicting", "opposite", "orthogonal", "parallel", "duplicate", "far-apart", "opposed-common", "tiny", "huge"]
+KINDS = [
+    "random", "conflicting", "opposite", "almost-opposite", "orthogonal", "parallel", "duplicate", "far-apart",
+    "opposed-common", "tiny", "huge",
+]
 
 
 def test_the_paired_methods_are_those_that_override_the_closed_form():
@@ -68,7 +99,7 @@ def test_the_paired_methods_are_those_that_override_the_closed_form():
         cls for cls in BALANCERS.values()
         if isinstance(cls, type) and issubclass(cls, GramianBalancer) and cls._pair_weights is not GramianBalancer._pair_weights
     }
-    assert overriding == {MGDA, PCGrad, UPGrad, DualProj, CAGrad, GradVac, SDMGrad}
+    assert overriding == {MGDA, PCGrad, UPGrad, DualProj, CAGrad, GradVac, SDMGrad, FairGrad, NashMTL, IMTLG, AlignedMTL, ConFIG}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -88,9 +119,21 @@ def test_closed_form_equals_the_general_path_call_after_call(name, dtype):
             assert got.dtype == dtype and got.shape == (2,)
             scale = max(expected.abs().max().item(), 1.0)
             assert (got - expected).abs().max().item() <= 1e-12 * scale * (1 if dtype == torch.float64 else 1e5), (kind, got, expected)
-    assert str(paired.state_dict()) == str(general.state_dict())
+    _same_state(paired.state_dict(), general.state_dict())
     if hasattr(paired, "generator"):  # two tasks draw nothing on either path
         assert torch.equal(paired.generator.get_state(), type(paired)().generator.get_state())
+
+
+def _same_state(got, expected) -> None:
+    """Equal states: tensors and arrays to 1e-12, everything else exactly."""
+    if isinstance(expected, dict):
+        assert got.keys() == expected.keys()
+        for key in expected:
+            _same_state(got[key], expected[key])
+    elif isinstance(expected, (torch.Tensor, np.ndarray)):
+        torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(expected), rtol=1e-12, atol=0)
+    else:
+        assert got == expected
 
 
 @pytest.mark.parametrize("name", ["mgda", "upgrad", "cagrad", "gradvac", "sdmgrad"])
@@ -109,7 +152,9 @@ def test_entries_given_by_the_caller_are_used_without_reading_the_gramian():
     gramian = G @ G.T
     other = _pair("random", 5)
     entries = (other @ other.T).reshape(-1).tolist()
-    assert MGDA().weights(gramian, entries=entries).tolist() == list(MGDA()._pair_weights(*entries[:2], entries[3]))
+    symmetric = 0.5 * (entries[1] + entries[2])
+    expected = MGDA()._pair_weights(entries[0], symmetric, entries[3], torch.float64)
+    assert MGDA().weights(gramian, entries=entries).tolist() == list(expected)
     one_task = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
     assert MGDA().weights(one_task).tolist() == [1.0, 0.0]
     assert MGDA().weights(gramian, nonzero=[True, False]).tolist() == [1.0, 0.0]
