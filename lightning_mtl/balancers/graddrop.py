@@ -117,6 +117,10 @@ class GradDrop(Seeded, GradientBalancer):
         if G.dtype in (torch.float16, torch.bfloat16):  # S ± A can overflow where each sign's sum does not
             wide = torch.float32 if G.dtype == torch.float16 else torch.float64  # bfloat16's range is float32's
             total, magnitude = G.sum(dim=0, dtype=wide).mul_(0.5), G.abs().sum(dim=0, dtype=wide).mul_(0.5)
+        elif G.shape[0] == 2:  # half_row_sum's operations on the two rows, in fewer calls (each costs 10-40 µs in a step)
+            first, second = G.unbind()
+            total = first.mul(0.5).add_(second, alpha=0.5)
+            magnitude = first.abs().mul_(0.5).add_(second.abs(), alpha=0.5)
         else:
             total, magnitude = half_row_sum(G), half_row_sum(G.abs())  # S / 2, A / 2
         if G.device.type == "cpu":
@@ -125,13 +129,15 @@ class GradDrop(Seeded, GradientBalancer):
             integers = stream_integers(self.stream, G.shape[1])
         else:
             integers = device_integers(self.draw_seed(), G.shape[1], G.device)
-        halfway = integers.add(0.5)  # q + ½ (float32, exact): V = (q + ½) · 2**-15
-        if halfway.dtype != total.dtype:
-            halfway = halfway.to(total.dtype)
-        side = torch.addcmul(total, magnitude, halfway, value=2.0 ** (1 - DRAW_BITS)).sign_()  # sign(S + A·V): +1 keeps
+        # sign(S + A·V) with V = (q + ½) · 2**-15, as (S/2 + A/2 · 2**-16) + A/2 · q · 2**-15 (the int16 q promoted in
+        # the product): +1 keeps the positive part. Rounding aside the same number; a tie S + A·V = 0 stays exact
+        side = torch.add(total, magnitude, alpha=2.0**-DRAW_BITS).addcmul_(magnitude, integers, value=2.0 ** (1 - DRAW_BITS))
+        side.sign_()
         # side · (A/2 + side · S/2): (S + A)/2 or (S − A)/2, and 0 at a tie (side 0) and where A = 0
         kept = torch.addcmul(magnitude, total, side).mul_(side)
-        return (kept if not self.leak else (2.0 * self.leak) * total + (1.0 - self.leak) * kept).to(G.dtype)
+        if self.leak:
+            kept = (2.0 * self.leak) * total + (1.0 - self.leak) * kept
+        return kept if kept.dtype == G.dtype else kept.to(G.dtype)
 
     def reset(self) -> None:
         super().reset()
