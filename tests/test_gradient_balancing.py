@@ -660,3 +660,26 @@ def test_global_columns_place_widths_past_float32_precision_exactly():
         padded, columns = _in_global_columns(flat, context)
         assert padded.shape == (1, 2 * width) and columns == slice(rank * width, (rank + 1) * width)
         assert int(padded[0, columns].count_nonzero()) == width and int(padded.count_nonzero()) == width
+
+
+@pytest.mark.parametrize("gradients", ["parameters", "representation"])
+def test_a_users_weights_override_of_the_old_signature_is_called_without_entries(gradients):
+    """The module passes the Gramian's ``entries`` to a ``weights`` that takes them; a user's override written before
+    the argument existed (no ``entries``, no ``**kwargs``) is called as before and gives its own weights."""
+    from lightning_mtl.balancers.base import GramianBalancer
+
+    class Halves(GramianBalancer):
+        calls = 0
+
+        def weights(self, gramian, losses=None, present=None, nonzero=None):
+            Halves.calls += 1
+            return super().weights(gramian, losses, present, nonzero)
+
+        def _weights(self, gramian, present):
+            return torch.full((gramian.shape[0],), 0.5, dtype=torch.float64)
+
+    module = make_module(tasks=make_tasks(metrics=False), balancer=Halves(), gradients=gradients)
+    x, labels = batch()
+    module.training_step((x, labels), 0).backward()
+    assert Halves.calls == 1
+    assert module.last_step.weights.tolist() == [0.5, 0.5]

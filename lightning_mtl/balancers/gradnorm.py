@@ -130,8 +130,10 @@ class GradNorm(GramianBalancer):
         losses: Optional[Tensor] = None,
         present: Optional[Tensor] = None,
         nonzero: Optional[Sequence[bool]] = None,
+        entries: Optional[Sequence[float]] = None,
     ) -> Tensor:
-        """The step's weights ``w`` (then updated). ``nonzero`` is checked but not needed (the diagonal is read)."""
+        """The step's weights ``w`` (then updated). ``nonzero`` is checked but not needed (the diagonal is read);
+        ``entries``, the Gramian's entries as Python floats row by row (the module has read them), spare that read."""
         if losses is None:
             raise ValueError("GradNorm needs the step's task losses: call weights(gramian, losses)")
         if gramian.ndim != 2 or gramian.shape != (losses.shape[0], losses.shape[0]):
@@ -139,17 +141,23 @@ class GradNorm(GramianBalancer):
                 f"gramian must be K x K for K = {losses.shape[0]} losses, got shape {tuple(gramian.shape)}"
             )
         check_nonzero(nonzero, gramian)
-        diagonal = at_least_float32(gramian.detach()).diagonal()
-        losses = losses.detach().to(diagonal.dtype)
+        k = gramian.shape[0]
+        dtype = torch.float32 if gramian.dtype in (torch.float16, torch.bfloat16) else gramian.dtype
+        if entries is None:
+            squared = at_least_float32(gramian.detach()).diagonal().tolist()
+        else:
+            squared = list(entries[:: k + 1])
+        losses = losses.detach()
+        if losses.dtype != dtype:
+            losses = losses.to(dtype)
         if self.distributed:  # a task's loss is averaged over the processes that have it (``present``: this process's)
-            local = diagonal > 0 if present is None else present.to(diagonal.device)
-            losses = self._reduced_losses(losses, local)[0]
-        norms = [math.sqrt(value) if value > 0 else 0.0 for value in diagonal.tolist()]
+            local = torch.tensor([value > 0 for value in squared]) if present is None else present
+            losses = self._reduced_losses(losses, local.to(losses.device))[0]
+        norms = [math.sqrt(value) if value > 0 else 0.0 for value in squared]
         losses_now = losses.tolist()
-        k = len(norms)
         if self.task_weights_ is None or self.task_weights_.shape != (k,):
-            self.task_weights_ = torch.ones(k, dtype=diagonal.dtype)
-            self.initial_losses = torch.full((k,), float("nan"), dtype=diagonal.dtype)
+            self.task_weights_ = torch.ones(k, dtype=dtype)
+            self.initial_losses = torch.full((k,), float("nan"), dtype=dtype)
             self._adam.reset()
         present = [norm > 0.0 for norm in norms]  # the tasks with a gradient in the global batch
         w = self.task_weights_.tolist()
@@ -177,7 +185,8 @@ class GradNorm(GramianBalancer):
         kept = sum(before for before, has in zip(w, present) if not has)
         share = (k - kept) / (sum(stepped) or 1.0)  # no task present: every weight is kept
         parameter[:] = [value * share if has else before for value, before, has in zip(stepped, w, present)]
-        return torch.tensor(current, dtype=self.task_weights_.dtype).to(gramian.device, non_blocking=True)
+        weights = torch.tensor(current, dtype=self.task_weights_.dtype)
+        return weights if gramian.device.type == "cpu" else weights.to(gramian.device, non_blocking=True)
 
     def reset(self) -> None:
         self.task_weights_: Optional[Tensor] = None  # w, one per task

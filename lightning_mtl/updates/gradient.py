@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 from typing import ClassVar, Optional
@@ -9,7 +11,6 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers.base import GramianBalancer
 from lightning_mtl.gradients import GradientMode, TaskJacobian, global_gramian
 from lightning_mtl.step import StepContext
 from lightning_mtl.updates.base import BalancingPath
@@ -60,10 +61,10 @@ class GradientPath(BalancingPath):
             return self._nonfinite(jacobian, losses, present, context, total, diagonal)
         if self.balancer.needs == "gramian":
             nonzero = [g > 0 for g in diagonal]
-            if type(self.balancer).weights is GramianBalancer.weights:  # the entries read above: none read again
+            if _takes_entries(type(self.balancer)):  # the entries read above: none read again
                 entries = values[: num_tasks * num_tasks]
-                weights = self.balancer.weights(gramian, losses.detach(), present, nonzero=nonzero, entries=entries)
-            else:  # a method with its own weights() (GradNorm, a user's), called as before 2026-12-02
+                weights = self.balancer.weights(gramian, losses, present, nonzero=nonzero, entries=entries)
+            else:  # a user's method with its own weights() of the signature before 2026-12-02
                 weights = self.balancer.weights(gramian, losses.detach(), present, nonzero=nonzero)
             context.record.weights = weights
             return jacobian.combine(weights), weights
@@ -104,6 +105,13 @@ class GradientPath(BalancingPath):
             present = losses > 0
         factors = torch.where(present, 1.0 / (losses + self.balancer.log_eps), 0.0)
         return [c * factors.view(-1, *([1] * (c.ndim - 1))).to(c.dtype) for c in cotangents]
+
+
+@functools.cache
+def _takes_entries(balancer_class: type) -> bool:
+    """Whether the class's ``weights`` takes ``entries`` (``GramianBalancer``'s and GradNorm's do; a user's own
+    ``weights`` written before the argument existed may not)."""
+    return "entries" in inspect.signature(balancer_class.weights).parameters
 
 
 def _in_global_columns(flat: Tensor, context: StepContext) -> tuple[Tensor, slice]:

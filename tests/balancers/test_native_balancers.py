@@ -90,8 +90,8 @@ def test_gradnorm_averages_a_task_loss_over_the_processes_that_have_it():
 
 
 def test_gradnorm_weights_with_and_without_nonzero_are_identical():
-    """The module passes ``nonzero`` (the diagonal it read on the host); GradNorm masks on the device
-    and gives the same numbers, bit for bit, over steps with an absent task and across a state load."""
+    """The module passes ``nonzero`` (the diagonal it read on the host) and ``entries`` (all of it); GradNorm
+    gives the same numbers, bit for bit, over steps with an absent task and across a state load."""
     generator = torch.Generator().manual_seed(0)
     without, with_nonzero = GradNorm(alpha=1.5, lr=0.1), GradNorm(alpha=1.5, lr=0.1)
     for balancer in (without, with_nonzero):
@@ -105,7 +105,11 @@ def test_gradnorm_weights_with_and_without_nonzero_are_identical():
         if step == 8:  # a resumed run: the state comes from a checkpoint
             with_nonzero.load_state_dict(with_nonzero.state_dict())
         expected = without.weights(G @ G.T, losses)
-        got = with_nonzero.weights(G @ G.T, losses, nonzero=[bool(row.any()) for row in G])
+        nonzero = [bool(row.any()) for row in G]
+        if step % 2:  # the module also passes the entries it has read
+            got = with_nonzero.weights(G @ G.T, losses, nonzero=nonzero, entries=(G @ G.T).reshape(-1).tolist())
+        else:
+            got = with_nonzero.weights(G @ G.T, losses, nonzero=nonzero)
         torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=f"step {step}")
         torch.testing.assert_close(with_nonzero.task_weights_, without.task_weights_, rtol=0, atol=0)
 
