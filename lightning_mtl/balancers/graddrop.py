@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar, Optional
 
 import numpy as np
@@ -16,16 +15,59 @@ from lightning_mtl.balancers.base import GradientBalancer, check_gradient_matrix
 DRAW_BITS = 16
 
 
-def stream_integers(stream: np.random.SFC64, count: int) -> Tensor:
-    """The next ``count`` int16 integers ``q`` of ``stream``, uniform on ``[−2**15, 2**15)``: ``V = (q + ½) · 2**-15``
-    is a draw of ``1 − 2U`` for ``U`` uniform on the ``2**16`` odd multiples of ``2**-17`` in ``(0, 1)``. ``V`` lies
-    strictly inside ``(−1, 1)``, is never 0, and is exact in float32 and float64.
+#: Words of the stream drawn at once (1 MiB, 524k draws): a narrow matrix (representation mode) reads many calls' draws
+#: from one block, and NumPy's call, 0.05–0.07 ms with the cold caches of a training step, is paid once for them all.
+BLOCK_WORDS = 1 << 17
 
-    The integers are the 16-bit quarters of NumPy's ``SFC64`` raw stream (which NumPy keeps stable across versions;
-    the lowest quarter of each 64-bit word first); a call reads ``⌈count / 4⌉`` words. 0.2 ms for 525k draws, where
-    ``torch.rand``'s Mersenne Twister takes 1.2 ms, a fifth of a W-MLP step (``benchmarks/RESULTS.md``).
+
+class BlockStream:
+    """NumPy's ``SFC64`` raw stream read in blocks: :meth:`integers` returns the next draws of the current block, or of
+    a new block of ``max(BLOCK_WORDS, needed)`` words when fewer are left (the rest of the old one is skipped).
+
+    Each int16 integer ``q``, uniform on ``[−2**15, 2**15)``, gives ``V = (q + ½) · 2**-15``, a draw of ``1 − 2U`` for
+    ``U`` uniform on the ``2**16`` odd multiples of ``2**-17`` in ``(0, 1)``: strictly inside ``(−1, 1)``, never 0,
+    exact in float32 and float64. The integers are the 16-bit quarters of the raw words (which NumPy keeps stable
+    across versions; the lowest quarter of each 64-bit word first); a call of ``count`` draws takes ``⌈count / 4⌉``
+    words. 0.2 ms for 525k draws, where ``torch.rand``'s Mersenne Twister takes 1.2 ms (``benchmarks/RESULTS.md``).
+
+    Its state (:meth:`state`, :meth:`at`) is the generator's where the current block began, the block's size and
+    how much of it is read: a loaded stream redraws the block and continues exactly.
     """
-    return torch.from_numpy(stream.random_raw((count + 3) // 4).view(np.int16)[:count])
+
+    def __init__(self, seed: int) -> None:
+        self.generator = np.random.SFC64(seed)
+        self.start: list[int] = self.generator.state["state"]["state"].tolist()
+        self.block = np.empty(0, dtype=np.uint64)
+        self.read = 0
+
+    def integers(self, count: int) -> Tensor:
+        """The next ``count`` int16 draws, as a tensor sharing memory with the block (consume it before the next call)."""
+        words = (count + 3) // 4
+        if self.read + words > self.block.size:
+            self.start = self.generator.state["state"]["state"].tolist()
+            self.block, self.read = self.generator.random_raw(max(BLOCK_WORDS, words)), 0
+        taken = self.block[self.read : self.read + words]
+        self.read += words
+        return torch.from_numpy(taken.view(np.int16)[:count])
+
+    def state(self) -> dict[str, Any]:
+        """Python ints only: loads with ``torch.load(weights_only=True)``."""
+        return {"start": list(self.start), "words": int(self.block.size), "read": self.read}
+
+    @classmethod
+    def at(cls, state: dict[str, Any]) -> BlockStream:
+        """The stream of a :meth:`state`: the generator at ``start``, the block redrawn from there, ``read`` words read."""
+        stream = cls(0)
+        stream.generator.state = {
+            "bit_generator": "SFC64",
+            "state": {"state": np.array(state["start"], dtype=np.uint64)},
+            "has_uint32": 0,
+            "uinteger": 0,
+        }
+        stream.start = list(state["start"])
+        stream.block = stream.generator.random_raw(state["words"]) if state["words"] else np.empty(0, dtype=np.uint64)
+        stream.read = state["read"]
+        return stream
 
 
 def device_integers(seed: int, count: int, device: torch.device) -> Tensor:
@@ -81,7 +123,7 @@ class GradDrop(Seeded, GradientBalancer):
     small). ``torchjd.aggregation.GradDrop``, which loops over the K rows
     with a dozen operations each, is the test oracle under the same uniforms.
 
-    The uniforms (16 bits each) come, on the CPU, from the balancer's own ``SFC64`` stream (:func:`stream_integers`),
+    The uniforms (16 bits each) come, on the CPU, from the balancer's own ``SFC64`` stream read in blocks (:class:`BlockStream`),
     seeded at the first call with a seed drawn from its ``torch`` generator and read on from there by every call
     (its position is saved in the checkpoint with the generator); on CUDA, from a seed drawn from the generator at
     every call (:func:`device_integers`). Every DDP rank draws the same ones and a resumed run continues the stream.
@@ -103,7 +145,7 @@ class GradDrop(Seeded, GradientBalancer):
         self.leak = check_range("leak", leak, 0.0, 1.0)
         self._init_generator(seed)
         #: The CPU draws' stream, seeded from the generator at its first use (a new one cost 0.15 ms of a W-MLP step).
-        self.stream: Optional[np.random.SFC64] = None
+        self.stream: Optional[BlockStream] = None
 
     def forward(self, G: Tensor) -> Tensor:  # type: ignore[override]
         check_gradient_matrix(G)
@@ -125,8 +167,8 @@ class GradDrop(Seeded, GradientBalancer):
             total, magnitude = half_row_sum(G), half_row_sum(G.abs())  # S / 2, A / 2
         if G.device.type == "cpu":
             if self.stream is None:
-                self.stream = np.random.SFC64(self.draw_seed())
-            integers = stream_integers(self.stream, G.shape[1])
+                self.stream = BlockStream(self.draw_seed())
+            integers = self.stream.integers(G.shape[1])
         else:
             integers = device_integers(self.draw_seed(), G.shape[1], G.device)
         # sign(S + A·V) with V = (q + ½) · 2**-15, as (S/2 + A/2 · 2**-16) + A/2 · q · 2**-15 (the int16 q promoted in
@@ -144,22 +186,9 @@ class GradDrop(Seeded, GradientBalancer):
         self.stream = None
 
     def get_extra_state(self) -> dict[str, Any]:
-        words = None if self.stream is None else self.stream.state["state"]["state"].tolist()  # four 64-bit ints
-        return {**super().get_extra_state(), "stream": words}
+        return {**super().get_extra_state(), "stream": None if self.stream is None else self.stream.state()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
-        words = state.get("stream")  # absent from a checkpoint of a release before 2026-12-02: seeded at the next call
-        self.stream = None if words is None else sfc64_at(words)
-
-
-def sfc64_at(words: Sequence[int]) -> np.random.SFC64:
-    """An ``SFC64`` bit generator whose state is the four 64-bit ``words`` (as ``state["state"]["state"]`` gives them)."""
-    stream = np.random.SFC64()
-    stream.state = {
-        "bit_generator": "SFC64",
-        "state": {"state": np.array(words, dtype=np.uint64)},
-        "has_uint32": 0,
-        "uinteger": 0,
-    }
-    return stream
+        stream = state.get("stream")  # absent from a checkpoint of a release before 2026-12-02: seeded at the next call
+        self.stream = None if stream is None else BlockStream.at(stream)

@@ -11,7 +11,7 @@ from lightning_mtl.balancers import (
     DBMTL, MGDA, AlignedMTL, CAGrad, ConFIG, DualProj, GradDrop, GradNorm, GradVac, IMTLG, MoCo, PCGrad, UPGrad,
 )  # fmt: skip
 
-from lightning_mtl.balancers.graddrop import ROW_BY_ROW_MIN_COLUMNS, half_row_sum, stream_integers
+from lightning_mtl.balancers.graddrop import BLOCK_WORDS, ROW_BY_ROW_MIN_COLUMNS, BlockStream, half_row_sum
 
 from balancer_helpers import GRADIENT_METHODS, HAS_SOLVERS, direction
 
@@ -108,14 +108,20 @@ def _seeds(seed: int, count: int) -> list[int]:
 class _GradDropDraws:
     """The uniforms ``U = (1 − V) / 2`` that ``GradDrop(seed=seed)`` draws on the CPU, call after call, from an
     independent reading of NumPy's SFC64 raw stream, seeded with the first seed the balancer's generator gives:
-    each 64-bit word holds four 16-bit draws q (lowest quarter first), V = (q + ½) · 2**-15, and a call of width
-    ``count`` reads the next ⌈count / 4⌉ words."""
+    each 64-bit word holds four 16-bit draws q (lowest quarter first), V = (q + ½) · 2**-15; a call of width
+    ``count`` reads the next ⌈count / 4⌉ words of the current block of max(BLOCK_WORDS, that) words, or of a new
+    block when fewer are left."""
 
     def __init__(self, seed: int) -> None:
         self.stream = np.random.SFC64(_seeds(seed, 1)[0])
+        self.block, self.read = np.empty(0, dtype=np.uint64), 0
 
     def next(self, count: int, dtype: torch.dtype) -> Tensor:
-        words = self.stream.random_raw((count + 3) // 4)
+        size = (count + 3) // 4
+        if self.read + size > self.block.size:
+            self.block, self.read = self.stream.random_raw(max(BLOCK_WORDS, size)), 0
+        words = self.block[self.read : self.read + size]
+        self.read += size
         shifts = np.arange(4, dtype=np.uint64) * np.uint64(16)
         quarters = ((words[:, None] >> shifts) & np.uint64(0xFFFF)).reshape(-1)[:count].astype(np.int64)
         signed = np.where(quarters >= 2**15, quarters - 2**16, quarters)  # the 16-bit words as two's complement
@@ -342,7 +348,7 @@ def test_graddrop_keeps_one_signed_coordinates_whole(sign):
 def test_graddrop_keeps_neither_part_at_a_tie_as_torchjd():
     """A coordinate whose purity P equals its draw U exactly (constructed from the draw): the paper's and torchjd's
     masks keep neither sign there, so the coordinate gives 0 (it gave S/2)."""
-    v = (stream_integers(np.random.SFC64(_seeds(0, 1)[0]), 1).double() + 0.5) * 2.0**-15
+    v = (BlockStream(_seeds(0, 1)[0]).integers(1).double() + 0.5) * 2.0**-15
     G = torch.stack([1 - v, -(1 + v)])  # S / A = −V: P = U
     ours = GradDrop(seed=0)(G)
     assert ours.item() == 0.0
@@ -364,15 +370,23 @@ def test_graddrop_bfloat16_sums_past_float32_range_stay_finite():
     assert ours[0].abs().item() == pytest.approx(3e38, rel=1e-2) and ours[1].item() == 3.0
 
 
-def test_graddrop_draws_read_one_stream_on_and_cover_every_integer():
-    """A call of width ``count`` reads the next ⌈count / 4⌉ words of the stream (its unused quarters are skipped), so
-    draws depend on the widths of the earlier calls, which are the same on every DDP rank; the integers take all
-    2**16 values of [−2**15, 2**15), each about equally often, with mean −½ (V's mean 0)."""
-    stream, reference = np.random.SFC64(7), np.random.SFC64(7).random_raw(1 + 75_001).view(np.int16)
-    narrow, wide = stream_integers(stream, 3), stream_integers(stream, 300_001)
+def test_graddrop_draws_read_blocks_of_the_stream_and_cover_every_integer():
+    """A call of width ``count`` reads the next ⌈count / 4⌉ words of the current block (its unused quarters are
+    skipped), or a new block when fewer are left (the rest is skipped), so draws depend on the widths of the earlier
+    calls, which are the same on every DDP rank; a saved state continues exactly; the integers take all 2**16 values
+    of [−2**15, 2**15), each about equally often, with mean −½ (V's mean 0)."""
+    stream, reference = BlockStream(7), np.random.SFC64(7).random_raw(2 * BLOCK_WORDS).view(np.int16)
+    narrow, wide = stream.integers(3), stream.integers(300_001)  # 1 + 75_001 words of the first block
     assert narrow.dtype == torch.int16 and narrow.tolist() == reference[:3].tolist()
     assert wide.tolist() == reference[4 : 4 + 300_001].tolist()
-    many = stream_integers(np.random.SFC64(9), 2**16 * 40).long() + 2**15
+    saved = stream.state()
+    again = stream.integers(300_001)  # does not fit: the second block
+    assert again.tolist() == reference[4 * BLOCK_WORDS : 4 * BLOCK_WORDS + 300_001].tolist()
+    assert BlockStream.at(saved).integers(300_001).tolist() == again.tolist()
+    assert BlockStream.at(stream.state()).integers(5).tolist() == stream.integers(5).tolist()
+    wider = BlockStream(7)
+    assert wider.integers(4 * BLOCK_WORDS + 5).tolist() == np.random.SFC64(7).random_raw(BLOCK_WORDS + 2).view(np.int16)[: 4 * BLOCK_WORDS + 5].tolist()
+    many = BlockStream(9).integers(2**16 * 40).long() + 2**15
     counts = torch.bincount(many, minlength=2**16)
     assert counts.numel() == 2**16 and counts.min() > 0 and counts.max() < 40 + 8 * 40**0.5
     assert abs(wide.double().mean().item() + 0.5) < 5 * 2**15 / (3 * 300_001) ** 0.5
@@ -385,7 +399,8 @@ def test_graddrop_continues_its_stream_across_calls_and_a_checkpoint():
     ours, draws = GradDrop(seed=6), _GradDropDraws(6)
     unseeded = GradDrop(seed=6).state_dict()
     del unseeded["_extra_state"]["stream"]  # what a release before 2026-12-02 saved
-    for _ in range(3):
+    for width in (3000, 300_000, 300_000, 7):  # the third call starts a new block
+        G = _random_gradients(width, k=3, p=width)
         torch.testing.assert_close(ours(G), _torchjd_graddrop(jd.GradDrop(), G, draws))
     resumed, restarted = GradDrop(seed=99), GradDrop(seed=99)
     resumed.load_state_dict(ours.state_dict())
