@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import ClassVar, Optional
 
@@ -243,18 +244,20 @@ class GramianBalancer(Balancer):
         if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1]:
             raise ValueError(f"gramian must be a square matrix, got shape {tuple(gramian.shape)}")
         device = gramian.device
-        if gramian.shape[0] == 2 and type(self)._pair_weights is not GramianBalancer._pair_weights:
+        check_nonzero(nonzero, gramian)
+        if gramian.shape[0] == 2 and _has_closed_pair(type(self)):
             a, b, b_transposed, c = gramian.reshape(-1).tolist() if entries is None else entries
             if a > 0 and c > 0 and (nonzero is None or all(nonzero)):
                 dtype = torch.float32 if gramian.dtype in (torch.float16, torch.bfloat16) else gramian.dtype
-                pair = self._pair_weights(a, 0.5 * (b + b_transposed), c, dtype)  # a float32 G Gᵀ is symmetric to 1e-7
+                if b != b_transposed:  # a float32 product's rounding (not the CPU's row_products, which is symmetric)
+                    b = 0.5 * b + 0.5 * b_transposed
+                pair = self._pair_weights(a, b, c, dtype)
                 if pair is not None:
                     weights = torch.tensor(pair, dtype=dtype)
                     return weights if device.type == "cpu" else weights.to(device, non_blocking=True)
         gramian = at_least_float32(gramian)
         if not gramian.is_cpu:  # each torch call costs a microsecond or two: the common step makes few
             gramian = gramian.cpu()
-        check_nonzero(nonzero, gramian)
         if nonzero is None:
             diagonal = (gramian.detach() if gramian.requires_grad else gramian).numpy().diagonal()
             nonzero = [value > 0 for value in diagonal.tolist()]
@@ -286,12 +289,25 @@ class GramianBalancer(Balancer):
         Python floats, or None to use :meth:`_weights`; a subclass with a closed form overrides it. ``dtype`` is the
         Gramian's (float32 for a half-precision one), for a method whose rank decisions depend on its rounding.
 
-        Its answer must be :meth:`_weights`' (tested to 1e-12 on the same Gramians, state included). The reason is
-        cost: inside a training step every NumPy or torch call runs with cold caches after the backward's large
+        Its answer must be :meth:`_weights`' (tested to 1e-12 on the same symmetric Gramians, state included; a
+        Gramian whose off-diagonal entries differ by rounding is given their mean, where :meth:`_weights` may read
+        either, which matters only where the method is that ill-conditioned, e.g. CAGrad on nearly opposite gradients
+        of equal norm). It is used only when the class that defines it also defines, or inherits, the
+        :meth:`_weights` in use: a subclass that overrides :meth:`_weights` alone (a user's variant of MGDA) keeps its
+        own weights at K = 2 too. The reason is cost: inside a training step every NumPy or torch call runs with cold caches after the backward's large
         products (10–40 µs each where a tight loop measures 1–3), and a two-task weighting in NumPy made 5–15 of them
         (0.1–0.2 ms of a 5 ms W-MLP step); the closed form in floats makes one, the weights' tensor.
         """
         return None
+
+
+@functools.cache
+def _has_closed_pair(cls: type) -> bool:
+    """Whether ``cls`` takes :meth:`GramianBalancer._pair_weights` at K = 2: a class on its MRO defines it and is a
+    subclass of the one that defines the ``_weights`` in use (so a subclass overriding ``_weights`` alone does not)."""
+    pair_owner = next(owner for owner in cls.__mro__ if "_pair_weights" in owner.__dict__)
+    weights_owner = next(owner for owner in cls.__mro__ if "_weights" in owner.__dict__)
+    return pair_owner is not GramianBalancer and issubclass(pair_owner, weights_owner)
 
 
 class GradientBalancer(Balancer):

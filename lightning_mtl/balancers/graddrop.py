@@ -78,26 +78,34 @@ def device_integers(seed: int, count: int, device: torch.device) -> Tensor:
         return torch.randint(-(2**15), 2**15, (count,), dtype=torch.int16, device=device)
 
 
-#: From this many columns on, :func:`half_row_sum` adds the rows one by one (both threads; a matrix–vector product
+#: From this many columns on, :func:`scaled_row_sum` adds the rows one by one (both threads; a matrix–vector product
 #: runs on one): 1.4–2.5× faster for K = 2…16 at 525k columns, 1.8× slower at K = 10 and 65k (measured 2026-12-02).
 ROW_BY_ROW_MIN_COLUMNS = 1 << 18
 
 
-def half_row_sum(rows: Tensor) -> Tensor:
-    """``½ Σ_k rows[k]`` of a K × P float32/float64 matrix, with a rounding error of about ``eps · Σ_k |rows[k]|``
-    and no overflow unless the result itself overflows.
+def sum_scale(k: int) -> float:
+    """``2**-m`` for the least ``m ≥ 1`` with ``2**m ≥ K``: ``Σ_k |g_k|`` times it never overflows, and a power of two
+    scales exactly (½ for one or two rows)."""
+    return 2.0 ** -max(1, (k - 1).bit_length())
 
-    Two rows (any width) or wide matrices: the first row times ½, then ``add_`` of each further row times ½, each
-    pass on both CPU threads; the same operations on ``|rows|`` round a one-signed column exactly like its sum, so
-    ``S = ±A`` holds exactly there. Otherwise one product with a vector of halves. (Not ``lerp(a, b, ½)``, one pass
-    fewer: it forms ``b − a``, which overflows for opposite entries whose half sum is finite; found by review.)
+
+def scaled_row_sum(rows: Tensor, scale: float) -> Tensor:
+    """``scale · Σ_k rows[k]`` of a K × P float32/float64 matrix (``scale`` a power of two, at most ``1/K``: see
+    :func:`sum_scale`), with a rounding error of about ``scale · eps · Σ_k |rows[k]|`` and no overflow.
+
+    Two rows (any width) or wide matrices: the first row times ``scale``, then ``add_`` of each further row times
+    ``scale``, each pass on both CPU threads; the same operations on ``|rows|`` round a one-signed column exactly like
+    its sum, so ``S = ±A`` holds exactly there. Otherwise one product with a vector of ``scale``. (Not
+    ``lerp(a, b, ½)``, one pass fewer: it forms ``b − a``, which overflows for opposite entries whose half sum is
+    finite; found by review. Not ``½`` for more than two rows: ``½ Σ_k |g_k|`` overflowed for three entries near
+    float32's maximum, and the decision became ``inf − inf``: NaN; found by review.)
     """
     if rows.shape[0] > 2 and rows.shape[1] < ROW_BY_ROW_MIN_COLUMNS:
-        return rows.new_full((rows.shape[0],), 0.5) @ rows
-    half = rows[0] * 0.5
+        return rows.new_full((rows.shape[0],), scale) @ rows
+    total = rows[0] * scale
     for row in rows[1:]:
-        half.add_(row, alpha=0.5)
-    return half
+        total.add_(row, alpha=scale)
+    return total
 
 
 class GradDrop(Seeded, GradientBalancer):
@@ -118,8 +126,8 @@ class GradDrop(Seeded, GradientBalancer):
     the result is ``(S + A · s) / 2`` where ``s ≠ 0`` (in float32 for float16 ``G``, float64 for bfloat16, whose sums can overflow
     float32). A coordinate where every gradient is 0 gives 0, and so does a tie ``S + A · V = 0`` (``P = U``: the
     paper's and torchjd's masks keep neither sign there). ``V`` is never ±1, so a one-signed coordinate keeps its
-    sum whole, as long as ``A · V`` is a normal number: for ``A`` above ``2⁻¹⁰⁹`` ≈ 1.5e-33 in float32 (3e-303 in
-    float64); below that the product loses bits and the choice drifts from ``P`` (coordinates whose update is that
+    sum whole, as long as ``c A · V`` is a normal number (``c`` = :func:`sum_scale`, ½ up to two tasks): for ``A`` above
+    ``2⁻¹⁰⁹`` ≈ 1.5e-33 in float32 at K ≤ 2, ``2⁻¹⁰⁶`` at K ≤ 16 (3e-303 in float64); below that the product loses bits and the choice drifts from ``P`` (coordinates whose update is that
     small). ``torchjd.aggregation.GradDrop``, which loops over the K rows
     with a dozen operations each, is the test oracle under the same uniforms.
 
@@ -156,29 +164,32 @@ class GradDrop(Seeded, GradientBalancer):
             )
         if G.shape[0] == 0 or G.shape[1] == 0:
             return torch.zeros(G.shape[1], dtype=G.dtype, device=G.device)
+        scale = sum_scale(G.shape[0])  # c: total, magnitude = c S, c A
         if G.dtype in (torch.float16, torch.bfloat16):  # S ± A can overflow where each sign's sum does not
             wide = torch.float32 if G.dtype == torch.float16 else torch.float64  # bfloat16's range is float32's
-            total, magnitude = G.sum(dim=0, dtype=wide).mul_(0.5), G.abs().sum(dim=0, dtype=wide).mul_(0.5)
-        elif G.shape[0] == 2:  # half_row_sum's operations on the two rows, in fewer calls (each costs 10-40 µs in a step)
+            total, magnitude = G.sum(dim=0, dtype=wide).mul_(scale), G.abs().sum(dim=0, dtype=wide).mul_(scale)
+        elif G.shape[0] == 2:  # scaled_row_sum's operations on two rows, in fewer calls (each costs 10-40 µs in a step)
             first, second = G.unbind()
             total = first.mul(0.5).add_(second, alpha=0.5)
             magnitude = first.abs().mul_(0.5).add_(second.abs(), alpha=0.5)
         else:
-            total, magnitude = half_row_sum(G), half_row_sum(G.abs())  # S / 2, A / 2
+            total, magnitude = scaled_row_sum(G, scale), scaled_row_sum(G.abs(), scale)
         if G.device.type == "cpu":
             if self.stream is None:
                 self.stream = BlockStream(self.draw_seed())
             integers = self.stream.integers(G.shape[1])
         else:
             integers = device_integers(self.draw_seed(), G.shape[1], G.device)
-        # sign(S + A·V) with V = (q + ½) · 2**-15, as (S/2 + A/2 · 2**-16) + A/2 · q · 2**-15 (the int16 q promoted in
-        # the product): +1 keeps the positive part. Rounding aside the same number; a tie S + A·V = 0 stays exact
+        # sign(S + A·V) with V = (q + ½) · 2**-15, as (cS + cA · 2**-16) + cA · q · 2**-15 (the int16 q promoted in the
+        # product): +1 keeps the positive part. Rounding aside the same number; a tie S + A·V = 0 stays exact
         side = torch.add(total, magnitude, alpha=2.0**-DRAW_BITS).addcmul_(magnitude, integers, value=2.0 ** (1 - DRAW_BITS))
         side.sign_()
-        # side · (A/2 + side · S/2): (S + A)/2 or (S − A)/2, and 0 at a tie (side 0) and where A = 0
+        # side · (cA + side · cS) / (2c): (S + A)/2 or (S − A)/2, and 0 at a tie (side 0) and where A = 0
         kept = torch.addcmul(magnitude, total, side).mul_(side)
+        if scale != 0.5:
+            kept.mul_(0.5 / scale)  # exact: a power of two; overflows only where the kept sign's sum does
         if self.leak:
-            kept = (2.0 * self.leak) * total + (1.0 - self.leak) * kept
+            kept = (self.leak / scale) * total + (1.0 - self.leak) * kept
         return kept if kept.dtype == G.dtype else kept.to(G.dtype)
 
     def reset(self) -> None:

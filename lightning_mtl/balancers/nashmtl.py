@@ -208,7 +208,7 @@ class NashMTL(GramianBalancer):
         due = self._solver_step % self.update_weights_every == 0
         self._solver_step += 1.0
         if due or self._alpha is None or self._alpha.size != 2:  # as _weights; K = 2 needs no warm start
-            scale = math.sqrt(a * a + 2.0 * b * b + c * c)  # ‖G Gᵀ‖_F
+            scale = math.hypot(a, b, b, c)  # ‖G Gᵀ‖_F, without the squares' overflow or underflow
             first, second = nash_pair(a / scale, b / scale, c / scale)
             root = math.sqrt(scale)
             self._warm_start = np.array([first, second])

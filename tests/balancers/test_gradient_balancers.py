@@ -1,4 +1,5 @@
 import contextlib
+import math
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from lightning_mtl.balancers import (
     DBMTL, MGDA, AlignedMTL, CAGrad, ConFIG, DualProj, GradDrop, GradNorm, GradVac, IMTLG, MoCo, PCGrad, UPGrad,
 )  # fmt: skip
 
-from lightning_mtl.balancers.graddrop import BLOCK_WORDS, ROW_BY_ROW_MIN_COLUMNS, BlockStream, half_row_sum
+from lightning_mtl.balancers.graddrop import BLOCK_WORDS, ROW_BY_ROW_MIN_COLUMNS, BlockStream, scaled_row_sum, sum_scale
 
 from balancer_helpers import GRADIENT_METHODS, HAS_SOLVERS, direction
 
@@ -201,24 +202,38 @@ def test_graddrop_stays_finite_where_opposite_components_sum_past_the_range(dtyp
     """Review 2026-12-02: ``lerp`` formed ``b − a`` = ±4e38 for ±2e38 and gave inf where ½ Σ g = 0 (torchjd: ±2e38)."""
     big = torch.finfo(dtype).max / 1.5
     G = torch.tensor([[big, 1.0], [-big, 1.0]], dtype=dtype)
-    assert half_row_sum(G).tolist() == [0.0, 1.0]
+    assert scaled_row_sum(G, 0.5).tolist() == [0.0, 1.0]
     out = GradDrop(seed=0)(G)
     assert torch.isfinite(out).all() and abs(out[0].item()) == big and out[1].item() == 2.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_graddrop_over_two_rows_near_the_range_gives_the_finite_sign_not_nan(dtype):
+    """Review 2026-12-02: three components whose magnitudes sum past twice the dtype's maximum (the positive part
+    overflows, the negative one, −2.9e38, does not). ``½ Σ |g_k|`` overflowed and the decision became ``inf − inf``:
+    NaN where the negative part was drawn. Summed times ¼ (``sum_scale(3)``), the result is the drawn part: +inf or
+    the negative part exactly."""
+    big = torch.finfo(dtype).max / 3.4e38
+    G = torch.tensor([[2.7e38], [-2.9e38], [2.4e38]], dtype=torch.float64).mul(big).to(dtype)
+    outputs = [GradDrop(seed=seed)(G).item() for seed in range(16)]
+    assert all(value == math.inf or value == G[1].item() for value in outputs), outputs
+    assert G[1].item() in outputs and math.inf in outputs
+    assert [sum_scale(k) for k in (1, 2, 3, 4, 5, 16, 17)] == [0.5, 0.5, 0.25, 0.25, 0.125, 0.0625, 0.03125]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k", [1, 2, 3, 7])
 @pytest.mark.parametrize("width", [1000, ROW_BY_ROW_MIN_COLUMNS])
-def test_half_row_sum_is_half_the_sum_and_exact_on_one_signed_columns(k, width, dtype):
+def test_scaled_row_sum_halves_the_sum_and_is_exact_on_one_signed_columns(k, width, dtype):
     """½ Σ_k g_k to about eps · Σ_k |g_k| on both paths (one product, or row by row), and on one-signed columns the
     half sum of the gradients is exactly ± the half sum of their magnitudes (so S = ±A exactly there)."""
     G = torch.randn(k, width, generator=torch.Generator().manual_seed(k), dtype=dtype)
     exact = G.double().sum(dim=0) / 2
     bound = 4 * k * torch.finfo(dtype).eps * G.double().abs().sum(dim=0)
-    assert ((half_row_sum(G).double() - exact).abs() <= bound).all()
+    assert ((scaled_row_sum(G, 0.5).double() - exact).abs() <= bound).all()
     for sign in (1.0, -1.0):
         one_signed = sign * G.abs()
-        assert torch.equal(half_row_sum(one_signed), sign * half_row_sum(one_signed.abs()))
+        assert torch.equal(scaled_row_sum(one_signed, 0.5), sign * scaled_row_sum(one_signed.abs(), 0.5))
 
 
 @pytest.mark.parametrize("cls", [cls for cls in GRADIENT_METHODS if cls.needs == "gramian"])

@@ -13,6 +13,8 @@ those functions, altered, fails them).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -158,3 +160,41 @@ def test_entries_given_by_the_caller_are_used_without_reading_the_gramian():
     one_task = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
     assert MGDA().weights(one_task).tolist() == [1.0, 0.0]
     assert MGDA().weights(gramian, nonzero=[True, False]).tolist() == [1.0, 0.0]
+
+
+def test_a_subclass_that_overrides_weights_alone_keeps_its_weights_at_two_tasks():
+    """Review 2026-12-02: a user's MGDA with a floor in ``_weights`` lost it at K = 2 (the inherited closed form ran)."""
+
+    class FlooredMGDA(MGDA):
+        def _weights(self, gramian, present):
+            return super()._weights(gramian, present).clamp(min=0.4)
+
+    gramian = torch.diag(torch.tensor([1.0, 100.0], dtype=torch.float64))
+    assert FlooredMGDA().weights(gramian).tolist() == [0.9900990099009901, 0.4]
+
+
+@pytest.mark.parametrize("name", list(PAIRED))
+def test_a_nonzero_of_the_wrong_length_is_refused_at_two_tasks(name):
+    gramian = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    for nonzero in ([True], [True, True, True], []):
+        with pytest.raises(ValueError, match=f"nonzero has {len(nonzero)} entries for a 2 x 2 gramian"):
+            PAIRED[name]().weights(gramian, nonzero=nonzero)
+
+
+def test_off_diagonal_entries_that_differ_by_rounding_are_given_their_mean():
+    """A float32 product may round ``g_1·g_2`` and ``g_2·g_1`` apart: the closed form takes their mean (not one of
+    them), and an exactly symmetric pair as it is, even near float64's maximum (where the mean of the sum overflowed)."""
+    entries = [2.0, -0.5000001, -0.4999999, 1.0]
+    expected = MGDA()._pair_weights(2.0, -0.5, 1.0, torch.float64)
+    torch.testing.assert_close(MGDA().weights(torch.eye(2, dtype=torch.float64), entries=entries), torch.tensor(expected, dtype=torch.float64))
+    huge = 1.7e308
+    assert PCGrad().weights(torch.tensor([[huge, -huge], [-huge, huge]], dtype=torch.float64)).tolist() == [2.0, 2.0]
+
+
+def test_nashmtl_closed_form_scales_without_under_or_overflow():
+    """Review 2026-12-02: ``√(a² + 2b² + c²)`` underflowed to 0 for entries around 1e-170 (division by zero)."""
+    for scale in (1e-170, 1e150):
+        gramian = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64) * scale
+        weights = NashMTL(max_norm=0.0).weights(gramian)
+        direction = weights @ gramian @ weights  # ‖Gᵀα‖² = K at the solution
+        assert math.isclose(float(direction), 2.0, rel_tol=1e-12)
