@@ -220,7 +220,7 @@ class TaskJacobian:
         """``Jᵀ w``, block by block, as pieces shaped like the inputs."""
         pieces: list[Tensor] = []
         for block, group in zip(self.blocks, self.groups):
-            flat = weights.to(block.dtype) @ block
+            flat = (weights if weights.dtype == block.dtype else weights.to(block.dtype)) @ block
             if len(group) == 1:
                 pieces.append(flat.view(group[0].shape))
             else:

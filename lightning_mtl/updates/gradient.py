@@ -52,7 +52,7 @@ class GradientPath(BalancingPath):
         # One host read of the K x K Gramian (and, in one process, the loss) gives the finiteness verdict
         # (the same on every rank: the Gramian is global) and the tasks with a nonzero gradient.
         if total is None or gramian.is_cpu:  # on the CPU two reads cost less than joining them
-            values = gramian.reshape(-1).tolist() + ([] if total is None else [total.item()])
+            values = [value for row in gramian.tolist() for value in row] + ([] if total is None else [total.item()])
         else:  # on an accelerator one read (one sync) of the Gramian and the loss together
             values = torch.cat([gramian.reshape(-1), total.detach().reshape(1).to(gramian.dtype)]).tolist()
         num_tasks = gramian.shape[0]

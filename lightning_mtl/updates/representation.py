@@ -57,4 +57,4 @@ class RepresentationPath(GradientPath):
             context.skip_optimizer_step()
             return [torch.zeros_like(stack[0]) for stack in stacks]
         directions, _ = balanced
-        return [d.to(stack.dtype) for d, stack in zip(directions, stacks)]
+        return [d if d.dtype == stack.dtype else d.to(stack.dtype) for d, stack in zip(directions, stacks)]
