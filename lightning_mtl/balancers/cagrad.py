@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._qp import cagrad_dual, cagrad_pair, host_gramian
+from lightning_mtl.balancers._cagrad_dual import cagrad_dual, cagrad_pair
+from lightning_mtl.balancers._qp import host_gramian
 from lightning_mtl.balancers._utils import check_range
 from lightning_mtl.balancers.base import GramianBalancer
 
@@ -22,7 +23,7 @@ class CAGrad(GramianBalancer):
     ``min_{w ∈ Δ} G_wᵀ g₀ + c ‖g₀‖ ‖G_w‖`` on the Gramian; as a weighting, ``1/K + (c‖g₀‖ / ‖G_w‖) w``.
 
     The dual is solved exactly in float64 on the host, without cvxpy
-    (:func:`~lightning_mtl.balancers._qp.cagrad_dual`: the solution path of a parametric QP followed from
+    (:func:`~lightning_mtl.balancers._cagrad_dual.cagrad_dual`: the solution path of a parametric QP followed from
     MGDA's point, with the last piece solved in closed form). The weights equal those of
     ``torchjd.aggregation.CAGradWeighting`` (cvxpy's CLARABEL) to that solver's precision, and do not depend
     on the gradients' scale: the Gramian is divided by its trace.

@@ -24,7 +24,8 @@ import torchjd.aggregation as jd
 from torchjd.linalg import QuadprogProjector
 
 from lightning_mtl.balancers import MGDA, CAGrad, DualProj, UPGrad
-from lightning_mtl.balancers._qp import cagrad_dual, host_gramian, min_norm_point, project_dual_cone
+from lightning_mtl.balancers._cagrad_dual import cagrad_dual
+from lightning_mtl.balancers._qp import host_gramian, min_norm_point, project_dual_cone
 
 HAS_CVXPY = importlib.util.find_spec("cvxpy") is not None
 
