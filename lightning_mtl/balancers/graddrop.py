@@ -84,9 +84,10 @@ ROW_BY_ROW_MIN_COLUMNS = 1 << 18
 
 
 def sum_scale(k: int) -> float:
-    """``2**-m`` for the least ``m ≥ 1`` with ``2**m ≥ K``: ``Σ_k |g_k|`` times it never overflows, and a power of two
-    scales exactly (½ for one or two rows)."""
-    return 2.0 ** -max(1, (k - 1).bit_length())
+    """``c``, the factor GradDrop's sums are taken with: ½ up to two rows, else ``2**-m`` for the least ``m`` with
+    ``2**m ≥ 2K``, so that ``c Σ_k |g_k|`` and every quantity formed from it (up to ``2 c Σ_k |g_k|``) stay below the
+    dtype's maximum (at K ≤ 2 what can overflow is the result itself). A power of two scales exactly."""
+    return 0.5 if k <= 2 else 2.0 ** -(2 * k - 1).bit_length()
 
 
 def scaled_row_sum(rows: Tensor, scale: float) -> Tensor:
@@ -127,7 +128,7 @@ class GradDrop(Seeded, GradientBalancer):
     float32). A coordinate where every gradient is 0 gives 0, and so does a tie ``S + A · V = 0`` (``P = U``: the
     paper's and torchjd's masks keep neither sign there). ``V`` is never ±1, so a one-signed coordinate keeps its
     sum whole, as long as ``c A · V`` is a normal number (``c`` = :func:`sum_scale`, ½ up to two tasks): for ``A`` above
-    ``2⁻¹⁰⁹`` ≈ 1.5e-33 in float32 at K ≤ 2, ``2⁻¹⁰⁶`` at K ≤ 16 (3e-303 in float64); below that the product loses bits and the choice drifts from ``P`` (coordinates whose update is that
+    ``2⁻¹⁰⁹`` ≈ 1.5e-33 in float32 at K ≤ 2, ``2⁻¹⁰⁷`` at K ≤ 4, ``2⁻¹⁰⁵`` ≈ 2.5e-32 at K ≤ 16 (3e-303 in float64); below that the product loses bits and the choice drifts from ``P`` (coordinates whose update is that
     small). ``torchjd.aggregation.GradDrop``, which loops over the K rows
     with a dozen operations each, is the test oracle under the same uniforms.
 
@@ -184,12 +185,14 @@ class GradDrop(Seeded, GradientBalancer):
         # product): +1 keeps the positive part. Rounding aside the same number; a tie S + A·V = 0 stays exact
         side = torch.add(total, magnitude, alpha=2.0**-DRAW_BITS).addcmul_(magnitude, integers, value=2.0 ** (1 - DRAW_BITS))
         side.sign_()
-        # side · (cA + side · cS) / (2c): (S + A)/2 or (S − A)/2, and 0 at a tie (side 0) and where A = 0
+        # 2c × the kept part: side · (cA + side · cS), 2c (S + A)/2 or 2c (S − A)/2, and 0 at a tie (side 0) and where A = 0
         kept = torch.addcmul(magnitude, total, side).mul_(side)
+        if self.leak == 1.0:  # the plain sum, 2c S (not 0 · kept: NaN where kept overflowed, at K ≤ 2)
+            kept = total * 2.0
+        elif self.leak:  # 2c (ℓ S + (1 − ℓ) kept part), in the scaled domain: no inf − inf
+            kept = (1.0 - self.leak) * kept + (2.0 * self.leak) * total
         if scale != 0.5:
-            kept.mul_(0.5 / scale)  # exact: a power of two; overflows only where the kept sign's sum does
-        if self.leak:
-            kept = (self.leak / scale) * total + (1.0 - self.leak) * kept
+            kept.mul_(0.5 / scale)  # exact: a power of two; overflows only where the result does
         return kept if kept.dtype == G.dtype else kept.to(G.dtype)
 
     def reset(self) -> None:

@@ -211,14 +211,29 @@ def test_graddrop_stays_finite_where_opposite_components_sum_past_the_range(dtyp
 def test_graddrop_over_two_rows_near_the_range_gives_the_finite_sign_not_nan(dtype):
     """Review 2026-12-02: three components whose magnitudes sum past twice the dtype's maximum (the positive part
     overflows, the negative one, −2.9e38, does not). ``½ Σ |g_k|`` overflowed and the decision became ``inf − inf``:
-    NaN where the negative part was drawn. Summed times ¼ (``sum_scale(3)``), the result is the drawn part: +inf or
+    NaN where the negative part was drawn. Summed times ⅛ (``sum_scale(3)``), the result is the drawn part: +inf or
     the negative part exactly."""
     big = torch.finfo(dtype).max / 3.4e38
     G = torch.tensor([[2.7e38], [-2.9e38], [2.4e38]], dtype=torch.float64).mul(big).to(dtype)
     outputs = [GradDrop(seed=seed)(G).item() for seed in range(16)]
     assert all(value == math.inf or value == G[1].item() for value in outputs), outputs
     assert G[1].item() in outputs and math.inf in outputs
-    assert [sum_scale(k) for k in (1, 2, 3, 4, 5, 16, 17)] == [0.5, 0.5, 0.25, 0.25, 0.125, 0.0625, 0.03125]
+    assert [sum_scale(k) for k in (1, 2, 3, 4, 5, 16, 17)] == [0.5, 0.5, 0.125, 0.125, 0.0625, 0.03125, 0.015625]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_graddrop_leak_near_the_range_gives_no_nan(dtype):
+    """Review 2026-12-02: ``leak = 1`` computed ``0 · inf`` where the kept part overflowed, and ``0 < leak < 1`` could
+    meet ``ℓ S`` and the kept part as ``inf − inf``. Now ``leak = 1`` is the plain sum (exact where it is finite:
+    ``m + m − m = m``, where torchjd's row loop overflows), and a leak is mixed in on the sums' scale: with
+    ``[m, m, −m, −m, −m, −m]`` and ``ℓ = ¾`` the result is ``¾ S + ¼ P = −m`` or ``¾ S + ¼ N = −2.5 m`` (−inf)."""
+    m = torch.finfo(dtype).max * 0.9
+    assert GradDrop(leak=1.0, seed=0)(torch.tensor([[m], [m], [-m]], dtype=dtype)).item() == pytest.approx(m, rel=1e-6)
+    assert GradDrop(leak=1.0, seed=0)(torch.tensor([[m], [m / 2]], dtype=dtype)).item() == math.inf
+    G = torch.tensor([[m], [m], [-m], [-m], [-m], [-m]], dtype=dtype)
+    outputs = [GradDrop(leak=0.75, seed=seed)(G).item() for seed in range(12)]
+    assert all(value == -math.inf or value == pytest.approx(-m, rel=1e-6) for value in outputs), outputs
+    assert -math.inf in outputs and any(math.isfinite(value) for value in outputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
