@@ -294,9 +294,10 @@ class GramianBalancer(Balancer):
         either, which matters only where the method is that ill-conditioned, e.g. CAGrad on nearly opposite gradients
         of equal norm). It is used only when the class that defines it also defines, or inherits, the
         :meth:`_weights` in use: a subclass that overrides :meth:`_weights` alone (a user's variant of MGDA) keeps its
-        own weights at K = 2 too. The reason is cost: inside a training step every NumPy or torch call runs with cold caches after the backward's large
-        products (10–40 µs each where a tight loop measures 1–3), and a two-task weighting in NumPy made 5–15 of them
-        (0.1–0.2 ms of a 5 ms W-MLP step); the closed form in floats makes one, the weights' tensor.
+        own weights at K = 2 too. The reason is cost: inside a training step every NumPy or torch call runs with cold
+        caches after the backward's large products (10–40 µs each where a tight loop measures 1–3), and a two-task
+        weighting in NumPy made 5–15 of them (0.1–0.2 ms of a 5 ms W-MLP step); the closed form in floats makes one,
+        the weights' tensor.
         """
         return None
 

@@ -127,14 +127,15 @@ class GradDrop(Seeded, GradientBalancer):
     the result is ``(S + A · s) / 2`` where ``s ≠ 0`` (in float32 for float16 ``G``, float64 for bfloat16, whose sums can overflow
     float32). A coordinate where every gradient is 0 gives 0, and so does a tie ``S + A · V = 0`` (``P = U``: the
     paper's and torchjd's masks keep neither sign there). ``V`` is never ±1, so a one-signed coordinate keeps its
-    sum whole, as long as ``c A · V`` is a normal number (``c`` = :func:`sum_scale`, ½ up to two tasks): for ``A`` above
-    ``2⁻¹⁰⁹`` ≈ 1.5e-33 in float32 at K ≤ 2, ``2⁻¹⁰⁷`` at K ≤ 4, ``2⁻¹⁰⁵`` ≈ 2.5e-32 at K ≤ 16 (3e-303 in float64); below that the product loses bits and the choice drifts from ``P`` (coordinates whose update is that
-    small). ``torchjd.aggregation.GradDrop``, which loops over the K rows
-    with a dozen operations each, is the test oracle under the same uniforms.
+    sum whole, as long as ``c A · V`` is a normal number (``c`` = :func:`sum_scale`, ½ up to two tasks): for ``A``
+    above ``2⁻¹⁰⁹`` ≈ 1.5e-33 in float32 at K ≤ 2, ``2⁻¹⁰⁷`` at K ≤ 4, ``2⁻¹⁰⁵`` ≈ 2.5e-32 at K ≤ 16 (3e-303 in
+    float64); below that the product loses bits and the choice drifts from ``P`` (coordinates whose update is that
+    small). ``torchjd.aggregation.GradDrop``, which loops over the K rows with a dozen operations each, is the test
+    oracle under the same uniforms.
 
-    The uniforms (16 bits each) come, on the CPU, from the balancer's own ``SFC64`` stream read in blocks (:class:`BlockStream`),
-    seeded at the first call with a seed drawn from its ``torch`` generator and read on from there by every call
-    (its position is saved in the checkpoint with the generator); on CUDA, from a seed drawn from the generator at
+    The uniforms (16 bits each) come, on the CPU, from the balancer's own ``SFC64`` stream read in blocks
+    (:class:`BlockStream`), seeded at the first call with a seed drawn from its ``torch`` generator and read on from
+    there by every call (its position is saved in the checkpoint with the generator); on CUDA, from a seed drawn from the generator at
     every call (:func:`device_integers`). Every DDP rank draws the same ones and a resumed run continues the stream.
     ``U`` takes ``2**16`` values, so a coordinate keeps its positive part with probability ``P`` rounded to the
     nearest multiple of ``2**-16``: within ``2**-17`` ≈ 7.6e-6 of ``P``. Until 2026-12-02 the uniforms were
