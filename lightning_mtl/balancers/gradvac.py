@@ -100,7 +100,7 @@ class GradVac(Seeded, GramianBalancer):
     0, and the correction stopped once ``‖g‖ ≲ 1e-4``.) ``eps`` keeps the divisions finite where a
     modified gradient vanishes (an exactly opposite pair) or a target reaches 1.
 
-    Each call with three or more tasks draws one seed from the balancer's own generator, from which the visiting orders come
+    Each call draws one seed from the balancer's own generator (deferred at K = 2), from which the visiting orders come
     (:meth:`~lightning_mtl.balancers._utils.Seeded.draw_orders`): the same on every DDP rank,
     continued by a resumed run.
 
@@ -134,7 +134,8 @@ class GradVac(Seeded, GramianBalancer):
     def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> tuple[float, float]:
         if self.targets is None or self.targets.shape[0] != 2:
             self.targets = torch.zeros(2, 2, dtype=torch.float64)
-        return gradvac_pair(a, b, c, self.targets.numpy(), self.beta, self.eps)  # two tasks: one order, no draw
+        self.skip_draw()  # two tasks have one visiting order: draw_orders' seed, deferred
+        return gradvac_pair(a, b, c, self.targets.numpy(), self.beta, self.eps)
 
     def reset(self) -> None:
         super().reset()

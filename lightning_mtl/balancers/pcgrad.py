@@ -57,7 +57,7 @@ class PCGrad(Seeded, GramianBalancer):
     float64 on the host, exact up to rounding. The weights do not depend on the gradients' scale
     (each projection coefficient is a ratio of Gramian entries).
 
-    Each call with three or more tasks draws one seed from the balancer's own generator (see
+    Each call draws one seed from the balancer's own generator (deferred at K = 2, where it is not needed; see
     :class:`~lightning_mtl.balancers._utils.Seeded`); the K visiting orders come from it
     (:meth:`~lightning_mtl.balancers._utils.Seeded.draw_orders`), so every DDP rank visits in the same
     order, a resumed run continues the same sequence of orders, and the global RNG is not touched.
@@ -75,4 +75,5 @@ class PCGrad(Seeded, GramianBalancer):
         return torch.from_numpy(pcgrad_weights(host_float64(gramian), orders))
 
     def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> tuple[float, float]:
-        return pcgrad_pair(a, b, c)  # two tasks have one visiting order: nothing is drawn
+        self.skip_draw()  # two tasks have one visiting order: draw_orders' seed, deferred
+        return pcgrad_pair(a, b, c)
