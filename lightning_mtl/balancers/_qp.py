@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["host_gramian", "min_norm_pair", "min_norm_point", "project_dual_cone", "project_pair"]
+__all__ = ["host_gramian", "min_norm_pair", "min_norm_point", "project_dual_cone", "project_pair", "trace_normalised"]
 
 #: The rounding unit of the float64 arithmetic the solvers run in.
 EPS = float(np.finfo(np.float64).eps)
@@ -48,6 +48,12 @@ def host_gramian(gramian: Tensor) -> tuple[np.ndarray, float]:
     indefinite at that level)."""
     array = gramian.detach().numpy().astype(np.float64)
     return array / array.trace(), float(torch.finfo(gramian.dtype).eps)
+
+
+def trace_normalised(a: float, b: float, c: float) -> tuple[float, float, float]:
+    """:func:`host_gramian`'s division for two tasks: the Gramian ``[[a, b], [b, c]]`` divided by its trace."""
+    trace = a + c
+    return a / trace, b / trace, c / trace
 
 
 def _tolerance(norms: np.ndarray, V: np.ndarray, size: np.ndarray) -> np.ndarray:

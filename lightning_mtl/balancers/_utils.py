@@ -18,6 +18,11 @@ def at_least_float32(tensor: Tensor) -> Tensor:
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
+def at_least_float32_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype :func:`at_least_float32` gives a tensor of ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def check_seed(seed: int) -> int:
     """``seed`` as an ``int``; ``ValueError`` unless it is an integer (not a bool; NumPy's are accepted) in
     ``[0, 2**64)``, the seeds ``torch.Generator.manual_seed`` takes."""

@@ -9,7 +9,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_mtl.balancers._utils import all_present, all_true, at_least_float32, scalarize
+from lightning_mtl.balancers._utils import all_present, all_true, at_least_float32, at_least_float32_dtype, scalarize
 from lightning_mtl.gradients import row_products
 
 
@@ -248,7 +248,7 @@ class GramianBalancer(Balancer):
         if gramian.shape[0] == 2 and _has_closed_pair(type(self)):
             a, b, b_transposed, c = gramian.reshape(-1).tolist() if entries is None else entries
             if a > 0 and c > 0 and (nonzero is None or all(nonzero)):
-                dtype = torch.float32 if gramian.dtype in (torch.float16, torch.bfloat16) else gramian.dtype
+                dtype = at_least_float32_dtype(gramian.dtype)
                 if b != b_transposed:  # a float32 product's rounding (not the CPU's row_products, which is symmetric)
                     b = 0.5 * b + 0.5 * b_transposed
                 pair = self._pair_weights(a, b, c, dtype)

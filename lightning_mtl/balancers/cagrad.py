@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_mtl.balancers._cagrad_dual import cagrad_dual, cagrad_pair
-from lightning_mtl.balancers._qp import host_gramian
+from lightning_mtl.balancers._qp import host_gramian, trace_normalised
 from lightning_mtl.balancers._utils import check_range
 from lightning_mtl.balancers.base import GramianBalancer
 
@@ -54,8 +54,7 @@ class CAGrad(GramianBalancer):
         return torch.from_numpy(a + w / s)
 
     def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> tuple[float, float]:
-        trace = a + c
-        a, b, c = a / trace, b / trace, c / trace
+        a, b, c = trace_normalised(a, b, c)
         q_first, q_second = 0.5 * (a + b), 0.5 * (b + c)  # Q (½, ½)
         phi = self.c * math.sqrt(max(0.5 * (q_first + q_second), 0.0))
         if phi == 0.0:  # the vertex argmin q (the first at a tie), kept unless its gradient is (nearly) zero

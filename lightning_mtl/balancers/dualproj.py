@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._qp import host_gramian, project_dual_cone, project_pair
+from lightning_mtl.balancers._qp import host_gramian, project_dual_cone, project_pair, trace_normalised
 from lightning_mtl.balancers.base import GramianBalancer
 
 
@@ -32,5 +32,4 @@ class DualProj(GramianBalancer):
         return torch.from_numpy(project_dual_cone(Q, np.full((1, K), 1.0 / K), precision)[0])
 
     def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> tuple[float, float]:
-        trace = a + c
-        return project_pair(a / trace, b / trace, c / trace, 0.5, 0.5)
+        return project_pair(*trace_normalised(a, b, c), 0.5, 0.5)

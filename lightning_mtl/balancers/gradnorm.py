@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._utils import _adam, at_least_float32, check_range, loaded_copy
+from lightning_mtl.balancers._utils import _adam, at_least_float32, at_least_float32_dtype, check_range, loaded_copy
 from lightning_mtl.balancers.base import GramianBalancer, check_nonzero
 
 
@@ -142,7 +142,7 @@ class GradNorm(GramianBalancer):
             )
         check_nonzero(nonzero, gramian)
         k = gramian.shape[0]
-        dtype = torch.float32 if gramian.dtype in (torch.float16, torch.bfloat16) else gramian.dtype
+        dtype = at_least_float32_dtype(gramian.dtype)
         if entries is None:
             squared = at_least_float32(gramian.detach()).diagonal().tolist()
         else:

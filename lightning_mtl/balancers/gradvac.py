@@ -134,7 +134,7 @@ class GradVac(Seeded, GramianBalancer):
     def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> tuple[float, float]:
         if self.targets is None or self.targets.shape[0] != 2:
             self.targets = torch.zeros(2, 2, dtype=torch.float64)
-        self.skip_draw()  # two tasks have one visiting order: draw_orders' seed, deferred
+        self.draw_orders(2)  # None: two tasks have one visiting order; its seed is deferred as on the general path
         return gradvac_pair(a, b, c, self.targets.numpy(), self.beta, self.eps)
 
     def reset(self) -> None:

@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._qp import host_gramian, min_norm_pair, min_norm_point
+from lightning_mtl.balancers._qp import host_gramian, min_norm_pair, min_norm_point, trace_normalised
 from lightning_mtl.balancers._utils import check_range
 from lightning_mtl.balancers.base import GramianBalancer
 
@@ -65,5 +65,4 @@ class MGDA(GramianBalancer):
         return torch.from_numpy(weights)
 
     def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> tuple[float, float]:
-        trace = a + c
-        return min_norm_pair(a / trace, b / trace, c / trace)
+        return min_norm_pair(*trace_normalised(a, b, c))

@@ -197,17 +197,19 @@ class NashMTL(GramianBalancer):
         k = matrix.shape[0]
         if k != present.numel():  # some tasks absent: solved alone, the state left as it is
             return self._clip(matrix, self._solve(matrix, None)[0])
-        due = self._solver_step % self.update_weights_every == 0
-        self._solver_step += 1.0
-        if due or self._alpha is None or self._alpha.size != k:
+        if self._solve_due(k):
             start = self._warm_start if self._warm_start is not None and self._warm_start.size == k else None
             self._alpha, self._warm_start = self._solve(matrix, start)
         return self._clip(matrix, self._alpha)
 
-    def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> tuple[float, float]:
+    def _solve_due(self, k: int) -> bool:
+        """Whether this call (counted) solves for K tasks: every ``update_weights_every`` calls, or without weights for K."""
         due = self._solver_step % self.update_weights_every == 0
         self._solver_step += 1.0
-        if due or self._alpha is None or self._alpha.size != 2:  # as _weights; K = 2 needs no warm start
+        return due or self._alpha is None or self._alpha.size != k
+
+    def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> tuple[float, float]:
+        if self._solve_due(2):  # K = 2 needs no warm start
             scale = math.hypot(a, b, b, c)  # ‖G Gᵀ‖_F, without the squares' overflow or underflow
             first, second = nash_pair(a / scale, b / scale, c / scale)
             root = math.sqrt(scale)

@@ -75,5 +75,5 @@ class PCGrad(Seeded, GramianBalancer):
         return torch.from_numpy(pcgrad_weights(host_float64(gramian), orders))
 
     def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> tuple[float, float]:
-        self.skip_draw()  # two tasks have one visiting order: draw_orders' seed, deferred
+        self.draw_orders(2)  # None: two tasks have one visiting order; its seed is deferred as on the general path
         return pcgrad_pair(a, b, c)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_mtl.balancers._qp import trace_normalised
 from lightning_mtl.balancers._utils import Seeded, check_range, loaded_copy
 from lightning_mtl.balancers.base import GramianBalancer
 
@@ -183,8 +184,8 @@ class SDMGrad(Seeded, GramianBalancer):
     def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> Optional[tuple[float, float]]:
         if self.num_sampled is not None and self.num_sampled < 2:  # SDMGrad-OS draws: the general path
             return None
-        trace, pull, lr = a + c, self.lam / 2, self.lr
-        a, b, c = a / trace, b / trace, c / trace
+        pull, lr = self.lam / 2, self.lr
+        a, b, c = trace_normalised(a, b, c)
         w1, w2 = self._simplex_state(2).tolist()
         mass = w1 + w2
         w1, w2 = (w1 / mass, w2 / mass) if mass > 0 else (0.5, 0.5)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_mtl.balancers._qp import host_gramian, project_dual_cone, project_pair
+from lightning_mtl.balancers._qp import host_gramian, project_dual_cone, project_pair, trace_normalised
 from lightning_mtl.balancers.base import GramianBalancer
 
 
@@ -35,7 +35,6 @@ class UPGrad(GramianBalancer):
         return torch.from_numpy(W.sum(axis=0) / K)
 
     def _pair_weights(self, a: float, b: float, c: float, dtype: torch.dtype) -> tuple[float, float]:
-        trace = a + c
-        a, b, c = a / trace, b / trace, c / trace
+        a, b, c = trace_normalised(a, b, c)
         (first, second), (third, fourth) = project_pair(a, b, c, 1.0, 0.0), project_pair(a, b, c, 0.0, 1.0)
         return (first + third) / 2, (second + fourth) / 2
