@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_mtl.balancers._utils import all_true
-from lightning_mtl.gradients import task_views
+from lightning_mtl.gradients import TaskJacobian, task_views
 
 if TYPE_CHECKING:
     from lightning_mtl.module import MultiTaskModule
@@ -153,7 +153,7 @@ class TaskForward(ModuleUnit):
         self,
         groups: list[Group],
         captured: Optional[dict[str, tuple[Tensor, Tensor]]] = None,
-        balance: Optional[Callable[[list[Tensor]], list[Tensor]]] = None,
+        balance: Optional[Callable[[TaskJacobian], list[Tensor]]] = None,
     ) -> tuple[list[Any], list[Prediction]]:
         """Run the backbone and the heads on every group of the batch.
 

@@ -359,7 +359,8 @@ class OutputJacobian:
     cotangents at the backbone outputs, through which ``Jᵀ w`` is one weighted backward of the backbone.
 
     Has the part of :class:`~lightning_mtl.gradients.TaskJacobian`'s interface that a Gramian weighting uses:
-    :meth:`gramian`, and :meth:`combine` giving the direction at the ``inputs`` (here the backbone outputs).
+    :meth:`gramian` (:meth:`pair_entries` is None: the Gramian is a tensor already), and :meth:`combine` giving the
+    direction at the ``inputs`` (here the backbone outputs).
     """
 
     def __init__(self, outputs: Sequence[Tensor], cotangents: Sequence[Tensor], gramian: Tensor) -> None:
@@ -369,6 +370,9 @@ class OutputJacobian:
 
     def gramian(self) -> Tensor:
         return self._gramian
+
+    def pair_entries(self) -> None:
+        return None
 
     def combine(self, weights: Tensor) -> list[Tensor]:
         """``Σ_k w_k ∂L_k/∂output`` for every output: its backward through the backbone is ``Jᵀ w``."""

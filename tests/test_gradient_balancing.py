@@ -123,21 +123,49 @@ def test_representation_mode_weights_come_from_the_output_gramian():
 def test_representation_mode_reuses_its_cotangent_stack_and_stays_exact_across_steps_and_batch_sizes():
     """The K × B × d stack is written into memory kept across steps (a fresh one each step was up to 8x slower at
     K = 40): every step still equals the loop reference, also when the batch size changes (the buffer is replaced),
-    and a copy of the module does not carry the scratch memory."""
-    module = make_module(tasks=make_tasks(metrics=False), balancer=MGDA(), gradients="representation")
+    and a copy of the module does not carry the scratch memory. Three tasks: two are kept as rows, unstacked."""
+    tasks = [*make_tasks(metrics=False), Task("sum", nn.Sequential(nn.Linear(8, 1), nn.Flatten(0)), nn.MSELoss())]
+    module = make_module(tasks=tasks, balancer=MGDA(), gradients="representation")
     buffers = module.task_forward.cotangent_buffers
     for step, n in enumerate((16, 16, 9, 16)):
         x, labels = batch(n, seed=step)
-        losses, jacobian_z, _ = per_task_gradients(module, x, labels, lambda z: [z])
+        labels["sum"] = x[:, 2] + x[:, 3]
+        z = module.backbone(x)
+        losses = torch.stack([module.tasks[name].loss(module.heads[name](z), labels[name]) for name in module.task_names])
+        jacobian_z = loop_jacobian(losses, [z])
         weights = MGDA().weights(jacobian_z @ jacobian_z.T)
         expected = torch.cat([g.flatten() for g in torch.autograd.grad(weights @ losses, list(module.backbone.parameters()))])
-        backbone, _ = step_gradients(module, x, labels)
+        module.zero_grad()
+        module.training_step((x, labels), 0).backward()
+        backbone = torch.cat([p.grad.flatten() for p in module.backbone.parameters()])
         torch.testing.assert_close(backbone, expected, rtol=1e-5, atol=1e-6)
-        assert [tuple(b.shape) for b in buffers.values()] == [(2, n, 8)]
+        assert [tuple(b.shape) for b in buffers.values()] == [(3, n, 8)]
     kept = buffers[0].data_ptr()
-    step_gradients(module, *batch(16, seed=9))
+    module.training_step((x, labels), 0).backward()
     assert buffers[0].data_ptr() == kept  # the same memory, filled again
     assert copy.deepcopy(module).task_forward.cotangent_buffers == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_representation_mode_two_tasks_are_balanced_from_their_rows_exactly(dtype):
+    """K = 2 in one process: the Gramian is three dot products read as floats and the direction two operations
+    on the rows (no stack, no buffer); the update still equals the loop reference, in float32 and float64."""
+    module = make_module(tasks=make_tasks(metrics=False), balancer=UPGrad(), gradients="representation").to(dtype)
+    for step in range(3):
+        x, labels = batch(16, seed=step)
+        x, labels["reg"] = x.to(dtype), labels["reg"].to(dtype)
+        losses, jacobian_z, _ = per_task_gradients(module, x, labels, lambda z: [z])
+        gramian = jacobian_z @ jacobian_z.T
+        weights = UPGrad().weights(gramian)
+        expected = torch.cat([g.flatten() for g in torch.autograd.grad(weights @ losses, list(module.backbone.parameters()))])
+        backbone, _ = step_gradients(module, x, labels)
+        tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-14}
+        torch.testing.assert_close(backbone, expected, **tolerance)
+        record = module.last_step
+        assert record.gramian.dtype == dtype
+        torch.testing.assert_close(record.gramian, gramian, **tolerance)
+        torch.testing.assert_close(record.weights.double(), weights.double(), rtol=1e-5, atol=1e-7)
+    assert module.task_forward.cotangent_buffers == {}  # the rows were not stacked
 
 
 @pytest.mark.parametrize("make", [lambda: DBMTL(), lambda: GradDrop(seed=3)])
@@ -376,6 +404,53 @@ def test_task_jacobian_blocks_give_the_gramian_and_direction_of_the_whole_matrix
     assert value.item() == 0.0
     value.backward()
     torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), weights @ whole)
+
+
+def test_task_jacobian_keeps_two_tasks_rows_apart_only_where_that_is_exact_and_cheap():
+    """Two CPU float32/64 rows of one output up to 4 * PRODUCT_CHUNK wide, outside create_graph: kept as rows, and
+    its Gramian (entries as floats), flat matrix, direction and log-loss scaling equal the stacked Jacobian's.
+    Three tasks, two outputs, half precision, mixed dtypes, a wider output or create_graph: stacked."""
+    from lightning_mtl.gradients import PRODUCT_CHUNK, TaskJacobian
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        first, second = torch.randn(16, 8, dtype=dtype), torch.randn(16, 8, dtype=dtype) + 0.5
+        with torch.no_grad():
+            pair = TaskJacobian.of_task_cotangents([(first, second)])
+        stacked = TaskJacobian([first], [torch.stack([first, second])])
+        assert pair.pair is not None and pair.blocks == [] and pair.inputs[0] is first
+        whole = torch.stack([first.flatten(), second.flatten()])
+        exact = (whole.double() @ whole.double().T).flatten().tolist()
+        assert pair.pair_entries() == pytest.approx(exact, rel=1e-6 if dtype == torch.float32 else 1e-14)
+        assert pair.pair_entries()[1] == pair.pair_entries()[2]  # symmetric: one dot product
+        assert stacked.pair_entries() is None
+        torch.testing.assert_close(pair.gramian(), stacked.gramian())
+        torch.testing.assert_close(pair.flat(), stacked.flat())
+        weights = torch.tensor([0.25, -1.5])
+        (got,), (want,) = pair.combine(weights), stacked.combine(weights)
+        assert got.shape == first.shape and got.dtype == dtype
+        torch.testing.assert_close(got, want)
+        factors, before = torch.tensor([2.0, 0.0]), first.clone()
+        pair.scale_rows(factors)
+        stacked.scale_rows(factors)
+        torch.testing.assert_close(pair.flat(), stacked.flat())
+        torch.testing.assert_close(pair.flat()[0], 2 * before.flatten())
+        assert torch.equal(first, before)  # the stored rows are scaled, not the cotangent autograd handed over
+
+    wide = torch.randn(4 * PRODUCT_CHUNK + 1)
+    narrow = torch.randn(4, 8)
+    with torch.no_grad():
+        assert TaskJacobian.of_task_cotangents([(narrow, narrow, narrow)]).pair is None  # three tasks
+        assert TaskJacobian.of_task_cotangents([(narrow, narrow), (narrow, narrow)]).pair is None  # two outputs
+        assert TaskJacobian.of_task_cotangents([(wide, wide)]).pair is None  # one mm is no worse past 4 chunks
+        assert TaskJacobian.of_task_cotangents([(narrow.bfloat16(), narrow.bfloat16())]).pair is None
+        assert TaskJacobian.of_task_cotangents([(narrow, narrow.double())]).pair is None
+    with torch.enable_grad():  # create_graph: the entries would be read off the graph
+        assert TaskJacobian.of_task_cotangents([(narrow, narrow)]).pair is None
+    buffers = {}
+    with torch.no_grad():
+        stacked = TaskJacobian.of_task_cotangents([(narrow, narrow + 1, narrow - 1)], buffers)
+    assert buffers[0].shape == (3, 4, 8) and stacked.blocks[0].data_ptr() == buffers[0].data_ptr()
 
 
 def test_surrogate_hands_its_adoptable_directions_over_without_a_copy_and_scales_them_under_a_loss_factor():

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Optional
 from torch import Tensor, nn
 
 from lightning_mtl.balancers import Balancer
+from lightning_mtl.gradients import TaskJacobian
 from lightning_mtl.nonfinite import NonfiniteCheck
 from lightning_mtl.step import StepContext
 
@@ -22,12 +23,12 @@ class Tap:
 
     ``captured`` (parameter mode): the heads read detached leaves, recorded here as
     ``{task: (backbone output, leaf)}``. ``balance`` (representation mode): each head reads its own view
-    of the backbone output, and the backward calls ``balance`` with the task cotangents. ``sources``:
+    of the backbone output, and the backward calls ``balance`` with the task cotangents' Jacobian. ``sources``:
     what the heads read (the backbone outputs, or their views), filled in by the forward.
     """
 
     captured: Optional[dict[str, tuple[Tensor, Tensor]]] = None
-    balance: Optional[Callable[[list[Tensor]], list[Tensor]]] = None
+    balance: Optional[Callable[[TaskJacobian], list[Tensor]]] = None
     sources: list[Any] = field(default_factory=list)
     #: representation mode in one process: the loss, checked by the backward with the Gramian
     deferred_total: Optional[Tensor] = None

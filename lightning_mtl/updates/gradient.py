@@ -45,13 +45,21 @@ class GradientPath(BalancingPath):
         """
         accumulation = context.accumulation if self.mode == "representation" else 1
         units = context.loss_scale / accumulation  # the Jacobian's rows are the task gradients times this
-        gramian = global_gramian(jacobian, self.mode, context.world_size, context.all_reduce)
-        if units != 1.0:
-            gramian = gramian / units**2
+        entries = jacobian.pair_entries() if context.world_size == 1 else None
+        if entries is not None:  # two tasks' rows: the Gramian read as floats, made a tensor for the record
+            if units != 1.0:
+                entries = [value / units**2 for value in entries]
+            gramian = torch.tensor(entries, dtype=jacobian.inputs[0].dtype).view(2, 2)
+        else:
+            gramian = global_gramian(jacobian, self.mode, context.world_size, context.all_reduce)
+            if units != 1.0:
+                gramian = gramian / units**2
         context.record.gramian = gramian
         # One host read of the K x K Gramian (and, in one process, the loss) gives the finiteness verdict
         # (the same on every rank: the Gramian is global) and the tasks with a nonzero gradient.
-        if total is None or gramian.is_cpu:  # on the CPU two reads cost less than joining them
+        if entries is not None:
+            values = entries + ([] if total is None else [total.item()])
+        elif total is None or gramian.is_cpu:  # on the CPU two reads cost less than joining them
             values = [value for row in gramian.tolist() for value in row] + ([] if total is None else [total.item()])
         else:  # on an accelerator one read (one sync) of the Gramian and the loss together
             values = torch.cat([gramian.reshape(-1), total.detach().reshape(1).to(gramian.dtype)]).tolist()
@@ -95,16 +103,16 @@ class GradientPath(BalancingPath):
         context.record.weights = weights
         return jacobian.combine(weights), weights
 
-    def log_loss_cotangents(self, cotangents: list[Tensor], losses: Tensor, present: Tensor, context: StepContext) -> list[Tensor]:
-        """For a method on ``log(L_k + eps)`` (DB-MTL), the cotangents of the logs: ``∂L_k / (L_k + eps)``."""
+    def log_loss_factors(self, losses: Tensor, present: Tensor, context: StepContext) -> Optional[Tensor]:
+        """For a method on ``log(L_k + eps)`` (DB-MTL), the factors ``1 / (L_k + eps)`` that turn the task gradients
+        into the logs' gradients (zero for an absent task); None for the others."""
         if not self.balancer.log_losses:
-            return cotangents
+            return None
         losses = losses.detach()
         if context.world_size > 1:  # log of the global batch's loss, which DDP takes as the mean over processes
             losses = context.all_reduce(losses * present, "mean")
             present = losses > 0
-        factors = torch.where(present, 1.0 / (losses + self.balancer.log_eps), 0.0)
-        return [c * factors.view(-1, *([1] * (c.ndim - 1))).to(c.dtype) for c in cotangents]
+        return torch.where(present, 1.0 / (losses + self.balancer.log_eps), 0.0)
 
 
 @functools.cache

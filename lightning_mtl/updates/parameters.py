@@ -82,7 +82,9 @@ class ParameterJacobianPath(GradientPath):
         if calls is not None and use_layerwise(calls, len(self.task_names), params):
             jacobian = OutputJacobian(features, cotangents, layerwise_gramian(calls, features, cotangents, params))
         else:
-            cotangents = self.log_loss_cotangents(cotangents, losses, present, context)
+            factors = self.log_loss_factors(losses, present, context)
+            if factors is not None:
+                cotangents = [c * factors.view(-1, *([1] * (c.ndim - 1))).to(c.dtype) for c in cotangents]
             jacobian = TaskJacobian(params, parameter_jacobian(features, cotangents, params))
         balanced = self.balance(jacobian, losses, present, context, total if single else None)
         if balanced is None:

@@ -46,15 +46,16 @@ class RepresentationPath(GradientPath):
             total = total + sum(views[0].reshape(-1)[0] for views in tap.sources) * 0.0
         return total
 
-    def balance_in_backward(self, tap: Tap, context: StepContext, stacks: list[Tensor]) -> list[Tensor]:
-        """Called by the backward: the backbone outputs' balanced directions from the task cotangents ``stacks``."""
+    def balance_in_backward(self, tap: Tap, context: StepContext, jacobian: TaskJacobian) -> list[Tensor]:
+        """Called by the backward: the backbone outputs' balanced directions from the task cotangents' ``jacobian``."""
         record = context.record
-        cotangents = self.log_loss_cotangents(stacks, record.losses, record.present, context)
-        jacobian = TaskJacobian([stack[0] for stack in cotangents], cotangents)
+        factors = self.log_loss_factors(record.losses, record.present, context)
+        if factors is not None:
+            jacobian.scale_rows(factors)
         balanced = self.balance(jacobian, record.losses, record.present, context, tap.deferred_total)
         if balanced is None:  # non-finite loss or task gradient, nonfinite_loss="skip": the optimizer step is skipped
             record.skipped = True
             context.skip_optimizer_step()
-            return [torch.zeros_like(stack[0]) for stack in stacks]
+            return [torch.zeros_like(x) for x in jacobian.inputs]
         directions, _ = balanced
-        return [d if d.dtype == stack.dtype else d.to(stack.dtype) for d, stack in zip(directions, stacks)]
+        return [d if d.dtype == x.dtype else d.to(x.dtype) for d, x in zip(directions, jacobian.inputs)]
