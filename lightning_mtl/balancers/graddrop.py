@@ -37,18 +37,23 @@ class BlockStream:
     def __init__(self, seed: int) -> None:
         self.generator = np.random.SFC64(seed)
         self.start: list[int] = self.generator.state["state"]["state"].tolist()
-        self.block = np.empty(0, dtype=np.uint64)
-        self.read = 0
+        self._use_block(np.empty(0, dtype=np.uint64))
+
+    def _use_block(self, block: np.ndarray) -> None:
+        """Read from ``block`` (raw words) on, through one int16 tensor on its memory: a call then slices a tensor (one
+        torch call) instead of making one from NumPy slices (four calls, 30 µs inside a step)."""
+        self.block, self.read = block, 0
+        self.draws = torch.from_numpy(block.view(np.int16))
 
     def integers(self, count: int) -> Tensor:
         """The next ``count`` int16 draws, as a tensor sharing memory with the block (consume it before the next call)."""
         words = (count + 3) // 4
         if self.read + words > self.block.size:
             self.start = self.generator.state["state"]["state"].tolist()
-            self.block, self.read = self.generator.random_raw(max(BLOCK_WORDS, words)), 0
-        taken = self.block[self.read : self.read + words]
+            self._use_block(self.generator.random_raw(max(BLOCK_WORDS, words)))
+        first = 4 * self.read
         self.read += words
-        return torch.from_numpy(taken.view(np.int16)[:count])
+        return self.draws[first : first + count]
 
     def state(self) -> dict[str, Any]:
         """Python ints only: loads with ``torch.load(weights_only=True)``."""
@@ -65,7 +70,7 @@ class BlockStream:
             "uinteger": 0,
         }
         stream.start = list(state["start"])
-        stream.block = stream.generator.random_raw(state["words"]) if state["words"] else np.empty(0, dtype=np.uint64)
+        stream._use_block(stream.generator.random_raw(state["words"]) if state["words"] else np.empty(0, dtype=np.uint64))
         stream.read = state["read"]
         return stream
 
