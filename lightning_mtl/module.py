@@ -345,7 +345,10 @@ class MultiTaskModule(LightningModule):
         self, losses: Tensor, total: Tensor, weights: Optional[Tensor], batch_size: int, log_tasks: bool
     ) -> None:
         """Log ``train/loss`` (for a gradient-level balancer the weighted sum ``Σ w_k L_k``) and the weights."""
-        combined = weights.detach() @ losses if self.balancer.needs != "losses" and weights is not None else total
+        if self.balancer.needs != "losses" and weights is not None:  # float64 weights of a float64 model: losses are float32
+            combined = weights.detach().to(losses.dtype) @ losses
+        else:
+            combined = total
         self.log("train/loss", combined, prog_bar=True, batch_size=batch_size)
         if log_tasks and weights is not None and not isinstance(self.balancer, Static):
             for name, weight in zip(self.task_names, weights.detach()):

@@ -406,6 +406,70 @@ def test_task_jacobian_blocks_give_the_gramian_and_direction_of_the_whole_matrix
     torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), weights @ whole)
 
 
+class _Scaled(nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, prediction, target):
+        return self.factor * ((prediction - target) ** 2).mean()
+
+
+class _OwnMGDA(MGDA):
+    """A user's MGDA variant (its own ``_weights``): no two-task closed form, the Gramian tensor is read."""
+
+    def _weights(self, gramian, present):
+        return super()._weights(gramian, present)
+
+
+@pytest.mark.parametrize("make", [MGDA, _OwnMGDA])
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_two_task_rows_under_accumulation_see_a_gramian_that_overflows_the_rows_dtype(make, policy):
+    """Review: with ``accumulate_grad_batches`` the Gramian is divided by ``(1/4)**2``; gradients of norm² ~1e38 then
+    overflow float32 there. The two-task rows path divided the entries as Python floats and missed it (no error, NaN
+    parameters or a step on an inf Gramian); like the stacked path it must raise the named error, or skip."""
+    torch.manual_seed(0)
+    data = SharedInput(64)
+    tasks = [
+        Task("cls", nn.Sequential(nn.Linear(8, 1), nn.Flatten(0)), _Scaled(9e19)),
+        Task("reg", nn.Sequential(nn.Linear(8, 1), nn.Flatten(0)), _Scaled(1e20)),
+    ]
+    module = MultiTaskModule(
+        nn.Sequential(nn.Linear(6, 8), nn.Tanh()), tasks, balancer=make(), gradients="representation",
+        nonfinite_loss=policy, optimizer=lambda params: torch.optim.SGD(params, lr=1e-40),
+    )
+    loader = DataLoader(list(zip(data.x, data.reg)), batch_size=16, collate_fn=lambda items: (
+        torch.stack([x for x, _ in items]), {"cls": torch.stack([y for _, y in items]), "reg": torch.stack([y for _, y in items])}
+    ))
+    before = [p.detach().clone() for p in module.backbone.parameters()]
+    trainer = quiet_trainer(max_steps=1, accumulate_grad_batches=4)
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match=r"non-finite task gradient for task\(s\) \['cls', 'reg'\]"):
+            trainer.fit(module, loader)
+        return
+    with pytest.warns(UserWarning, match="non-finite task gradient"):
+        trainer.fit(module, loader)
+    assert module.last_step.skipped
+    for p, old in zip(module.backbone.parameters(), before):
+        assert torch.equal(p, old)
+
+
+@pytest.mark.parametrize("gradients", ["parameters", "representation"])
+def test_float64_model_logs_its_weighted_loss(gradients, recording_logger):
+    """Review: a float64 model's Gramian weights are float64 and its recorded losses float32; logging
+    ``train/loss = w · L`` raised a dtype error in the Trainer."""
+    module = make_module(tasks=make_tasks(metrics=False), balancer=UPGrad(), gradients=gradients).double()
+    data = SharedInput(32)
+    loader = DataLoader(list(zip(data.x.double(), data.cls, data.reg.double())), batch_size=16, collate_fn=lambda items: (
+        torch.stack([x for x, _, _ in items]), {"cls": torch.stack([c for _, c, _ in items]), "reg": torch.stack([r for _, _, r in items])}
+    ))
+    quiet_trainer(max_steps=2, logger=recording_logger, log_every_n_steps=1).fit(module, loader)
+    assert module.last_step.weights.dtype == torch.float64
+    logged = [metrics["train/loss"] for _, metrics in recording_logger.history if "train/loss" in metrics]
+    record = module.last_step
+    assert len(logged) == 2 and logged[-1] == pytest.approx((record.weights.float() @ record.losses).item(), rel=1e-6)
+
+
 def test_task_jacobian_keeps_two_tasks_rows_apart_only_where_that_is_exact_and_cheap():
     """Two CPU float32/64 rows of one output up to 4 * PRODUCT_CHUNK wide, outside create_graph: kept as rows, and
     its Gramian (entries as floats), flat matrix, direction and log-loss scaling equal the stacked Jacobian's.

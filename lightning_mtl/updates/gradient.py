@@ -47,9 +47,10 @@ class GradientPath(BalancingPath):
         units = context.loss_scale / accumulation  # the Jacobian's rows are the task gradients times this
         entries = jacobian.pair_entries() if context.world_size == 1 else None
         if entries is not None:  # two tasks' rows: the Gramian read as floats, made a tensor for the record
-            if units != 1.0:
-                entries = [value / units**2 for value in entries]
             gramian = torch.tensor(entries, dtype=jacobian.inputs[0].dtype).view(2, 2)
+            if units != 1.0:  # in the rows' dtype, like the stacked path: an entry may overflow there, and is then seen
+                gramian = gramian / units**2
+                entries = gramian.view(-1).tolist()
         else:
             gramian = global_gramian(jacobian, self.mode, context.world_size, context.all_reduce)
             if units != 1.0:
