@@ -30,8 +30,8 @@ Configurations, all trained with Adam (lr 1e-3) in a plain PyTorch loop, no ``Tr
 Before timing, one SGD step of ours (UPGrad / MGDA, parameters mode) is compared with torchjd's (up to K = 10)
 on the same batch and initial weights: autojac must give the same parameters (backbone and heads);
 autogram the same backbone (its recipe gives head k a ``w_k``-scaled gradient, ours the plain one).
-Balancer/mode pairs that ``MultiTaskModule`` refuses, or that need a missing solver (cvxpy: CAGrad,
-NashMTL), are skipped and listed; so are MoCo, DB-MTL and ExcessMTL in representation mode, which the module
+Balancer/mode pairs that ``MultiTaskModule`` refuses, or whose balancer cannot be built for a missing optional
+package (none today: CAGrad and NashMTL needed cvxpy before their native versions), are skipped and listed; so are MoCo, DB-MTL and ExcessMTL in representation mode, which the module
 refuses (they keep gradient state across steps). A configuration whose step raises is not run again and fails its
 goal.
 
