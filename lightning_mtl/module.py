@@ -346,7 +346,8 @@ class MultiTaskModule(LightningModule):
     ) -> None:
         """Log ``train/loss`` (for a gradient-level balancer the weighted sum ``Σ w_k L_k``) and the weights."""
         if self.balancer.needs != "losses" and weights is not None:  # float64 weights of a float64 model: losses are float32
-            combined = weights.detach().to(losses.dtype) @ losses
+            # elementwise, not `@`: in parameter mode this runs under the step's autocast, which would take a bf16 matmul
+            combined = (weights.detach().to(losses.dtype) * losses).sum()
         else:
             combined = total
         self.log("train/loss", combined, prog_bar=True, batch_size=batch_size)

@@ -406,6 +406,22 @@ def test_task_jacobian_blocks_give_the_gramian_and_direction_of_the_whole_matrix
     torch.testing.assert_close(torch.cat([p.grad.flatten() for p in params]), weights @ whole)
 
 
+@pytest.mark.parametrize("gradients", ["parameters", "representation"])
+def test_bf16_mixed_logs_the_weighted_loss_in_float32(gradients, recording_logger):
+    """Review: in parameter mode ``train/loss = w · L`` was formed under the step's CPU autocast, a bfloat16 matmul
+    (4.8125 logged for 4.8134); it is the float32 sum in both modes."""
+    module = make_module(tasks=make_tasks(metrics=False), balancer=UPGrad(), gradients=gradients)
+    data = SharedInput(32)
+    loader = DataLoader(list(zip(data.x, data.cls, data.reg)), batch_size=16, collate_fn=lambda items: (
+        torch.stack([x for x, _, _ in items]), {"cls": torch.stack([c for _, c, _ in items]), "reg": torch.stack([r for _, _, r in items])}
+    ))
+    quiet_trainer(max_steps=2, logger=recording_logger, log_every_n_steps=1, precision="bf16-mixed").fit(module, loader)
+    record = module.last_step
+    expected = (record.weights.double() @ record.losses.double()).item()
+    logged = [metrics["train/loss"] for _, metrics in recording_logger.history if "train/loss" in metrics]
+    assert len(logged) == 2 and logged[-1] == pytest.approx(expected, rel=1e-6)
+
+
 class _Scaled(nn.Module):
     def __init__(self, factor):
         super().__init__()
